@@ -1,0 +1,31 @@
+//! lorascope: LoRA-adapter forensics.
+//!
+//! The pipeline runs one way: [`load`] reads an adapter (any format) and optionally its base
+//! model into normalised [`load::LoraModule`]s; [`linalg`] and [`spectral`] measure what each
+//! module adds without forming dense deltas; [`report`] turns the results into canonical JSON
+//! and human summaries.
+
+pub mod error;
+pub mod fixtures;
+pub mod linalg;
+pub mod load;
+pub mod report;
+
+pub use error::{Error, Result};
+pub use load::{Adapter, BaseModel, LoadOptions, LoraModule};
+
+use std::path::Path;
+
+/// Open an adapter and, when given, its base, resolving every module to a base weight.
+pub fn open(adapter: &Path, base: Option<&Path>, opts: &LoadOptions) -> Result<(Adapter, Option<BaseModel>)> {
+    let mut a = Adapter::open(adapter, opts)?;
+    let b = match base {
+        Some(p) => {
+            let b = BaseModel::open(p)?;
+            a.attach_base(&b, opts.allow_unmatched)?;
+            Some(b)
+        }
+        None => None,
+    };
+    Ok((a, b))
+}

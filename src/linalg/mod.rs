@@ -1,0 +1,90 @@
+//! Linear algebra on factored deltas: ΔW is kept as factors (low-rank product, Kronecker
+//! product, or a small dense matrix) and its spectrum is computed from them.
+
+use nalgebra::DMatrix;
+
+use crate::load::NormAxis;
+
+mod svd;
+pub use svd::*;
+
+/// A scaled ΔW in factored form.
+#[derive(Debug, Clone)]
+pub enum Factors {
+    /// up `[m, k]` · down `[k, n]` (scale already folded into `up`).
+    LowRank(DMatrix<f64>, DMatrix<f64>),
+    /// scale · kron(a, b).
+    Kron(Box<Factors>, Box<Factors>, f64),
+    /// A dense matrix.
+    Dense(DMatrix<f64>),
+}
+
+impl Factors {
+    pub fn shape(&self) -> (usize, usize) {
+        match self {
+            Factors::LowRank(u, d) => (u.nrows(), d.ncols()),
+            Factors::Kron(a, b, _) => {
+                let (p, q) = a.shape();
+                let (r, s) = b.shape();
+                (p * r, q * s)
+            }
+            Factors::Dense(d) => d.shape(),
+        }
+    }
+
+    /// Form the dense matrix (tests, merging; never on the spectrum path).
+    pub fn dense(&self) -> DMatrix<f64> {
+        match self {
+            Factors::LowRank(u, d) => u * d,
+            Factors::Kron(a, b, s) => a.dense().kronecker(&b.dense()) * *s,
+            Factors::Dense(d) => d.clone(),
+        }
+    }
+}
+
+/// Row-wise Kronecker (face-splitting) product: row i of the result is kron(a[i,:], b[i,:]).
+/// With `face_split_cols`, (A1·B1) ⊙ (A2·B2) = face_split_rows(A1, A2) · face_split_cols(B1, B2).
+pub fn face_split_rows(a: &DMatrix<f64>, b: &DMatrix<f64>) -> DMatrix<f64> {
+    assert_eq!(a.nrows(), b.nrows());
+    let (ka, kb) = (a.ncols(), b.ncols());
+    DMatrix::from_fn(a.nrows(), ka * kb, |i, c| a[(i, c / kb)] * b[(i, c % kb)])
+}
+
+/// Column-wise Kronecker product: column j of the result is kron(a[:,j], b[:,j]).
+pub fn face_split_cols(a: &DMatrix<f64>, b: &DMatrix<f64>) -> DMatrix<f64> {
+    assert_eq!(a.ncols(), b.ncols());
+    let (ka, kb) = (a.nrows(), b.nrows());
+    DMatrix::from_fn(ka * kb, a.ncols(), |r, j| a[(r / kb, j)] * b[(r % kb, j)])
+}
+
+/// DoRA: scale `w` so that its norm along `axis` equals the magnitude vector `m`.
+pub fn dora_rescale(w: &DMatrix<f64>, m: &[f64], axis: NormAxis) -> std::result::Result<DMatrix<f64>, String> {
+    let mut out = w.clone();
+    match axis {
+        NormAxis::Row => {
+            if m.len() != w.nrows() {
+                return Err(format!("has {} values, the weight has {} output rows", m.len(), w.nrows()));
+            }
+            for i in 0..w.nrows() {
+                let norm = w.row(i).norm();
+                let f = if norm > 0.0 { m[i] / norm } else { 0.0 };
+                out.row_mut(i).scale_mut(f);
+            }
+        }
+        NormAxis::Column => {
+            // Conv weights are flattened [out, in·k]; the norm is per input channel, over all
+            // outputs and kernel positions.
+            if m.is_empty() || w.ncols() % m.len() != 0 {
+                return Err(format!("has {} values, the weight has {} input columns", m.len(), w.ncols()));
+            }
+            let per = w.ncols() / m.len();
+            for c in 0..m.len() {
+                let block = w.columns(c * per, per);
+                let norm = block.norm();
+                let f = if norm > 0.0 { m[c] / norm } else { 0.0 };
+                out.columns_mut(c * per, per).scale_mut(f);
+            }
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,248 @@
+//! An adapter file (or PEFT directory) read into normalised modules, optionally tied to a base.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde_json::Value;
+
+use super::base::BaseModel;
+use super::formats::{self, Format, LoraConfig};
+use super::hashes::{self, FileHashes};
+use super::metadata::{self, Metadata};
+use super::module::{Delta, LoraModule, ModuleKind};
+use super::names::KeyResolver;
+use super::tensorfile::TensorFile;
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// Force a format instead of detecting it.
+    pub format: Option<Format>,
+    /// Downgrade "module matches nothing in the base" from an error to a warning.
+    pub allow_unmatched: bool,
+}
+
+pub struct Adapter {
+    /// The path the user gave (file or directory).
+    pub path: PathBuf,
+    pub file: Arc<TensorFile>,
+    pub config_path: Option<PathBuf>,
+    pub config_json: Option<Value>,
+    pub config: Option<LoraConfig>,
+    pub format: Format,
+    /// Sorted by base key, then name.
+    pub modules: Vec<LoraModule>,
+    pub metadata: Metadata,
+    pub hashes: FileHashes,
+    pub warnings: Vec<String>,
+    /// Whether module names were checked against a base model.
+    pub base_attached: bool,
+}
+
+impl Adapter {
+    pub fn open(path: &Path, opts: &LoadOptions) -> Result<Self> {
+        let src = formats::locate(path)?;
+        let file = Arc::new(TensorFile::open(&src.weights)?);
+        let config_json = match &src.config {
+            Some(p) => {
+                let s = std::fs::read_to_string(p).map_err(|e| Error::input(p, format!("cannot read: {e}")))?;
+                Some(serde_json::from_str::<Value>(&s).map_err(|e| Error::input(p, format!("invalid JSON: {e}")))?)
+            }
+            None => None,
+        };
+        let parsed = formats::parse(&file, opts.format, config_json.as_ref())?;
+        let metadata = metadata::parse(&file.metadata);
+        let hashes = hashes::file_hashes(
+            file.bytes(),
+            Some(file.data_section()),
+            file.metadata.get("sshs_model_hash").map(String::as_str),
+        );
+        let mut warnings = parsed.warnings;
+        if let Some(c) = &hashes.sshs_model_hash {
+            if !c.matches {
+                warnings.push(format!(
+                    "recorded sshs_model_hash {} differs from the recomputed {}: the tensors were changed after training, or the hash was forged",
+                    c.recorded, c.computed
+                ));
+            }
+        }
+        let mut modules = parsed.modules;
+        for m in &mut modules {
+            // Without a base, the best guess at the base key: dotted names denote the weight
+            // directly; kohya names stay as they are until a base resolves them.
+            m.base_key = match parsed.format {
+                Format::Peft | Format::Diffusers => format!("{}.weight", m.name),
+                Format::Kohya | Format::Lycoris => m.name.clone(),
+            };
+        }
+        modules.sort_by(|a, b| a.base_key.cmp(&b.base_key).then_with(|| a.name.cmp(&b.name)));
+        Ok(Adapter {
+            path: path.to_path_buf(),
+            file,
+            config_path: src.config,
+            config_json,
+            config: parsed.config,
+            format: parsed.format,
+            modules,
+            metadata,
+            hashes,
+            warnings,
+            base_attached: false,
+        })
+    }
+
+    /// Map every module to its base weight and check shapes. Unmatched modules are an error
+    /// listing them (or warnings with `allow_unmatched`).
+    pub fn attach_base(&mut self, base: &BaseModel, allow_unmatched: bool) -> Result<()> {
+        let resolver = KeyResolver::new(base.keys());
+        let mut unmatched = vec![];
+        let mut keep = vec![];
+        for mut m in std::mem::take(&mut self.modules) {
+            match resolver.resolve(&m.name) {
+                Ok(key) => {
+                    let bshape = base.shape(&key).expect("resolved key exists").to_vec();
+                    m.shape = reconcile_shape(&m, &bshape).map_err(|reason| {
+                        Error::mismatch(&self.file.path, format!("module {} vs base weight {key}: {reason}", m.name))
+                    })?;
+                    m.base_key = key;
+                    m.resolved = true;
+                    keep.push(m);
+                }
+                Err(why) => unmatched.push(why),
+            }
+        }
+        if !unmatched.is_empty() {
+            let mut list = unmatched.iter().take(8).cloned().collect::<Vec<_>>().join("; ");
+            if unmatched.len() > 8 {
+                list += &format!("; and {} more", unmatched.len() - 8);
+            }
+            if !allow_unmatched {
+                return Err(Error::mismatch(
+                    &self.file.path,
+                    format!("{} module(s) match nothing in base {}: {list}", unmatched.len(), base.path.display()),
+                ));
+            }
+            self.warnings
+                .push(format!("{} module(s) match nothing in the base and were skipped: {list}", unmatched.len()));
+        }
+        keep.sort_by(|a, b| a.base_key.cmp(&b.base_key).then_with(|| a.name.cmp(&b.name)));
+        let mut dup = keep
+            .windows(2)
+            .filter(|w| w[0].base_key == w[1].base_key)
+            .map(|w| w[0].base_key.clone())
+            .collect::<Vec<_>>();
+        dup.dedup();
+        if !dup.is_empty() {
+            return Err(Error::mismatch(
+                &self.file.path,
+                format!("several adapter modules change the same base weight: {}", dup.join(", ")),
+            ));
+        }
+        self.modules = keep;
+        self.base_attached = true;
+        Ok(())
+    }
+
+    /// Stored adapter values (all module tensors).
+    pub fn params(&self) -> usize {
+        self.modules.iter().map(|m| m.params).sum()
+    }
+
+    /// A guess at the model family, from module names (and shapes where they tell).
+    pub fn architecture(&self) -> String {
+        guess_architecture(&self.modules)
+    }
+}
+
+/// The base weight's shape if ΔW fits it (same rows, same number of values), else why not.
+fn reconcile_shape(m: &LoraModule, base: &[usize]) -> std::result::Result<Vec<usize>, String> {
+    let out = base.first().copied().unwrap_or(0);
+    let cols: usize = base.iter().skip(1).product();
+    match &m.delta {
+        Delta::Ia3 { weight, on_input } => {
+            let n = weight.numel();
+            let axis = if *on_input { base.get(1).copied().unwrap_or(0) } else { out };
+            if n != axis {
+                return Err(format!(
+                    "(IA)³ vector has {n} values, the base weight's {} axis has {axis}",
+                    if *on_input { "input" } else { "output" }
+                ));
+            }
+            Ok(base.to_vec())
+        }
+        Delta::Unsupported { .. } => Ok(base.to_vec()),
+        _ => {
+            let (mo, mc) = m.matrix_shape();
+            if mo != out || mc != cols {
+                return Err(format!("shape mismatch: ΔW is {:?}, base weight is {base:?}", m.shape));
+            }
+            if let Some(mag) = &m.magnitude {
+                let n = mag.tensor.numel();
+                let ok = match mag.axis {
+                    super::module::NormAxis::Row => n == out,
+                    super::module::NormAxis::Column => base.get(1).is_some_and(|&c| c == n),
+                };
+                if !ok {
+                    return Err(format!(
+                        "DoRA magnitude {} has {n} values, which fits neither axis of {base:?}",
+                        mag.tensor.name
+                    ));
+                }
+            }
+            Ok(base.to_vec())
+        }
+    }
+}
+
+fn guess_architecture(modules: &[LoraModule]) -> String {
+    let any = |pat: &str| modules.iter().any(|m| m.name.contains(pat) || m.base_key.contains(pat));
+    let sd = any("lora_unet")
+        || any("unet.")
+        || any("down_blocks")
+        || any("input_blocks")
+        || any("lora_te_")
+        || any("lora_te1_")
+        || any("diffusion_model");
+    if sd {
+        if any("lora_te2_")
+            || any("text_encoder_2")
+            || any("conditioner.embedders.1")
+            || any("label_emb")
+            || any("add_embedding")
+        {
+            return "SDXL".to_string();
+        }
+        // The cross-attention key projection's input width is the text-encoder width:
+        // 768 for SD1.x (CLIP ViT-L), 1024 for SD2.x (OpenCLIP ViT-H), 2048 for SDXL.
+        let ctx = modules
+            .iter()
+            .find(|m| m.name.contains("attn2") && (m.name.contains("to_k") || m.name.contains("to_v")))
+            .and_then(|m| m.shape.get(1).copied());
+        return match ctx {
+            Some(2048) => "SDXL".to_string(),
+            Some(1024) => "SD2.x".to_string(),
+            Some(768) => "SD1.x".to_string(),
+            _ => "SD-family (UNet + CLIP text encoder)".to_string(),
+        };
+    }
+    if any("self_attn.q_proj") || any("mlp.gate_proj") || any("self_attn_q_proj") {
+        let layers = modules
+            .iter()
+            .filter_map(|m| {
+                m.name.split("layers.").nth(1).and_then(|r| r.split('.').next()).and_then(|n| n.parse::<usize>().ok())
+            })
+            .max()
+            .map(|n| n + 1);
+        return match layers {
+            Some(l) => format!("llama-like decoder (adapter touches {l} layers)"),
+            None => "llama-like decoder".to_string(),
+        };
+    }
+    if any("c_attn") || any("attn.c_proj") {
+        return "GPT-2-like decoder".to_string();
+    }
+    if modules.iter().all(|m| m.kind == ModuleKind::Embedding) {
+        return "embedding-only".to_string();
+    }
+    "unknown".to_string()
+}

@@ -1,0 +1,75 @@
+//! File hashes a court or a hub can check: SHA-256 of the whole file, Civitai's AutoV1/AutoV2,
+//! and sd-scripts' `sshs_model_hash` (SHA-256 of the tensor data, ignoring the header so that
+//! metadata edits do not change it).
+
+use std::fs::File;
+use std::io::Read;
+use std::path::Path;
+
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub fn sha256_bytes(bytes: &[u8]) -> String {
+    hex(&Sha256::digest(bytes))
+}
+
+/// Streamed SHA-256 of a file of any size (1 MiB reads).
+pub fn sha256_file(path: &Path) -> Result<(String, u64)> {
+    let mut f = File::open(path).map_err(|e| Error::input(path, format!("cannot open: {e}")))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0u64;
+    loop {
+        let n = f.read(&mut buf).map_err(|e| Error::input(path, format!("read error: {e}")))?;
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+        h.update(&buf[..n]);
+    }
+    Ok((hex(&h.finalize()), total))
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct SshsCheck {
+    pub recorded: String,
+    pub computed: String,
+    pub matches: bool,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct FileHashes {
+    pub sha256: String,
+    /// First 10 hex digits of the SHA-256 (Civitai AutoV2).
+    pub autov2: String,
+    /// First 8 hex digits of the SHA-256 of the 64 KiB at offset 1 MiB (A1111 legacy / AutoV1);
+    /// absent for files under 2 MiB.
+    pub autov1: Option<String>,
+    /// SHA-256 of the tensor data section (sd-scripts `sshs_model_hash`, Civitai AutoV3).
+    pub autov3: Option<String>,
+    pub sshs_model_hash: Option<SshsCheck>,
+}
+
+/// Hashes of an in-memory (memory-mapped) file; `data_section` is the bytes after the header
+/// for safetensors files.
+pub fn file_hashes(bytes: &[u8], data_section: Option<&[u8]>, recorded_sshs: Option<&str>) -> FileHashes {
+    let sha256 = sha256_bytes(bytes);
+    let autov1 =
+        (bytes.len() >= 2 << 20).then(|| sha256_bytes(&bytes[1 << 20..(1 << 20) + (64 << 10)])[..8].to_string());
+    let autov3 = data_section.map(sha256_bytes);
+    let sshs_model_hash = match (recorded_sshs, &autov3) {
+        (Some(rec), Some(comp)) => Some(SshsCheck {
+            recorded: rec.to_string(),
+            computed: comp.clone(),
+            matches: rec.trim().eq_ignore_ascii_case(comp),
+        }),
+        _ => None,
+    };
+    FileHashes { autov2: sha256[..10].to_string(), sha256, autov1, autov3, sshs_model_hash }
+}

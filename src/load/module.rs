@@ -1,0 +1,287 @@
+//! The normalised adapter module: every format becomes a `LoraModule` whose `Delta` says how
+//! ΔW is built from the stored factors.
+
+use nalgebra::DMatrix;
+use serde::Serialize;
+
+use super::tensor::TensorRef;
+use crate::error::{Error, Result};
+use crate::linalg::{self, Factors};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModuleKind {
+    Lora,
+    Locon,
+    Loha,
+    Lokr,
+    Full,
+    Dora,
+    Ia3,
+    Embedding,
+    Oft,
+    Boft,
+    Glora,
+}
+
+impl ModuleKind {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ModuleKind::Lora => "lora",
+            ModuleKind::Locon => "locon",
+            ModuleKind::Loha => "loha",
+            ModuleKind::Lokr => "lokr",
+            ModuleKind::Full => "full",
+            ModuleKind::Dora => "dora",
+            ModuleKind::Ia3 => "ia3",
+            ModuleKind::Embedding => "embedding",
+            ModuleKind::Oft => "oft",
+            ModuleKind::Boft => "boft",
+            ModuleKind::Glora => "glora",
+        }
+    }
+}
+
+/// One Kronecker factor of LoKr: stored whole, or as a product `a·b` (with an optional Tucker
+/// core for conv, in which case `a` is `[r, rows]` and `b` is `[r, cols]`).
+#[derive(Debug, Clone)]
+pub enum KronPart {
+    Full(TensorRef),
+    Product { a: TensorRef, b: TensorRef, t: Option<TensorRef> },
+}
+
+/// How ΔW is stored. Low-rank kinds never need the dense matrix for their spectrum.
+#[derive(Debug, Clone)]
+pub enum Delta {
+    /// ΔW = scale·up·down. `mid` is a Tucker core `[r, r, kh, kw]` (kohya `lora_mid`).
+    /// `transposed`: the stored product is ΔWᵀ (PEFT embeddings and `fan_in_fan_out`).
+    LowRank { up: TensorRef, down: TensorRef, mid: Option<TensorRef>, transposed: bool },
+    /// ΔW = scale·(w1a·w1b) ⊙ (w2a·w2b); with Tucker cores `t1`, `t2` the `a` factors are
+    /// stored `[r, out]`.
+    Hadamard {
+        w1a: TensorRef,
+        w1b: TensorRef,
+        w2a: TensorRef,
+        w2b: TensorRef,
+        t1: Option<TensorRef>,
+        t2: Option<TensorRef>,
+    },
+    /// ΔW = scale·kron(w1, w2), reshaped to the base weight's shape.
+    Kronecker { w1: KronPart, w2: KronPart },
+    /// ΔW stored whole (LyCORIS `full`, `.diff`).
+    Diff { diff: TensorRef, bias: Option<TensorRef> },
+    /// A replacement weight (PEFT `modules_to_save`): ΔW = new − W needs the base.
+    Replace { weight: TensorRef },
+    /// (IA)³: W' = W ⊙ (1 + w) along the input or output axis.
+    Ia3 { weight: TensorRef, on_input: bool },
+    /// Recognised but not analysed (OFT, BOFT, GLoRA).
+    Unsupported { algo: String, tensors: Vec<TensorRef> },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NormAxis {
+    /// One norm per output row (PEFT DoRA, LyCORIS `wd_on_out`).
+    Row,
+    /// One norm per input column (ComfyUI / early LyCORIS `dora_scale`).
+    Column,
+}
+
+/// DoRA magnitude: W' = m / ‖W + ΔW‖ · (W + ΔW), the norm taken along `axis`.
+#[derive(Debug, Clone)]
+pub struct Magnitude {
+    pub tensor: TensorRef,
+    pub axis: NormAxis,
+}
+
+#[derive(Debug, Clone)]
+pub struct LoraModule {
+    /// The module's name in the adapter file (format prefix and tensor suffix removed).
+    pub name: String,
+    /// The base model weight this module changes.
+    pub base_key: String,
+    /// Whether `base_key` was checked against a base model's key set.
+    pub resolved: bool,
+    pub kind: ModuleKind,
+    pub delta: Delta,
+    pub magnitude: Option<Magnitude>,
+    pub alpha: Option<f64>,
+    pub rank: usize,
+    pub scale: f64,
+    /// Shape of ΔW as the base weight is stored (`[out, in]` or `[out, in, kh, kw]`).
+    pub shape: Vec<usize>,
+    pub dtype: String,
+    /// Number of stored values (all tensors of the module).
+    pub params: usize,
+    pub tensors: Vec<TensorRef>,
+}
+
+impl LoraModule {
+    /// ΔW's matrix shape: rows = out, cols = in·kh·kw.
+    pub fn matrix_shape(&self) -> (usize, usize) {
+        let out = self.shape.first().copied().unwrap_or(0);
+        (out, self.shape.iter().skip(1).product())
+    }
+
+    /// Whether ΔW can be built without the base weights.
+    pub fn needs_base(&self) -> bool {
+        self.magnitude.is_some() || matches!(self.delta, Delta::Replace { .. } | Delta::Ia3 { .. })
+    }
+
+    /// The scaled ΔW in factored form (scale folded in), or `None` when it needs the base or is
+    /// not supported. The dense matrix is never formed here.
+    pub fn factors(&self) -> Result<Option<Factors>> {
+        if self.magnitude.is_some() {
+            return Ok(None);
+        }
+        let (m, n) = self.matrix_shape();
+        Ok(Some(match &self.delta {
+            Delta::LowRank { up, down, mid, transposed } => {
+                let (u, d) = low_rank_pair(up, down, mid.as_ref())?;
+                let (u, d) = if *transposed { (d.transpose(), u.transpose()) } else { (u, d) };
+                Factors::LowRank(u * self.scale, d)
+            }
+            Delta::Hadamard { w1a, w1b, w2a, w2b, t1, t2 } => {
+                let (u1, d1) = hada_pair(w1a, w1b, t1.as_ref())?;
+                let (u2, d2) = hada_pair(w2a, w2b, t2.as_ref())?;
+                let up = linalg::face_split_rows(&u1, &u2);
+                let down = linalg::face_split_cols(&d1, &d2);
+                Factors::LowRank(up * self.scale, down)
+            }
+            Delta::Kronecker { w1, w2 } => {
+                let a = kron_part(w1)?;
+                let b = kron_part(w2)?;
+                Factors::Kron(Box::new(a), Box::new(b), self.scale)
+            }
+            Delta::Diff { diff, .. } => Factors::Dense(diff.matrix(m, n)? * self.scale),
+            Delta::Replace { .. } | Delta::Ia3 { .. } | Delta::Unsupported { .. } => return Ok(None),
+        }))
+    }
+
+    /// The dense ΔW `[out, in·kh·kw]`: for tests, merging, and the kinds whose ΔW depends on
+    /// the base weight (DoRA, (IA)³, replacements). `base` is the flattened base weight.
+    pub fn dense_delta(&self, base: Option<&DMatrix<f64>>) -> Result<DMatrix<f64>> {
+        let (m, n) = self.matrix_shape();
+        let need_base = || {
+            base.ok_or_else(|| {
+                Error::Other(format!(
+                    "module {}: ΔW of a {} module depends on the base weight; give --base",
+                    self.name,
+                    self.kind.as_str()
+                ))
+            })
+        };
+        if let Some(w) = base {
+            if w.shape() != (m, n) {
+                return Err(Error::Other(format!(
+                    "module {}: base weight is {}x{}, ΔW is {m}x{n}",
+                    self.name,
+                    w.nrows(),
+                    w.ncols()
+                )));
+            }
+        }
+        let plain = match &self.delta {
+            Delta::Replace { weight } => weight.matrix(m, n)? - need_base()?,
+            Delta::Ia3 { weight, on_input } => {
+                let w = need_base()?;
+                let v = weight.values()?;
+                let axis_len = if *on_input { self.shape.get(1).copied().unwrap_or(0) } else { m };
+                if v.len() != axis_len || axis_len == 0 {
+                    return Err(weight.err(format!(
+                        "has {} values, the weight's {} axis has {axis_len}",
+                        v.len(),
+                        if *on_input { "input" } else { "output" }
+                    )));
+                }
+                let per_in = n / axis_len;
+                let mut d = w.clone();
+                for j in 0..n {
+                    for i in 0..m {
+                        d[(i, j)] *= if *on_input { v[j / per_in] } else { v[i] };
+                    }
+                }
+                d
+            }
+            Delta::Unsupported { algo, .. } => {
+                return Err(Error::Other(format!("module {}: {algo} is recognised but not supported yet", self.name)))
+            }
+            _ => match self.factors_ignoring_magnitude()? {
+                Some(f) => f.dense(),
+                None => unreachable!("every other kind has factors"),
+            },
+        };
+        match &self.magnitude {
+            None => Ok(plain),
+            Some(mag) => {
+                let w = need_base()?;
+                let merged = w + &plain;
+                let mvec = mag.tensor.values()?;
+                let scaled = linalg::dora_rescale(&merged, &mvec, mag.axis).map_err(|e| mag.tensor.err(e))?;
+                Ok(scaled - w)
+            }
+        }
+    }
+
+    fn factors_ignoring_magnitude(&self) -> Result<Option<Factors>> {
+        let mut plain = self.clone();
+        plain.magnitude = None;
+        plain.factors()
+    }
+}
+
+/// up `[out, r]`, down `[r, in·kh·kw]` of a (possibly Tucker, possibly conv) LoRA.
+fn low_rank_pair(up: &TensorRef, down: &TensorRef, mid: Option<&TensorRef>) -> Result<(DMatrix<f64>, DMatrix<f64>)> {
+    let u = up.as_2d()?;
+    let d = down.as_2d()?;
+    match mid {
+        None => Ok((u, d)),
+        Some(t) => Ok((u, tucker_down(t, &d)?)),
+    }
+}
+
+/// LoHa pair: without Tucker, `a` is `[out, r]`; with Tucker core t `[r, r, kh, kw]`, `a` is
+/// `[r, out]` and ΔW[p, q, h, w] = Σ_ij t[i,j,h,w]·a[i,p]·b[j,q].
+fn hada_pair(a: &TensorRef, b: &TensorRef, t: Option<&TensorRef>) -> Result<(DMatrix<f64>, DMatrix<f64>)> {
+    match t {
+        None => Ok((a.as_2d()?, b.as_2d()?)),
+        Some(t) => Ok((a.as_2d()?.transpose(), tucker_down(t, &b.as_2d()?)?)),
+    }
+}
+
+/// Fold a Tucker core into the down factor: out[i, (q,h,w)] = Σ_j t[i,j,h,w]·down[j,q].
+fn tucker_down(t: &TensorRef, down: &DMatrix<f64>) -> Result<DMatrix<f64>> {
+    let s = t.shape();
+    if s.len() < 2 || s[1] != down.nrows() {
+        return Err(t.err(format!("Tucker core shape {s:?} does not fit the down factor ({} rows)", down.nrows())));
+    }
+    let (r1, r2) = (s[0], s[1]);
+    let k: usize = s[2..].iter().product();
+    let tv = t.values()?;
+    let n_in = down.ncols();
+    let mut out = DMatrix::zeros(r1, n_in * k);
+    for i in 0..r1 {
+        for j in 0..r2 {
+            for hw in 0..k {
+                let c = tv[(i * r2 + j) * k + hw];
+                if c == 0.0 {
+                    continue;
+                }
+                for q in 0..n_in {
+                    out[(i, q * k + hw)] += c * down[(j, q)];
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn kron_part(p: &KronPart) -> Result<Factors> {
+    Ok(match p {
+        KronPart::Full(t) => Factors::Dense(t.as_2d()?),
+        KronPart::Product { a, b, t: None } => Factors::LowRank(a.as_2d()?, b.as_2d()?),
+        KronPart::Product { a, b, t: Some(t) } => {
+            Factors::LowRank(a.as_2d()?.transpose(), tucker_down(t, &b.as_2d()?)?)
+        }
+    })
+}

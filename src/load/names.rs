@@ -1,0 +1,380 @@
+//! Mapping adapter module names to base weight keys.
+//!
+//! kohya names replace every `.` of a module path with `_`, and module paths contain `_`
+//! themselves (`transformer_blocks`, `to_q`, `self_attn`), so a name cannot be parsed back.
+//! As ComfyUI does (`model_lora_keys_unet`/`_clip`), we go the other way: from the base
+//! model's actual keys we build every name an adapter could use for each weight, in every
+//! naming scheme (diffusers and original-LDM/SGM UNet paths, CLIP text encoders, llama.cpp
+//! GGUF names), and look the adapter's names up in that table.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+/// Which sub-model of a pipeline a weight belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Component {
+    UnetLdm,
+    UnetDiffusers,
+    TextEncoder1,
+    TextEncoder2,
+    Other,
+}
+
+const DIFFUSERS_UNET_ROOTS: &[&str] = &[
+    "down_blocks.",
+    "up_blocks.",
+    "mid_block.",
+    "conv_in.",
+    "conv_out.",
+    "conv_norm_out.",
+    "time_embedding.",
+    "add_embedding.",
+];
+const LDM_UNET_ROOTS: &[&str] =
+    &["input_blocks.", "middle_block.", "output_blocks.", "time_embed.", "label_emb.", "out."];
+
+fn split_component(key: &str) -> (Component, &str) {
+    let prefixes: &[(&str, Component)] = &[
+        ("model.diffusion_model.", Component::UnetLdm),
+        ("unet.", Component::UnetDiffusers),
+        ("cond_stage_model.transformer.", Component::TextEncoder1),
+        ("conditioner.embedders.0.transformer.", Component::TextEncoder1),
+        ("text_encoder_2.", Component::TextEncoder2),
+        ("text_encoder.", Component::TextEncoder1),
+    ];
+    for (p, c) in prefixes {
+        if let Some(rest) = key.strip_prefix(p) {
+            if *c == Component::UnetDiffusers && LDM_UNET_ROOTS.iter().any(|r| rest.starts_with(r)) {
+                return (Component::UnetLdm, rest);
+            }
+            return (*c, rest);
+        }
+    }
+    if DIFFUSERS_UNET_ROOTS.iter().any(|r| key.starts_with(r)) {
+        return (Component::UnetDiffusers, key);
+    }
+    if LDM_UNET_ROOTS.iter().any(|r| key.starts_with(r)) && !key.starts_with("output.") {
+        return (Component::UnetLdm, key);
+    }
+    if key.starts_with("text_model.") {
+        return (Component::TextEncoder1, key);
+    }
+    (Component::Other, key)
+}
+
+fn underscored(path: &str) -> String {
+    path.replace('.', "_")
+}
+
+fn resnet_ldm_to_diffusers(rest: &str) -> String {
+    const MAP: &[(&str, &str)] = &[
+        ("in_layers.0", "norm1"),
+        ("in_layers.2", "conv1"),
+        ("emb_layers.1", "time_emb_proj"),
+        ("out_layers.0", "norm2"),
+        ("out_layers.3", "conv2"),
+        ("skip_connection", "conv_shortcut"),
+    ];
+    for (l, d) in MAP {
+        if let Some(tail) = rest.strip_prefix(l) {
+            return format!("{d}{tail}");
+        }
+    }
+    rest.to_string()
+}
+
+fn resnet_diffusers_to_ldm(rest: &str) -> String {
+    const MAP: &[(&str, &str)] = &[
+        ("norm1", "in_layers.0"),
+        ("conv1", "in_layers.2"),
+        ("time_emb_proj", "emb_layers.1"),
+        ("norm2", "out_layers.0"),
+        ("conv2", "out_layers.3"),
+        ("conv_shortcut", "skip_connection"),
+    ];
+    for (d, l) in MAP {
+        if let Some(tail) = rest.strip_prefix(d) {
+            if tail.is_empty() || tail.starts_with('.') {
+                return format!("{l}{tail}");
+            }
+        }
+    }
+    rest.to_string()
+}
+
+fn join(head: String, rest: &[&str]) -> String {
+    if rest.is_empty() {
+        head
+    } else {
+        format!("{head}.{}", rest.join("."))
+    }
+}
+
+/// Original-LDM / SGM UNet path → diffusers path (diffusers' `_maybe_map_sgm_blocks_to_diffusers`
+/// and `convert_ldm_unet_checkpoint` conventions), with `l` = layers_per_block.
+pub fn ldm_to_diffusers(path: &str, l: usize) -> Option<String> {
+    let parts: Vec<&str> = path.split('.').collect();
+    let idx = |k: usize| parts.get(k).and_then(|s| s.parse::<usize>().ok());
+    match parts[0] {
+        "input_blocks" => {
+            let (i, j) = (idx(1)?, idx(2)?);
+            let rest = &parts[3..];
+            if i == 0 {
+                return (j == 0).then(|| join("conv_in".into(), rest));
+            }
+            let (b, s) = ((i - 1) / (l + 1), (i - 1) % (l + 1));
+            match (j, s == l) {
+                (0, true) => (rest.first() == Some(&"op"))
+                    .then(|| join(format!("down_blocks.{b}.downsamplers.0.conv"), &rest[1..])),
+                (0, false) => Some(format!("down_blocks.{b}.resnets.{s}.{}", resnet_ldm_to_diffusers(&rest.join(".")))),
+                (1, false) => Some(join(format!("down_blocks.{b}.attentions.{s}"), rest)),
+                _ => None,
+            }
+        }
+        "middle_block" => {
+            let j = idx(1)?;
+            let rest = &parts[2..];
+            match j {
+                0 | 2 => Some(format!("mid_block.resnets.{}.{}", j / 2, resnet_ldm_to_diffusers(&rest.join(".")))),
+                1 => Some(join("mid_block.attentions.0".into(), rest)),
+                _ => None,
+            }
+        }
+        "output_blocks" => {
+            let (i, j) = (idx(1)?, idx(2)?);
+            let rest = &parts[3..];
+            let (b, s) = (i / (l + 1), i % (l + 1));
+            if j > 0 && rest.first() == Some(&"conv") && s == l {
+                return Some(join(format!("up_blocks.{b}.upsamplers.0.conv"), &rest[1..]));
+            }
+            match j {
+                0 => Some(format!("up_blocks.{b}.resnets.{s}.{}", resnet_ldm_to_diffusers(&rest.join(".")))),
+                1 => Some(join(format!("up_blocks.{b}.attentions.{s}"), rest)),
+                _ => None,
+            }
+        }
+        "time_embed" => match idx(1)? {
+            0 => Some(join("time_embedding.linear_1".into(), &parts[2..])),
+            2 => Some(join("time_embedding.linear_2".into(), &parts[2..])),
+            _ => None,
+        },
+        "label_emb" => match (idx(1)?, idx(2)?) {
+            (0, 0) => Some(join("add_embedding.linear_1".into(), &parts[3..])),
+            (0, 2) => Some(join("add_embedding.linear_2".into(), &parts[3..])),
+            _ => None,
+        },
+        "out" => match idx(1)? {
+            0 => Some(join("conv_norm_out".into(), &parts[2..])),
+            2 => Some(join("conv_out".into(), &parts[2..])),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// diffusers UNet path → LDM/SGM path(s). An upsampler conv sits at `.1.conv` or `.2.conv`
+/// depending on whether its block has attention, so both candidates are returned.
+pub fn diffusers_to_ldm(path: &str, l: usize) -> Vec<String> {
+    let parts: Vec<&str> = path.split('.').collect();
+    let idx = |k: usize| parts.get(k).and_then(|s| s.parse::<usize>().ok());
+    let one = |s: String| vec![s];
+    match parts[0] {
+        "conv_in" => one(join("input_blocks.0.0".into(), &parts[1..])),
+        "conv_norm_out" => one(join("out.0".into(), &parts[1..])),
+        "conv_out" => one(join("out.2".into(), &parts[1..])),
+        "time_embedding" => match parts.get(1) {
+            Some(&"linear_1") => one(join("time_embed.0".into(), &parts[2..])),
+            Some(&"linear_2") => one(join("time_embed.2".into(), &parts[2..])),
+            _ => vec![],
+        },
+        "add_embedding" => match parts.get(1) {
+            Some(&"linear_1") => one(join("label_emb.0.0".into(), &parts[2..])),
+            Some(&"linear_2") => one(join("label_emb.0.2".into(), &parts[2..])),
+            _ => vec![],
+        },
+        "down_blocks" => {
+            let (Some(b), Some(kind)) = (idx(1), parts.get(2)) else { return vec![] };
+            match (*kind, idx(3)) {
+                ("resnets", Some(s)) => one(format!(
+                    "input_blocks.{}.0.{}",
+                    b * (l + 1) + s + 1,
+                    resnet_diffusers_to_ldm(&parts[4..].join("."))
+                )),
+                ("attentions", Some(s)) => one(join(format!("input_blocks.{}.1", b * (l + 1) + s + 1), &parts[4..])),
+                ("downsamplers", Some(0)) if parts.get(4) == Some(&"conv") => {
+                    one(join(format!("input_blocks.{}.0.op", (b + 1) * (l + 1)), &parts[5..]))
+                }
+                _ => vec![],
+            }
+        }
+        "mid_block" => match (parts.get(1), idx(2)) {
+            (Some(&"resnets"), Some(s)) => {
+                one(format!("middle_block.{}.{}", 2 * s, resnet_diffusers_to_ldm(&parts[3..].join("."))))
+            }
+            (Some(&"attentions"), Some(0)) => one(join("middle_block.1".into(), &parts[3..])),
+            _ => vec![],
+        },
+        "up_blocks" => {
+            let (Some(b), Some(kind)) = (idx(1), parts.get(2)) else { return vec![] };
+            match (*kind, idx(3)) {
+                ("resnets", Some(s)) => one(format!(
+                    "output_blocks.{}.0.{}",
+                    b * (l + 1) + s,
+                    resnet_diffusers_to_ldm(&parts[4..].join("."))
+                )),
+                ("attentions", Some(s)) => one(join(format!("output_blocks.{}.1", b * (l + 1) + s), &parts[4..])),
+                ("upsamplers", Some(0)) if parts.get(4) == Some(&"conv") => {
+                    let i = b * (l + 1) + l;
+                    vec![
+                        join(format!("output_blocks.{i}.1.conv"), &parts[5..]),
+                        join(format!("output_blocks.{i}.2.conv"), &parts[5..]),
+                    ]
+                }
+                _ => vec![],
+            }
+        }
+        _ => vec![],
+    }
+}
+
+/// layers_per_block of a UNet, read off its keys (2 for SD1.x, SD2.x and SDXL).
+fn layers_per_block<'a>(keys: impl Iterator<Item = &'a str>) -> usize {
+    let mut best = None;
+    for k in keys {
+        let (c, p) = split_component(k);
+        match c {
+            // The first downsampler sits at input_blocks.{L+1}.0.op.
+            Component::UnetLdm => {
+                if let Some(rest) = p.strip_prefix("input_blocks.") {
+                    let mut it = rest.split('.');
+                    if let (Some(i), Some("0"), Some("op")) =
+                        (it.next().and_then(|s| s.parse::<usize>().ok()), it.next(), it.next())
+                    {
+                        best = Some(best.map_or(i - 1, |b: usize| b.min(i - 1)));
+                    }
+                }
+            }
+            Component::UnetDiffusers => {
+                if let Some(rest) = p.strip_prefix("down_blocks.0.resnets.") {
+                    if let Some(s) = rest.split('.').next().and_then(|s| s.parse::<usize>().ok()) {
+                        best = Some(best.map_or(s + 1, |b: usize| b.max(s + 1)));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    best.unwrap_or(2)
+}
+
+/// The table from every name an adapter may use to the base key it denotes.
+#[derive(Debug, Default)]
+pub struct KeyResolver {
+    map: BTreeMap<String, String>,
+    ambiguous: BTreeSet<String>,
+}
+
+impl KeyResolver {
+    pub fn new<'a>(keys: impl Iterator<Item = &'a str> + Clone) -> Self {
+        let l = layers_per_block(keys.clone());
+        let mut r = KeyResolver::default();
+        for key in keys {
+            let Some(stem) = key.strip_suffix(".weight") else { continue };
+            r.add(stem.to_string(), key);
+            let (comp, path) = split_component(stem);
+            match comp {
+                Component::UnetLdm | Component::UnetDiffusers => {
+                    let mut paths = vec![path.to_string()];
+                    if comp == Component::UnetLdm {
+                        paths.extend(ldm_to_diffusers(path, l));
+                    } else {
+                        paths.extend(diffusers_to_ldm(path, l));
+                    }
+                    for p in paths {
+                        r.add(format!("unet.{p}"), key);
+                        r.add(format!("lora_unet_{}", underscored(&p)), key);
+                        r.add(format!("lycoris_{}", underscored(&p)), key);
+                    }
+                }
+                Component::TextEncoder1 => {
+                    r.add(format!("text_encoder.{path}"), key);
+                    r.add(format!("lora_te_{}", underscored(path)), key);
+                    r.add(format!("lora_te1_{}", underscored(path)), key);
+                }
+                Component::TextEncoder2 => {
+                    r.add(format!("text_encoder_2.{path}"), key);
+                    r.add(format!("lora_te2_{}", underscored(path)), key);
+                }
+                Component::Other => {
+                    r.add(format!("lora_{}", underscored(path)), key);
+                    r.add(format!("lycoris_{}", underscored(path)), key);
+                }
+            }
+        }
+        r
+    }
+
+    fn add(&mut self, alias: String, key: &str) {
+        match self.map.get(&alias) {
+            Some(existing) if existing != key => {
+                self.ambiguous.insert(alias);
+            }
+            _ => {
+                self.map.insert(alias, key.to_string());
+            }
+        }
+    }
+
+    /// The base key an adapter module name denotes. `Err` carries why it could not be resolved.
+    pub fn resolve(&self, name: &str) -> std::result::Result<String, String> {
+        let mut candidates = vec![name.to_string()];
+        // A diffusers-style `unet.`/`transformer.` name against a bare component file.
+        for prefix in ["unet.", "transformer."] {
+            if let Some(rest) = name.strip_prefix(prefix) {
+                candidates.push(rest.to_string());
+            }
+        }
+        for c in &candidates {
+            if self.ambiguous.contains(c) {
+                return Err(format!("{name} matches more than one base weight"));
+            }
+            if let Some(k) = self.map.get(c) {
+                return Ok(k.clone());
+            }
+        }
+        Err(format!("{name} matches no base weight"))
+    }
+}
+
+/// llama.cpp GGUF tensor name → Hugging Face llama name (`blk.3.attn_q.weight` →
+/// `model.layers.3.self_attn.q_proj.weight`). Names it does not know are kept.
+pub fn gguf_to_hf(name: &str) -> String {
+    let (stem, suffix) = match name.rsplit_once('.') {
+        Some((s, suf @ ("weight" | "bias"))) => (s, format!(".{suf}")),
+        _ => (name, String::new()),
+    };
+    let mapped = match stem {
+        "token_embd" => Some("model.embed_tokens".to_string()),
+        "output_norm" => Some("model.norm".to_string()),
+        "output" => Some("lm_head".to_string()),
+        _ => stem.strip_prefix("blk.").and_then(|rest| {
+            let (n, part) = rest.split_once('.')?;
+            let hf = match part {
+                "attn_norm" => "input_layernorm",
+                "attn_q" => "self_attn.q_proj",
+                "attn_k" => "self_attn.k_proj",
+                "attn_v" => "self_attn.v_proj",
+                "attn_output" => "self_attn.o_proj",
+                "ffn_norm" => "post_attention_layernorm",
+                "ffn_gate" => "mlp.gate_proj",
+                "ffn_up" => "mlp.up_proj",
+                "ffn_down" => "mlp.down_proj",
+                _ => return None,
+            };
+            Some(format!("model.layers.{n}.{hf}"))
+        }),
+    };
+    match mapped {
+        Some(m) => format!("{m}{suffix}"),
+        None => name.to_string(),
+    }
+}

@@ -1,0 +1,67 @@
+//! A tensor inside a memory-mapped adapter file, read on demand.
+
+use std::sync::Arc;
+
+use nalgebra::DMatrix;
+use safetensors::Dtype;
+
+use super::tensorfile::{dtype_name, TensorFile};
+use crate::error::{Error, Result};
+
+#[derive(Clone)]
+pub struct TensorRef {
+    pub file: Arc<TensorFile>,
+    pub name: String,
+}
+
+impl std::fmt::Debug for TensorRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TensorRef({})", self.name)
+    }
+}
+
+impl TensorRef {
+    pub fn new(file: &Arc<TensorFile>, name: &str) -> Self {
+        TensorRef { file: file.clone(), name: name.to_string() }
+    }
+    pub fn shape(&self) -> &[usize] {
+        &self.file.tensors[&self.name].shape
+    }
+    pub fn dtype(&self) -> Dtype {
+        self.file.tensors[&self.name].dtype
+    }
+    pub fn dtype_name(&self) -> String {
+        dtype_name(self.dtype())
+    }
+    pub fn numel(&self) -> usize {
+        self.shape().iter().product()
+    }
+    pub fn values(&self) -> Result<Vec<f64>> {
+        self.file.read_f64(&self.name)
+    }
+    /// Row-major data viewed as `[shape[0], prod(shape[1..])]`.
+    pub fn as_2d(&self) -> Result<DMatrix<f64>> {
+        let s = self.shape();
+        let rows = s.first().copied().unwrap_or(1);
+        let cols = s.iter().skip(1).product::<usize>();
+        self.matrix(rows, cols)
+    }
+    pub fn matrix(&self, rows: usize, cols: usize) -> Result<DMatrix<f64>> {
+        let v = self.values()?;
+        if v.len() != rows * cols {
+            return Err(self.err(format!("has {} values, expected {rows}x{cols}", v.len())));
+        }
+        Ok(DMatrix::from_row_slice(rows, cols, &v))
+    }
+    /// A scalar stored as a 0-d or 1-element tensor (kohya `.alpha`).
+    pub fn scalar(&self) -> Result<f64> {
+        let v = self.values()?;
+        match v.as_slice() {
+            [x] => Ok(*x),
+            _ => Err(self.err(format!("should be a scalar but has {} values", v.len()))),
+        }
+    }
+    pub fn err(&self, reason: impl AsRef<str>) -> Error {
+        Error::input(&self.file.path, format!("tensor {} {}", self.name, reason.as_ref()))
+    }
+}

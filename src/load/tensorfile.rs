@@ -1,0 +1,185 @@
+//! A memory-mapped safetensors file: header parsed and validated by the `safetensors` crate,
+//! tensors read on demand and converted to f64.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+use safetensors::{Dtype, SafeTensorError, SafeTensors};
+
+use crate::error::{Error, Result};
+
+/// Header limit we accept (the crate allows 100 MB; real adapters have headers of a few MB).
+pub const MAX_HEADER_BYTES: usize = 100_000_000;
+
+#[derive(Debug, Clone)]
+pub struct TensorEntry {
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    /// Byte range inside the data section.
+    pub start: usize,
+    pub end: usize,
+}
+
+impl TensorEntry {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+pub struct TensorFile {
+    pub path: PathBuf,
+    mmap: Mmap,
+    header_len: usize,
+    pub tensors: BTreeMap<String, TensorEntry>,
+    pub metadata: BTreeMap<String, String>,
+}
+
+impl std::fmt::Debug for TensorFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TensorFile").field("path", &self.path).finish()
+    }
+}
+
+/// Refuse pickle-based checkpoints before touching their bytes: unpickling runs arbitrary code.
+pub fn refuse_pickle(path: &Path) -> Result<()> {
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+    if matches!(ext.as_str(), "bin" | "pt" | "pth" | "ckpt" | "pkl" | "pickle") {
+        return Err(Error::input(
+            path,
+            format!(
+                "refusing a pickle-based .{ext} file: unpickling can execute code; convert it to \
+                 safetensors first (e.g. `safetensors` convert script or `torch.load` + \
+                 `safetensors.torch.save_file` in a sandbox)"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+impl TensorFile {
+    pub fn open(path: &Path) -> Result<Self> {
+        refuse_pickle(path)?;
+        let file = File::open(path).map_err(|e| Error::input(path, format!("cannot open: {e}")))?;
+        let size = file.metadata().map_err(|e| Error::input(path, format!("cannot stat: {e}")))?.len();
+        if size == 0 {
+            return Err(Error::input(path, "empty file (0 bytes), not a safetensors file"));
+        }
+        if size < 8 {
+            return Err(Error::input(
+                path,
+                format!("truncated: {size} bytes, shorter than the 8-byte safetensors header length"),
+            ));
+        }
+        // SAFETY: the map is read-only; a file changed underneath us would give wrong numbers,
+        // not memory unsafety beyond what every mmap-based loader (safetensors, candle) accepts.
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::input(path, format!("cannot memory-map: {e}")))?;
+        let n = u64::from_le_bytes(mmap[..8].try_into().expect("8 bytes"));
+        if mmap[..8] == [0x80, 0x02, 0x8a, 0x0a, 0x6c, 0xfc, 0x9c, 0x46] || mmap.starts_with(b"PK\x03\x04") {
+            return Err(Error::input(
+                path,
+                "this is a PyTorch pickle/zip checkpoint, not safetensors; refusing to unpickle it",
+            ));
+        }
+        if n > MAX_HEADER_BYTES as u64 {
+            if n > size {
+                return Err(Error::input(
+                    path,
+                    format!("header length {n} exceeds the file size ({size} bytes): truncated or not safetensors"),
+                ));
+            }
+            return Err(Error::input(
+                path,
+                format!("header of {n} bytes is larger than the {MAX_HEADER_BYTES}-byte limit"),
+            ));
+        }
+        if n + 8 > size {
+            return Err(Error::input(
+                path,
+                format!("header length {n} exceeds the file size ({size} bytes): truncated or not safetensors"),
+            ));
+        }
+        let (header_len, meta) = SafeTensors::read_metadata(&mmap).map_err(|e| header_error(path, e, size, n))?;
+        let mut tensors = BTreeMap::new();
+        for (name, info) in meta.tensors() {
+            tensors.insert(
+                name,
+                TensorEntry {
+                    dtype: info.dtype,
+                    shape: info.shape.clone(),
+                    start: info.data_offsets.0,
+                    end: info.data_offsets.1,
+                },
+            );
+        }
+        let metadata = meta
+            .metadata()
+            .as_ref()
+            .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .unwrap_or_default();
+        Ok(TensorFile { path: path.to_path_buf(), mmap, header_len, tensors, metadata })
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        &self.mmap
+    }
+
+    /// The tensor data section: everything after the 8-byte length and the JSON header.
+    pub fn data_section(&self) -> &[u8] {
+        &self.mmap[8 + self.header_len..]
+    }
+
+    pub fn entry(&self, name: &str) -> Result<&TensorEntry> {
+        self.tensors.get(name).ok_or_else(|| Error::input(&self.path, format!("tensor {name} not found")))
+    }
+
+    pub fn raw(&self, name: &str) -> Result<&[u8]> {
+        let e = self.entry(name)?;
+        Ok(&self.data_section()[e.start..e.end])
+    }
+
+    /// The tensor's values as f64, row-major, from any float dtype.
+    pub fn read_f64(&self, name: &str) -> Result<Vec<f64>> {
+        let e = self.entry(name)?;
+        decode_f64(self.raw(name)?, e.dtype)
+            .ok_or_else(|| Error::input(&self.path, format!("tensor {name} has dtype {:?}, not a float type", e.dtype)))
+    }
+}
+
+/// Little-endian bytes of a float dtype to f64. `None` for non-float dtypes.
+pub fn decode_f64(bytes: &[u8], dtype: Dtype) -> Option<Vec<f64>> {
+    Some(match dtype {
+        Dtype::F64 => bytes.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap())).collect(),
+        Dtype::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64).collect(),
+        Dtype::F16 => bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f64()).collect(),
+        Dtype::BF16 => bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f64()).collect(),
+        _ => return None,
+    })
+}
+
+pub fn dtype_name(d: Dtype) -> String {
+    format!("{d:?}").to_ascii_lowercase()
+}
+
+fn header_error(path: &Path, e: SafeTensorError, size: u64, n: u64) -> Error {
+    let reason = match e {
+        SafeTensorError::HeaderTooSmall => "truncated: no complete 8-byte header length".to_string(),
+        SafeTensorError::HeaderTooLarge => format!("header of {n} bytes is too large"),
+        SafeTensorError::InvalidHeaderLength => {
+            format!("header length {n} exceeds the file size ({size} bytes): truncated or not safetensors")
+        }
+        SafeTensorError::InvalidHeader(_) => "header is not valid UTF-8".to_string(),
+        SafeTensorError::InvalidHeaderDeserialization(err) => format!("invalid header JSON: {err}"),
+        SafeTensorError::InvalidOffset(t) => {
+            format!("tensor offsets out of range or overlapping (tensor {t})")
+        }
+        SafeTensorError::TensorInvalidInfo => "a tensor's shape does not match its byte range".to_string(),
+        SafeTensorError::MetadataIncompleteBuffer => format!(
+            "tensor data does not match the file size ({size} bytes): truncated, or bytes appended after the data"
+        ),
+        SafeTensorError::ValidationOverflow => "tensor sizes overflow (claims an impossibly large tensor)".to_string(),
+        other => format!("invalid safetensors file: {other}"),
+    };
+    Error::input(path, reason)
+}

@@ -1,0 +1,89 @@
+//! Report structures (serde), canonical JSON and terminal summaries.
+
+mod inspect;
+pub use inspect::*;
+
+use serde::Serialize;
+use serde_json::Value;
+
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// One input file, recorded so a third party can check they hold the same bytes.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct InputFile {
+    pub role: String,
+    pub path: String,
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Tool {
+    pub name: &'static str,
+    pub version: &'static str,
+}
+
+pub fn tool() -> Tool {
+    Tool { name: "lorascope", version: env!("CARGO_PKG_VERSION") }
+}
+
+fn sort_keys(v: &mut Value) {
+    match v {
+        Value::Object(m) => {
+            m.sort_keys();
+            m.values_mut().for_each(sort_keys);
+        }
+        Value::Array(a) => a.iter_mut().for_each(sort_keys),
+        _ => {}
+    }
+}
+
+/// JSON with every object's keys sorted, so equal reports are equal bytes.
+pub fn to_canonical_json<T: Serialize>(x: &T) -> String {
+    let mut v = serde_json::to_value(x).expect("reports serialise");
+    sort_keys(&mut v);
+    let mut s = serde_json::to_string_pretty(&v).expect("values serialise");
+    s.push('\n');
+    s
+}
+
+/// A plain text table with left-aligned columns.
+pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut w: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            w[i] = w[i].max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| -> String {
+        let mut s = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                s.push_str(c);
+            } else {
+                s.push_str(&format!("{c:<width$}  ", width = w[i]));
+            }
+        }
+        s.trim_end().to_string() + "\n"
+    };
+    let mut out = line(header.iter().map(|s| s.to_string()).collect());
+    out += &line(w.iter().map(|n| "-".repeat(*n)).collect());
+    for r in rows {
+        out += &line(r.clone());
+    }
+    out
+}
+
+/// Short, human form of a number of values or bytes.
+pub fn human(n: f64) -> String {
+    let a = n.abs();
+    if a >= 1e9 {
+        format!("{:.2}G", n / 1e9)
+    } else if a >= 1e6 {
+        format!("{:.2}M", n / 1e6)
+    } else if a >= 1e3 {
+        format!("{:.1}k", n / 1e3)
+    } else {
+        format!("{n}")
+    }
+}
