@@ -83,7 +83,8 @@ impl SafetensorsBuilder {
             .collect();
         let meta: Option<HashMap<String, String>> =
             (!self.metadata.is_empty()).then(|| self.metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect());
-        safetensors::serialize(views, meta).expect("serialise")
+        let bytes = safetensors::serialize(views, meta).expect("serialise");
+        canonical_metadata_order(bytes)
     }
     pub fn write(&self, path: &Path) -> Result<()> {
         if let Some(parent) = path.parent() {
@@ -99,6 +100,24 @@ impl SafetensorsBuilder {
         let h = crate::load::hashes::sha256_bytes(&bytes[8 + n..]);
         self.meta("sshs_model_hash", &h)
     }
+}
+
+/// `safetensors` writes `__metadata__` from a `HashMap`, so its key order changes from run to
+/// run. Re-emit the header with sorted metadata keys (same bytes otherwise, same length), so
+/// fixtures are byte-identical across runs and machines.
+fn canonical_metadata_order(mut bytes: Vec<u8>) -> Vec<u8> {
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header = std::str::from_utf8(&bytes[8..8 + n]).expect("utf8 header");
+    let mut v: serde_json::Value = serde_json::from_str(header.trim_end()).expect("own header");
+    let Some(meta) = v.get_mut("__metadata__").and_then(|m| m.as_object_mut()) else { return bytes };
+    meta.sort_keys();
+    let mut text = serde_json::to_string(&v).expect("json");
+    assert!(text.len() <= n, "re-emitted header grew");
+    while text.len() < n {
+        text.push(' ');
+    }
+    bytes[8..8 + n].copy_from_slice(text.as_bytes());
+    bytes
 }
 
 /// A tiny llama: the key names and shape relations of Hugging Face `LlamaForCausalLM`.
@@ -264,7 +283,7 @@ pub fn sd_tiny_base_weights() -> Vec<(String, Vec<usize>)> {
     let mut w: Vec<(String, Vec<usize>)> = vec![(format!("{u}.input_blocks.0.0.weight"), vec![8, 4, 3, 3])];
     // input_blocks.1: resnet + attention at level 0 (8 channels); input_blocks.4: level 1 (16).
     for (blk, c) in [(1usize, 8usize), (4, 16)] {
-        let cin = if blk == 1 { 8 } else { 8 };
+        let cin = 8;
         w.push((format!("{u}.input_blocks.{blk}.0.in_layers.2.weight"), vec![c, cin, 3, 3]));
         w.push((format!("{u}.input_blocks.{blk}.0.out_layers.3.weight"), vec![c, c, 3, 3]));
         w.push((format!("{u}.input_blocks.{blk}.0.emb_layers.1.weight"), vec![c, 32]));

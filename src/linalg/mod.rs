@@ -74,7 +74,7 @@ pub fn dora_rescale(w: &DMatrix<f64>, m: &[f64], axis: NormAxis) -> std::result:
         NormAxis::Column => {
             // Conv weights are flattened [out, in·k]; the norm is per input channel, over all
             // outputs and kernel positions.
-            if m.is_empty() || w.ncols() % m.len() != 0 {
+            if m.is_empty() || !w.ncols().is_multiple_of(m.len()) {
                 return Err(format!("has {} values, the weight has {} input columns", m.len(), w.ncols()));
             }
             let per = w.ncols() / m.len();

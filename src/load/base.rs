@@ -274,7 +274,7 @@ fn read_json(p: &Path) -> Result<Value> {
 /// Undo llama.cpp's `permute(w, n_head)` (convert_hf_to_gguf.py), which interleaves the two
 /// rotary halves of every head: GGUF row `h·d + 2i + s` holds HF row `h·d + s·d/2 + i`.
 pub fn unpermute_rows(v: &[f64], rows: usize, cols: usize, heads: usize) -> std::result::Result<Vec<f64>, String> {
-    if heads == 0 || rows % heads != 0 || (rows / heads) % 2 != 0 {
+    if heads == 0 || !rows.is_multiple_of(heads) || !(rows / heads).is_multiple_of(2) {
         return Err(format!("{rows} rows cannot be split into {heads} heads of even size"));
     }
     let d = rows / heads;

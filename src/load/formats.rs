@@ -300,7 +300,11 @@ pub fn detect_format(keys: &[&str]) -> Option<Format> {
         return Some(Format::Diffusers);
     }
     let kohya: Vec<&str> = keys.iter().copied().filter_map(|k| split_key(Format::Kohya, k).map(|(_, r)| r)).collect();
-    if kohya.is_empty() {
+    // A bare `.weight` is (IA)³ only beside its `on_input` flag; a base model's `lm_head.weight`
+    // must not make a base file look like an adapter.
+    let has_on_input = kohya.contains(&"on_input");
+    let kohya: Vec<&str> = kohya.into_iter().filter(|r| has_on_input || *r != "ia3").collect();
+    if kohya.iter().all(|r| matches!(*r, "alpha" | "scalar" | "on_input")) {
         return None;
     }
     if kohya.iter().any(|r| {
