@@ -13,6 +13,7 @@ pub mod fixtures;
 pub mod linalg;
 pub mod load;
 pub mod report;
+pub mod spectral;
 
 pub use error::{Error, Result};
 pub use load::{Adapter, BaseModel, LoadOptions, LoraModule};
@@ -31,4 +32,22 @@ pub fn open(adapter: &Path, base: Option<&Path>, opts: &LoadOptions) -> Result<(
         None => None,
     };
     Ok((a, b))
+}
+
+/// `inspect`: what the adapter is.
+pub fn inspect(adapter: &Adapter, base: Option<&BaseModel>) -> Result<report::InspectReport> {
+    report::inspect(adapter, base)
+}
+
+/// `spectrum`: inspect plus the spectral analysis. The adapter file is hashed on one thread
+/// while the modules are analysed on the others.
+pub fn spectrum(
+    adapter: &Adapter,
+    base: Option<&BaseModel>,
+    opts: &spectral::SpectrumOptions,
+    tick: &(dyn Fn() + Sync),
+) -> Result<report::SpectrumReport> {
+    let (_, analysis) = rayon::join(|| adapter.hashes(), || spectral::analyse(adapter, base, opts, tick));
+    let inspect = report::inspect(adapter, base)?;
+    Ok(report::spectrum_report(inspect, analysis?, opts))
 }

@@ -1,7 +1,7 @@
 //! An adapter file (or PEFT directory) read into normalised modules, optionally tied to a base.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use serde_json::Value;
 
@@ -33,7 +33,8 @@ pub struct Adapter {
     /// Sorted by base key, then name.
     pub modules: Vec<LoraModule>,
     pub metadata: Metadata,
-    pub hashes: FileHashes,
+    /// Computed on first use, so callers can hash the file while other work runs.
+    hashes: OnceLock<FileHashes>,
     pub warnings: Vec<String>,
     /// Whether module names were checked against a base model.
     pub base_attached: bool,
@@ -52,20 +53,7 @@ impl Adapter {
         };
         let parsed = formats::parse(&file, opts.format, config_json.as_ref())?;
         let metadata = metadata::parse(&file.metadata);
-        let hashes = hashes::file_hashes(
-            file.bytes(),
-            Some(file.data_section()),
-            file.metadata.get("sshs_model_hash").map(String::as_str),
-        );
-        let mut warnings = parsed.warnings;
-        if let Some(c) = &hashes.sshs_model_hash {
-            if !c.matches {
-                warnings.push(format!(
-                    "recorded sshs_model_hash {} differs from the recomputed {}: the tensors were changed after training, or the hash was forged",
-                    c.recorded, c.computed
-                ));
-            }
-        }
+        let warnings = parsed.warnings;
         let mut modules = parsed.modules;
         for m in &mut modules {
             // Without a base, the best guess at the base key: dotted names denote the weight
@@ -85,7 +73,7 @@ impl Adapter {
             format: parsed.format,
             modules,
             metadata,
-            hashes,
+            hashes: OnceLock::new(),
             warnings,
             base_attached: false,
         })
@@ -141,6 +129,18 @@ impl Adapter {
         self.modules = keep;
         self.base_attached = true;
         Ok(())
+    }
+
+    /// SHA-256, AutoV1/V2/V3 and the `sshs_model_hash` check of the adapter file.
+    pub fn hashes(&self) -> &FileHashes {
+        self.hashes.get_or_init(|| {
+            let f = &self.file;
+            hashes::file_hashes(
+                f.bytes(),
+                Some(f.data_section()),
+                f.metadata.get("sshs_model_hash").map(String::as_str),
+            )
+        })
     }
 
     /// Stored adapter values (all module tensors).

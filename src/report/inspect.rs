@@ -74,7 +74,7 @@ pub fn input_files(adapter: &Adapter, base: Option<&BaseModel>) -> Result<Vec<In
         role: "adapter".into(),
         path: path_string(&adapter.file.path),
         bytes: adapter.file.bytes().len() as u64,
-        sha256: adapter.hashes.sha256.clone(),
+        sha256: adapter.hashes().sha256.clone(),
     }];
     if let Some(c) = &adapter.config_path {
         let (sha256, bytes) = sha256_file(c)?;
@@ -140,6 +140,14 @@ fn module_row(m: &LoraModule) -> Result<ModuleRow> {
 
 pub fn inspect(adapter: &Adapter, base: Option<&BaseModel>) -> Result<InspectReport> {
     let mut warnings = adapter.warnings.clone();
+    if let Some(c) = &adapter.hashes().sshs_model_hash {
+        if !c.matches {
+            warnings.push(format!(
+                "recorded sshs_model_hash {} differs from the recomputed {}: the tensors were changed after training, or the hash was forged",
+                c.recorded, c.computed
+            ));
+        }
+    }
     let mut modules = vec![];
     for m in &adapter.modules {
         let row = module_row(m)?;
@@ -191,7 +199,7 @@ pub fn inspect(adapter: &Adapter, base: Option<&BaseModel>) -> Result<InspectRep
             kinds,
             modules,
             metadata: adapter.metadata.clone(),
-            hashes: adapter.hashes.clone(),
+            hashes: adapter.hashes().clone(),
             config: adapter.config_json.clone(),
         },
         base: base_info,

@@ -1,7 +1,9 @@
 //! Report structures (serde), canonical JSON and terminal summaries.
 
 mod inspect;
+mod spectrum;
 pub use inspect::*;
+pub use spectrum::*;
 
 use serde::Serialize;
 use serde_json::Value;

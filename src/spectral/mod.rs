@@ -1,0 +1,370 @@
+//! Spectral analysis: what each module adds (DESIGN §5), from its factors wherever it can.
+
+pub mod metrics;
+
+use std::collections::BTreeMap;
+
+use nalgebra::DMatrix;
+use rayon::prelude::*;
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::linalg::{randomized_svd, svd_dense, svd_factors, Factors, Svd};
+use crate::load::{Adapter, BaseModel, Delta, LoraModule, ModuleKind};
+use metrics::*;
+
+#[derive(Debug, Clone)]
+pub struct SpectrumOptions {
+    /// Bits of information one effective parameter can hold (Morris et al. 2025 measured ≈3.6
+    /// for GPT-style models).
+    pub bits_per_param: f64,
+    /// Intruder dimensions: how many top singular vectors of W+ΔW to test, and the cosine
+    /// threshold (Shuttleworth et al. 2024; PEFT `reduce_intruder_dimension` defaults).
+    pub intruder_top_k: usize,
+    pub intruder_epsilon: f64,
+    /// Largest min(m, n) for which dense SVDs of base-dependent matrices are computed; above it
+    /// the spectrum is the randomized top 64 and intruders are not computed.
+    pub max_dense_dim: usize,
+    pub seed: u64,
+}
+
+impl Default for SpectrumOptions {
+    fn default() -> Self {
+        SpectrumOptions {
+            bits_per_param: 3.6,
+            intruder_top_k: 10,
+            intruder_epsilon: 0.5,
+            max_dense_dim: 1536,
+            seed: 0x5eed,
+        }
+    }
+}
+
+/// How a module's spectrum was obtained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Route {
+    /// QR of the low-rank factors and an SVD of the small core (never the dense ΔW).
+    Factored,
+    /// Singular values of a Kronecker product as products of its factors'.
+    Kronecker,
+    /// ΔW held whole (a `.diff`), or built from the base (DoRA, (IA)³, replacements).
+    Dense,
+    /// Randomized top-k SVD of a base-dependent ΔW too large for a dense SVD.
+    Randomized,
+    /// DoRA without its base: the spectrum of the LoRA part B·A only.
+    LoraPartOnly,
+    /// The delta depends on base weights that were not given.
+    NeedsBase,
+    /// Recognised algorithm whose analysis is not implemented.
+    Unsupported,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ModuleSpectrum {
+    pub base_key: String,
+    pub name: String,
+    pub kind: String,
+    pub route: Route,
+    pub shape: Vec<usize>,
+    pub rank: usize,
+    pub singular_values: Vec<f64>,
+    /// The spectrum lists only the top singular values.
+    pub truncated: bool,
+    pub fro: f64,
+    pub spectral: f64,
+    pub stable_rank: f64,
+    pub effective_rank: f64,
+    pub rank_90: Option<usize>,
+    pub rank_99: Option<usize>,
+    pub relative_fro: Option<f64>,
+    pub relative_spectral: Option<f64>,
+    pub amplification: Option<f64>,
+    pub intruders: Option<usize>,
+    /// Stored values of the module.
+    pub params: usize,
+    /// Degrees of freedom of ΔW at rank_99: rank_99·(m + n − rank_99) (+ m for a DoRA magnitude).
+    pub effective_params: usize,
+    pub capacity_bits: f64,
+    pub note: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LayerSummary {
+    pub layer: String,
+    pub modules: usize,
+    pub params: usize,
+    pub effective_params: usize,
+    pub capacity_bits: f64,
+    pub fro: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Totals {
+    pub params: usize,
+    pub effective_params: usize,
+    pub capacity_bits: f64,
+    pub bits_per_param: f64,
+    pub modules_analysed: usize,
+    pub modules_not_analysed: usize,
+    /// From sd-scripts metadata (`ss_num_train_images`) when present.
+    pub train_images: Option<u64>,
+    pub capacity_bits_per_image: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SpectrumAnalysis {
+    pub modules: Vec<ModuleSpectrum>,
+    pub layers: Vec<LayerSummary>,
+    pub totals: Totals,
+    pub statement: String,
+}
+
+pub const STATEMENT: &str = "capacity_bits is an upper bound on the information this adapter could store: \
+effective parameters (degrees of freedom of each ΔW at the rank holding 99% of its energy) times bits_per_param \
+(3.6 by default, the capacity Morris et al. 2025 measured for GPT-style models). It says nothing about what the \
+adapter does store, or whether it stores any particular work: that is what the merged-model probe measures.";
+
+/// The layer a weight belongs to: its key up to the first numeric path element
+/// (`model.layers.3`, `…input_blocks.4`, `lora_te_text_model_encoder_layers_0`).
+pub fn layer_of(key: &str) -> String {
+    let key = key.strip_suffix(".weight").unwrap_or(key);
+    let sep = if key.contains('.') { '.' } else { '_' };
+    let mut out = vec![];
+    for part in key.split(sep) {
+        out.push(part);
+        if part.chars().all(|c| c.is_ascii_digit()) && !part.is_empty() {
+            break;
+        }
+    }
+    out.join(&sep.to_string())
+}
+
+fn check_finite(m: &LoraModule, f: &Factors) -> Result<()> {
+    let bad = |x: &DMatrix<f64>| x.iter().filter(|v| !v.is_finite()).count();
+    fn count(f: &Factors, bad: &dyn Fn(&DMatrix<f64>) -> usize) -> usize {
+        match f {
+            Factors::LowRank(u, d) => bad(u) + bad(d),
+            Factors::Kron(a, b, _) => count(a, bad) + count(b, bad),
+            Factors::Dense(d) => bad(d),
+        }
+    }
+    let n = count(f, &bad);
+    if n > 0 {
+        let path = m.tensors.first().map(|t| t.file.path.clone()).unwrap_or_default();
+        return Err(Error::input(
+            path,
+            format!("module {}: {n} NaN/Inf value(s) in its factors; no spectrum can be computed", m.name),
+        ));
+    }
+    Ok(())
+}
+
+struct BaseStats {
+    fro: f64,
+    sigma1: f64,
+}
+
+fn base_stats(w: &DMatrix<f64>, opts: &SpectrumOptions) -> BaseStats {
+    let sigma1 = if w.nrows().min(w.ncols()) <= 64 {
+        svd_dense(w, false).values.first().copied().unwrap_or(0.0)
+    } else {
+        randomized_svd(w, 4, 10, 4, opts.seed).values.first().copied().unwrap_or(0.0)
+    };
+    BaseStats { fro: w.norm(), sigma1 }
+}
+
+/// ‖ΔW‖_F / ‖U_rᵀ W V_r‖_F with U_r, V_r the singular vectors of ΔW's nonzero singular values
+/// (LoRA paper §7.3).
+fn amplification(svd: &Svd, w: &DMatrix<f64>) -> Option<f64> {
+    let (u, v) = (svd.u.as_ref()?, svd.v.as_ref()?);
+    let s1 = *svd.values.first()?;
+    let r = svd.values.iter().filter(|&&x| x > s1 * 1e-10).count();
+    if r == 0 {
+        return None;
+    }
+    let proj = u.columns(0, r).tr_mul(&(w * v.columns(0, r)));
+    let denom = proj.norm();
+    (denom > 0.0).then(|| fro(&svd.values[..r]) / denom)
+}
+
+/// Count of the top-k left singular vectors of W+ΔW whose largest |cosine| with every left
+/// singular vector of W is below ε (Shuttleworth et al. 2024; PEFT `intruders.py`).
+pub fn intruder_count(w: &DMatrix<f64>, merged: &DMatrix<f64>, top_k: usize, eps: f64) -> usize {
+    let ub = svd_dense(w, true).u.expect("vectors");
+    let um = svd_dense(merged, true).u.expect("vectors");
+    let k = top_k.min(um.ncols());
+    let cos = um.columns(0, k).tr_mul(&ub);
+    (0..k).filter(|&i| cos.row(i).iter().fold(0.0f64, |a, x| a.max(x.abs())) < eps).count()
+}
+
+fn analyse_module(m: &LoraModule, base: Option<&BaseModel>, opts: &SpectrumOptions) -> Result<ModuleSpectrum> {
+    let (rows, cols) = m.matrix_shape();
+    let w = match base {
+        Some(b) if m.resolved => Some(b.weight(&m.base_key)?),
+        _ => None,
+    };
+    let vectors = w.is_some();
+    let mut note = None;
+    let mut truncated = false;
+    let mut dense_delta: Option<DMatrix<f64>> = None;
+    let (route, svd, total_energy): (Route, Option<Svd>, f64) = if let Delta::Unsupported { algo, .. } = &m.delta {
+        note = Some(format!("{algo} is recognised but not analysed yet"));
+        (Route::Unsupported, None, 0.0)
+    } else if m.needs_base() {
+        match &w {
+            Some(w) => {
+                let d = m.dense_delta(Some(w))?;
+                let energy = d.norm_squared();
+                let (route, s) = if rows.min(cols) <= opts.max_dense_dim {
+                    (Route::Dense, svd_dense(&d, vectors))
+                } else {
+                    truncated = true;
+                    (Route::Randomized, randomized_svd(&d, 64, 10, 2, opts.seed))
+                };
+                dense_delta = Some(d);
+                (route, Some(s), energy)
+            }
+            None if m.kind == ModuleKind::Dora => {
+                let mut plain = m.clone();
+                plain.magnitude = None;
+                let f = plain.factors()?.expect("LoRA part has factors");
+                check_finite(m, &f)?;
+                note =
+                    Some("DoRA: the magnitude rescaling needs the base (--base); spectrum of the LoRA part B·A".into());
+                let s = svd_factors(&f, false);
+                let e = s.values.iter().map(|x| x * x).sum();
+                (Route::LoraPartOnly, Some(s), e)
+            }
+            None => {
+                note = Some(format!("the {} delta depends on the base weight; give --base", m.kind.as_str()));
+                (Route::NeedsBase, None, 0.0)
+            }
+        }
+    } else {
+        let f = m.factors()?.expect("base-free kinds have factors");
+        check_finite(m, &f)?;
+        let route = match (&f, &m.delta) {
+            (Factors::Kron(..), _) => Route::Kronecker,
+            (Factors::Dense(_), _) => Route::Dense,
+            _ => Route::Factored,
+        };
+        let s = svd_factors(&f, vectors);
+        let e = s.values.iter().map(|x| x * x).sum();
+        if vectors && rows.min(cols) <= opts.max_dense_dim {
+            dense_delta = Some(f.dense());
+        }
+        (route, Some(s), e)
+    };
+    let values = svd.as_ref().map(|s| s.values.clone()).unwrap_or_default();
+    let (mut relative_fro, mut relative_spectral, mut amp, mut intruders) = (None, None, None, None);
+    if let (Some(w), Some(s)) = (&w, &svd) {
+        let bs = base_stats(w, opts);
+        let f = total_energy.sqrt();
+        relative_fro = (bs.fro > 0.0).then(|| f / bs.fro);
+        relative_spectral = (bs.sigma1 > 0.0).then(|| values.first().copied().unwrap_or(0.0) / bs.sigma1);
+        if !truncated {
+            amp = amplification(s, w);
+        }
+        if let Some(d) = &dense_delta {
+            intruders = Some(intruder_count(w, &(w + d), opts.intruder_top_k, opts.intruder_epsilon));
+        } else if note.is_none() {
+            note = Some(format!("intruders not computed: min dimension above {}", opts.max_dense_dim));
+        }
+    }
+    let rank_90 = rank_for_energy(&values, 0.90, total_energy);
+    let rank_99 = rank_for_energy(&values, 0.99, total_energy);
+    let effective_params = match route {
+        Route::NeedsBase | Route::Unsupported => match &m.delta {
+            // A replacement's information is the whole matrix; other vectors count as stored.
+            Delta::Replace { .. } => rows * cols,
+            _ => m.params,
+        },
+        _ => {
+            let k = rank_99.unwrap_or(values.len());
+            rank_k_params(k, rows, cols) + m.magnitude.as_ref().map_or(0, |g| g.tensor.numel())
+        }
+    };
+    Ok(ModuleSpectrum {
+        base_key: m.base_key.clone(),
+        name: m.name.clone(),
+        kind: m.kind.as_str().to_string(),
+        route,
+        shape: m.shape.clone(),
+        rank: m.rank,
+        fro: total_energy.sqrt(),
+        spectral: values.first().copied().unwrap_or(0.0),
+        stable_rank: if truncated {
+            total_energy / values.first().map_or(1.0, |s| s * s).max(f64::MIN_POSITIVE)
+        } else {
+            stable_rank(&values)
+        },
+        effective_rank: effective_rank(&values),
+        rank_90,
+        rank_99,
+        singular_values: values,
+        truncated,
+        relative_fro,
+        relative_spectral,
+        amplification: amp,
+        intruders,
+        params: m.params,
+        effective_params,
+        capacity_bits: effective_params as f64 * opts.bits_per_param,
+        note,
+    })
+}
+
+/// Analyse every module (in parallel). `tick` is called once per finished module.
+pub fn analyse(
+    adapter: &Adapter,
+    base: Option<&BaseModel>,
+    opts: &SpectrumOptions,
+    tick: &(dyn Fn() + Sync),
+) -> Result<SpectrumAnalysis> {
+    let modules: Vec<ModuleSpectrum> = adapter
+        .modules
+        .par_iter()
+        .map(|m| {
+            let r = analyse_module(m, base, opts);
+            tick();
+            r
+        })
+        .collect::<Result<_>>()?;
+    let mut layers: BTreeMap<String, LayerSummary> = BTreeMap::new();
+    for m in &modules {
+        let l = layer_of(&m.base_key);
+        let e = layers.entry(l.clone()).or_insert(LayerSummary {
+            layer: l,
+            modules: 0,
+            params: 0,
+            effective_params: 0,
+            capacity_bits: 0.0,
+            fro: 0.0,
+        });
+        e.modules += 1;
+        e.params += m.params;
+        e.effective_params += m.effective_params;
+        e.capacity_bits += m.capacity_bits;
+        e.fro = (e.fro * e.fro + m.fro * m.fro).sqrt();
+    }
+    let effective_params: usize = modules.iter().map(|m| m.effective_params).sum();
+    let capacity_bits = effective_params as f64 * opts.bits_per_param;
+    let train_images = adapter.metadata.training.num_train_images.filter(|&n| n > 0);
+    let not = modules.iter().filter(|m| matches!(m.route, Route::NeedsBase | Route::Unsupported)).count();
+    Ok(SpectrumAnalysis {
+        totals: Totals {
+            params: adapter.params(),
+            effective_params,
+            capacity_bits,
+            bits_per_param: opts.bits_per_param,
+            modules_analysed: modules.len() - not,
+            modules_not_analysed: not,
+            train_images,
+            capacity_bits_per_image: train_images.map(|n| capacity_bits / n as f64),
+        },
+        layers: layers.into_values().collect(),
+        modules,
+        statement: STATEMENT.to_string(),
+    })
+}
