@@ -48,6 +48,15 @@ pub fn spectrum(
     tick: &(dyn Fn() + Sync),
 ) -> Result<report::SpectrumReport> {
     let (_, analysis) = rayon::join(|| adapter.hashes(), || spectral::analyse(adapter, base, opts, tick));
-    let inspect = report::inspect(adapter, base)?;
-    Ok(report::spectrum_report(inspect, analysis?, opts))
+    let analysis = analysis?;
+    // Factored and Kronecker routes decoded every tensor of their module and refuse NaN/Inf,
+    // so those modules need no second scan: no bad values, and ΔW is zero iff its norm is.
+    let by_name: std::collections::HashMap<&str, &spectral::ModuleSpectrum> =
+        analysis.modules.iter().map(|s| (s.name.as_str(), s)).collect();
+    let known = |m: &LoraModule| {
+        let s = by_name.get(m.name.as_str())?;
+        matches!(s.route, spectral::Route::Factored | spectral::Route::Kronecker).then_some((0, s.fro == 0.0))
+    };
+    let inspect = report::inspect_with(adapter, base, &known)?;
+    Ok(report::spectrum_report(inspect, analysis, opts))
 }

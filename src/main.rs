@@ -40,6 +40,10 @@ struct Common {
     /// Machine-readable JSON on stdout (sorted keys, byte-identical across runs).
     #[arg(long)]
     json: bool,
+    /// Also compute AutoV3 (SHA-256 of the tensor data; always done when the file records an
+    /// sshs_model_hash to check).
+    #[arg(long)]
+    autov3: bool,
     /// No progress bars.
     #[arg(long, short)]
     quiet: bool,
@@ -96,7 +100,7 @@ impl Progress {
 fn run(cli: Cli) -> lorascope::Result<()> {
     match cli.command {
         Command::Inspect(c) => {
-            let opts = LoadOptions { format: c.format, allow_unmatched: c.allow_unmatched };
+            let opts = LoadOptions { format: c.format, allow_unmatched: c.allow_unmatched, autov3: c.autov3 };
             let (adapter, base) = lorascope::open(&c.adapter, c.base.as_deref(), &opts)?;
             let r = lorascope::inspect(&adapter, base.as_ref())?;
             if c.json {
@@ -106,7 +110,7 @@ fn run(cli: Cli) -> lorascope::Result<()> {
             }
         }
         Command::Spectrum { common: c, top, bits_per_param, max_dense_dim } => {
-            let opts = LoadOptions { format: c.format, allow_unmatched: c.allow_unmatched };
+            let opts = LoadOptions { format: c.format, allow_unmatched: c.allow_unmatched, autov3: c.autov3 };
             let (adapter, base) = lorascope::open(&c.adapter, c.base.as_deref(), &opts)?;
             let sopts = SpectrumOptions { bits_per_param, max_dense_dim, ..Default::default() };
             let progress = Progress::new(adapter.modules.len(), c.quiet);

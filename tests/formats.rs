@@ -292,7 +292,7 @@ fn forced_format_and_pattern_precedence() {
     assert_eq!(cfg.alpha_for("model.layers.3.mlp.up_proj"), Some(3.0));
     assert_eq!(cfg.alpha_for("model.layers.3.self_attn.v_proj"), Some(16.0));
     assert_eq!(cfg.rank_for("model.layers.0.self_attn.xq_proj"), Some(8), "no match inside a name part");
-    let opts = LoadOptions { format: Some(Format::Kohya), allow_unmatched: false };
+    let opts = LoadOptions { format: Some(Format::Kohya), ..Default::default() };
     let err = Adapter::open(&fixtures().join("peft-llama"), &opts).err().expect("kohya parse of a PEFT file fails");
     assert!(err.to_string().contains("adapter_model.safetensors"), "{err}");
 }

@@ -11,7 +11,8 @@ pub use svd::*;
 /// A scaled ΔW in factored form.
 #[derive(Debug, Clone)]
 pub enum Factors {
-    /// up `[m, k]` · down `[k, n]` (scale already folded into `up`).
+    /// up `[m, k]` · down_tᵀ, with down_t `[n, k]` (scale already folded into `up`). Both
+    /// factors are tall, so their QR or Gram needs no transposition of a wide matrix.
     LowRank(DMatrix<f64>, DMatrix<f64>),
     /// scale · kron(a, b).
     Kron(Box<Factors>, Box<Factors>, f64),
@@ -22,7 +23,7 @@ pub enum Factors {
 impl Factors {
     pub fn shape(&self) -> (usize, usize) {
         match self {
-            Factors::LowRank(u, d) => (u.nrows(), d.ncols()),
+            Factors::LowRank(u, dt) => (u.nrows(), dt.nrows()),
             Factors::Kron(a, b, _) => {
                 let (p, q) = a.shape();
                 let (r, s) = b.shape();
@@ -35,7 +36,7 @@ impl Factors {
     /// Form the dense matrix (tests, merging; never on the spectrum path).
     pub fn dense(&self) -> DMatrix<f64> {
         match self {
-            Factors::LowRank(u, d) => u * d,
+            Factors::LowRank(u, dt) => u * dt.transpose(),
             Factors::Kron(a, b, s) => a.dense().kronecker(&b.dense()) * *s,
             Factors::Dense(d) => d.clone(),
         }
@@ -43,18 +44,12 @@ impl Factors {
 }
 
 /// Row-wise Kronecker (face-splitting) product: row i of the result is kron(a[i,:], b[i,:]).
-/// With `face_split_cols`, (A1·B1) ⊙ (A2·B2) = face_split_rows(A1, A2) · face_split_cols(B1, B2).
+/// (A1·B1ᵀ) ⊙ (A2·B2ᵀ) = face_split_rows(A1, A2) · face_split_rows(B1, B2)ᵀ, so a Hadamard
+/// product of two low-rank products is a low-rank product of rank ≤ r1·r2.
 pub fn face_split_rows(a: &DMatrix<f64>, b: &DMatrix<f64>) -> DMatrix<f64> {
     assert_eq!(a.nrows(), b.nrows());
     let (ka, kb) = (a.ncols(), b.ncols());
     DMatrix::from_fn(a.nrows(), ka * kb, |i, c| a[(i, c / kb)] * b[(i, c % kb)])
-}
-
-/// Column-wise Kronecker product: column j of the result is kron(a[:,j], b[:,j]).
-pub fn face_split_cols(a: &DMatrix<f64>, b: &DMatrix<f64>) -> DMatrix<f64> {
-    assert_eq!(a.ncols(), b.ncols());
-    let (ka, kb) = (a.nrows(), b.nrows());
-    DMatrix::from_fn(ka * kb, a.ncols(), |r, j| a[(r / kb, j)] * b[(r % kb, j)])
 }
 
 /// DoRA: scale `w` so that its norm along `axis` equals the magnitude vector `m`.

@@ -37,10 +37,161 @@ pub fn svd_dense(a: &DMatrix<f64>, vectors: bool) -> Svd {
     sorted(s.singular_values, s.u, s.v_t)
 }
 
-/// SVD of up·down (`up` `[m,k]`, `down` `[k,n]`) through QR of the factors.
-pub fn svd_low_rank(up: &DMatrix<f64>, down: &DMatrix<f64>, vectors: bool) -> Svd {
+/// xᵀx by one GEMM that reads `x` in place through strides (no transposed copy).
+pub fn gram(x: &DMatrix<f64>) -> DMatrix<f64> {
+    let (m, k) = x.shape();
+    let mut g = DMatrix::<f64>::zeros(k, k);
+    if m == 0 || k == 0 {
+        return g;
+    }
+    // x is column-major: element (i, j) at i + j·m. As xᵀ (k×m) its row stride is m and its
+    // column stride 1; as x (m×k), row stride 1 and column stride m. g is column-major k×k.
+    // SAFETY: the pointers and strides describe exactly the buffers of `x` and `g`, which
+    // outlive the call; `g` does not alias `x`.
+    unsafe {
+        matrixmultiply::dgemm(
+            k,
+            m,
+            k,
+            1.0,
+            x.as_ptr(),
+            m as isize,
+            1,
+            x.as_ptr(),
+            1,
+            m as isize,
+            0.0,
+            g.as_mut_ptr(),
+            1,
+            k as isize,
+        );
+    }
+    g
+}
+
+/// Rows per block when a Gram matrix is accumulated from a streamed factor: small enough for
+/// the block to stay in L2, large enough for GEMM to run at speed.
+const GRAM_BLOCK: usize = 1024;
+
+/// `g += bᵀb` for a row-major block `b` of `rows × k` values (strided GEMM, no copies).
+fn accumulate_gram(g: &mut DMatrix<f64>, b: &[f64], rows: usize, k: usize, b_is_rows: bool) {
+    // Row-major rows×k block: (i, j) at i·k + j. For b_is_rows the Gram is bᵀb (k×k over
+    // the rows); otherwise the block is k×cols row-major and the Gram is b·bᵀ.
+    let (m, kk) = if b_is_rows { (rows, k) } else { (k, rows) };
+    // SAFETY: pointers and strides stay inside `b` and `g`; `g` does not alias `b`.
+    unsafe {
+        if b_is_rows {
+            // bᵀ: k×m with row stride 1, column stride k; b: m×k with row stride k, column 1.
+            matrixmultiply::dgemm(
+                kk,
+                m,
+                kk,
+                1.0,
+                b.as_ptr(),
+                1,
+                kk as isize,
+                b.as_ptr(),
+                kk as isize,
+                1,
+                1.0,
+                g.as_mut_ptr(),
+                1,
+                kk as isize,
+            );
+        } else {
+            // b: k×cols (row stride cols, column 1); bᵀ: cols×k (row stride 1, column cols).
+            matrixmultiply::dgemm(
+                m,
+                kk,
+                m,
+                1.0,
+                b.as_ptr(),
+                kk as isize,
+                1,
+                b.as_ptr(),
+                1,
+                kk as isize,
+                1.0,
+                g.as_mut_ptr(),
+                1,
+                m as isize,
+            );
+        }
+    }
+}
+
+/// xᵀx of a row-major `rows × k` matrix decoded block by block by `fill(row0, block)`, which
+/// returns false to abandon (non-finite value). Never holds the whole factor in f64.
+pub fn gram_streamed_rows(
+    rows: usize,
+    k: usize,
+    mut fill: impl FnMut(usize, &mut [f64]) -> bool,
+) -> Option<DMatrix<f64>> {
+    let mut g = DMatrix::zeros(k, k);
+    let mut buf = vec![0.0; GRAM_BLOCK * k];
+    let mut r0 = 0;
+    while r0 < rows {
+        let n = GRAM_BLOCK.min(rows - r0);
+        if !fill(r0, &mut buf[..n * k]) {
+            return None;
+        }
+        accumulate_gram(&mut g, &buf[..n * k], n, k, true);
+        r0 += n;
+    }
+    Some(g)
+}
+
+/// x·xᵀ of a row-major `k × cols` matrix decoded in column blocks by `fill(col0, ncols, block)`
+/// (the block row-major `k × ncols`).
+pub fn gram_streamed_cols(
+    k: usize,
+    cols: usize,
+    mut fill: impl FnMut(usize, usize, &mut [f64]) -> bool,
+) -> Option<DMatrix<f64>> {
+    let mut g = DMatrix::zeros(k, k);
+    let mut buf = vec![0.0; GRAM_BLOCK * k];
+    let mut c0 = 0;
+    while c0 < cols {
+        let n = GRAM_BLOCK.min(cols - c0);
+        if !fill(c0, n, &mut buf[..n * k]) {
+            return None;
+        }
+        accumulate_gram(&mut g, &buf[..n * k], n, k, false);
+        c0 += n;
+    }
+    Some(g)
+}
+
+/// Upper-triangular R with RᵀR = g, if g is safely positive definite (see `cholesky_r`).
+pub fn cholesky_upper(g: DMatrix<f64>) -> Option<DMatrix<f64>> {
+    let l = g.cholesky()?.unpack();
+    let d: Vec<f64> = l.diagonal().iter().map(|v| v.abs()).collect();
+    let (lo, hi) = d.iter().fold((f64::INFINITY, 0.0f64), |(a, b), &v| (a.min(v), b.max(v)));
+    (hi > 0.0 && lo >= 1e-3 * hi).then(|| l.transpose())
+}
+
+/// The R factor of a thin QR of a tall `x` by Cholesky of its Gram matrix (CholeskyQR):
+/// one matrix product instead of Householder sweeps. `None` when the Gram matrix is not
+/// safely positive definite (rank-deficient or ill-conditioned `x`): R from Cholesky carries
+/// relative error about κ(x)²·ε, so beyond κ ≈ 10³ the caller uses Householder QR instead.
+fn cholesky_r(x: &DMatrix<f64>) -> Option<DMatrix<f64>> {
+    if x.nrows() < x.ncols() {
+        return None;
+    }
+    cholesky_upper(gram(x))
+}
+
+/// SVD of up·down_tᵀ (`up` `[m,k]`, `down_t` `[n,k]`) through QR of the two factors.
+/// Singular values alone take CholeskyQR when both factors are well conditioned, Householder
+/// QR otherwise; singular vectors always take Householder QR.
+pub fn svd_low_rank(up: &DMatrix<f64>, down_t: &DMatrix<f64>, vectors: bool) -> Svd {
+    if !vectors {
+        if let (Some(rb), Some(ra)) = (cholesky_r(up), cholesky_r(down_t)) {
+            return svd_dense(&(rb * ra.transpose()), false);
+        }
+    }
     let qr_b = up.clone().qr();
-    let qr_a = down.transpose().qr();
+    let qr_a = down_t.clone().qr();
     let core = qr_b.r() * qr_a.r().transpose();
     let s = svd_dense(&core, vectors);
     if !vectors {
@@ -109,11 +260,11 @@ impl Operator for DMatrix<f64> {
     }
 }
 
-/// W + up·down, applied without forming the sum.
+/// W + up·down_tᵀ, applied without forming the sum.
 pub struct PlusLowRank<'a> {
     pub w: &'a DMatrix<f64>,
     pub up: &'a DMatrix<f64>,
-    pub down: &'a DMatrix<f64>,
+    pub down_t: &'a DMatrix<f64>,
 }
 
 impl Operator for PlusLowRank<'_> {
@@ -121,10 +272,10 @@ impl Operator for PlusLowRank<'_> {
         self.w.shape()
     }
     fn apply(&self, x: &DMatrix<f64>) -> DMatrix<f64> {
-        self.w * x + self.up * (self.down * x)
+        self.w * x + self.up * self.down_t.tr_mul(x)
     }
     fn apply_t(&self, x: &DMatrix<f64>) -> DMatrix<f64> {
-        self.w.tr_mul(x) + self.down.tr_mul(&self.up.tr_mul(x))
+        self.w.tr_mul(x) + self.down_t * self.up.tr_mul(x)
     }
 }
 

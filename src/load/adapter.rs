@@ -20,6 +20,8 @@ pub struct LoadOptions {
     pub format: Option<Format>,
     /// Downgrade "module matches nothing in the base" from an error to a warning.
     pub allow_unmatched: bool,
+    /// Compute AutoV3 (SHA-256 of the tensor data) even when no `sshs_model_hash` is recorded.
+    pub autov3: bool,
 }
 
 pub struct Adapter {
@@ -35,6 +37,7 @@ pub struct Adapter {
     pub metadata: Metadata,
     /// Computed on first use, so callers can hash the file while other work runs.
     hashes: OnceLock<FileHashes>,
+    want_autov3: bool,
     pub warnings: Vec<String>,
     /// Whether module names were checked against a base model.
     pub base_attached: bool,
@@ -43,7 +46,7 @@ pub struct Adapter {
 impl Adapter {
     pub fn open(path: &Path, opts: &LoadOptions) -> Result<Self> {
         let src = formats::locate(path)?;
-        let file = Arc::new(TensorFile::open(&src.weights)?);
+        let file = Arc::new(TensorFile::open_with(&src.weights, true)?);
         let config_json = match &src.config {
             Some(p) => {
                 let s = std::fs::read_to_string(p).map_err(|e| Error::input(p, format!("cannot read: {e}")))?;
@@ -74,6 +77,7 @@ impl Adapter {
             modules,
             metadata,
             hashes: OnceLock::new(),
+            want_autov3: opts.autov3,
             warnings,
             base_attached: false,
         })
@@ -135,11 +139,11 @@ impl Adapter {
     pub fn hashes(&self) -> &FileHashes {
         self.hashes.get_or_init(|| {
             let f = &self.file;
-            hashes::file_hashes(
-                f.bytes(),
-                Some(f.data_section()),
-                f.metadata.get("sshs_model_hash").map(String::as_str),
-            )
+            {
+                let recorded = f.metadata.get("sshs_model_hash").map(String::as_str);
+                let data = (recorded.is_some() || self.want_autov3).then(|| f.data_section());
+                hashes::file_hashes(f.bytes(), data, recorded)
+            }
         })
     }
 

@@ -51,13 +51,14 @@ pub struct FileHashes {
     /// First 8 hex digits of the SHA-256 of the 64 KiB at offset 1 MiB (A1111 legacy / AutoV1);
     /// absent for files under 2 MiB.
     pub autov1: Option<String>,
-    /// SHA-256 of the tensor data section (sd-scripts `sshs_model_hash`, Civitai AutoV3).
+    /// SHA-256 of the tensor data section (sd-scripts `sshs_model_hash`, Civitai AutoV3):
+    /// computed when the file records an `sshs_model_hash` or when asked (`--autov3`).
     pub autov3: Option<String>,
     pub sshs_model_hash: Option<SshsCheck>,
 }
 
 /// Hashes of an in-memory (memory-mapped) file; `data_section` is the bytes after the header
-/// for safetensors files.
+/// for safetensors files, hashed for AutoV3 only when given (a second full pass over the file).
 pub fn file_hashes(bytes: &[u8], data_section: Option<&[u8]>, recorded_sshs: Option<&str>) -> FileHashes {
     let sha256 = sha256_bytes(bytes);
     let autov1 =

@@ -138,15 +138,19 @@ impl LoraModule {
         Ok(Some(match &self.delta {
             Delta::LowRank { up, down, mid, transposed } => {
                 let (u, d) = low_rank_pair(up, down, mid.as_ref())?;
-                let (u, d) = if *transposed { (d.transpose(), u.transpose()) } else { (u, d) };
-                Factors::LowRank(u * self.scale, d)
+                let (u, d) = if *transposed { (d, u) } else { (u, d) };
+                let mut u = u;
+                u.scale_mut(self.scale);
+                Factors::LowRank(u, d)
             }
             Delta::Hadamard { w1a, w1b, w2a, w2b, t1, t2 } => {
                 let (u1, d1) = hada_pair(w1a, w1b, t1.as_ref())?;
                 let (u2, d2) = hada_pair(w2a, w2b, t2.as_ref())?;
                 let up = linalg::face_split_rows(&u1, &u2);
-                let down = linalg::face_split_cols(&d1, &d2);
-                Factors::LowRank(up * self.scale, down)
+                let down_t = linalg::face_split_rows(&d1, &d2);
+                let mut up = up;
+                up.scale_mut(self.scale);
+                Factors::LowRank(up, down_t)
             }
             Delta::Kronecker { w1, w2 } => {
                 let a = kron_part(w1)?;
@@ -223,6 +227,45 @@ impl LoraModule {
         }
     }
 
+    /// Singular values of a plain LoRA's ΔW straight from the stored factors: Gram matrices
+    /// accumulated block by block while decoding (no f64 copy of the factors), Cholesky, and
+    /// the SVD of the r×r core. `None` when this route does not apply (Tucker core, DoRA,
+    /// other kinds) or is not safe (ill-conditioned or non-finite factors); the caller then
+    /// takes `factors()`, which uses Householder QR and reports bad values.
+    pub fn fast_singular_values(&self) -> Option<Vec<f64>> {
+        let Delta::LowRank { up, down, mid: None, .. } = &self.delta else { return None };
+        if self.magnitude.is_some() {
+            return None;
+        }
+        let (us, ds) = (up.shape(), down.shape());
+        let (m, k, n) = (us[0], ds[0], ds.iter().skip(1).product::<usize>());
+        if m < k || n < k || k == 0 {
+            return None;
+        }
+        let (ub, db) = (up.file.raw(&up.name).ok()?, down.file.raw(&down.name).ok()?);
+        let (ud, dd) = (up.dtype(), down.dtype());
+        let (usz, dsz) = (ud.bitsize() / 8, dd.bitsize() / 8);
+        let mut scratch = Vec::new();
+        let g_up = linalg::gram_streamed_rows(m, k, |r0, buf| {
+            let start = r0 * k * usz;
+            super::tensorfile::decode_into(&ub[start..start + buf.len() * usz], ud, buf, &mut scratch)
+        })?;
+        let g_down = linalg::gram_streamed_cols(k, n, |c0, nc, buf| {
+            (0..k).all(|i| {
+                let start = (i * n + c0) * dsz;
+                super::tensorfile::decode_into(
+                    &db[start..start + nc * dsz],
+                    dd,
+                    &mut buf[i * nc..(i + 1) * nc],
+                    &mut scratch,
+                )
+            })
+        })?;
+        let (rb, ra) = (linalg::cholesky_upper(g_up)?, linalg::cholesky_upper(g_down)?);
+        let core = rb * ra.transpose() * self.scale;
+        Some(linalg::svd_dense(&core, false).values)
+    }
+
     fn factors_ignoring_magnitude(&self) -> Result<Option<Factors>> {
         let mut plain = self.clone();
         plain.magnitude = None;
@@ -230,36 +273,37 @@ impl LoraModule {
     }
 }
 
-/// up `[out, r]`, down `[r, in·kh·kw]` of a (possibly Tucker, possibly conv) LoRA.
+/// up `[out, r]` and downᵀ `[in·kh·kw, r]` of a (possibly Tucker, possibly conv) LoRA.
 fn low_rank_pair(up: &TensorRef, down: &TensorRef, mid: Option<&TensorRef>) -> Result<(DMatrix<f64>, DMatrix<f64>)> {
     let u = up.as_2d()?;
-    let d = down.as_2d()?;
+    let dt = down.as_2d_t()?;
     match mid {
-        None => Ok((u, d)),
-        Some(t) => Ok((u, tucker_down(t, &d)?)),
+        None => Ok((u, dt)),
+        Some(t) => Ok((u, tucker_down_t(t, &dt)?)),
     }
 }
 
-/// LoHa pair: without Tucker, `a` is `[out, r]`; with Tucker core t `[r, r, kh, kw]`, `a` is
-/// `[r, out]` and ΔW[p, q, h, w] = Σ_ij t[i,j,h,w]·a[i,p]·b[j,q].
+/// LoHa pair (up, downᵀ): without Tucker, `a` is `[out, r]`; with Tucker core t
+/// `[r, r, kh, kw]`, `a` is `[r, out]` and ΔW[p, q, h, w] = Σ_ij t[i,j,h,w]·a[i,p]·b[j,q].
 fn hada_pair(a: &TensorRef, b: &TensorRef, t: Option<&TensorRef>) -> Result<(DMatrix<f64>, DMatrix<f64>)> {
     match t {
-        None => Ok((a.as_2d()?, b.as_2d()?)),
-        Some(t) => Ok((a.as_2d()?.transpose(), tucker_down(t, &b.as_2d()?)?)),
+        None => Ok((a.as_2d()?, b.as_2d_t()?)),
+        Some(t) => Ok((a.as_2d_t()?, tucker_down_t(t, &b.as_2d_t()?)?)),
     }
 }
 
-/// Fold a Tucker core into the down factor: out[i, (q,h,w)] = Σ_j t[i,j,h,w]·down[j,q].
-fn tucker_down(t: &TensorRef, down: &DMatrix<f64>) -> Result<DMatrix<f64>> {
+/// Fold a Tucker core into the (transposed) down factor:
+/// out[(q,h,w), i] = Σ_j t[i,j,h,w]·downᵀ[q,j].
+fn tucker_down_t(t: &TensorRef, down_t: &DMatrix<f64>) -> Result<DMatrix<f64>> {
     let s = t.shape();
-    if s.len() < 2 || s[1] != down.nrows() {
-        return Err(t.err(format!("Tucker core shape {s:?} does not fit the down factor ({} rows)", down.nrows())));
+    if s.len() < 2 || s[1] != down_t.ncols() {
+        return Err(t.err(format!("Tucker core shape {s:?} does not fit the down factor (rank {})", down_t.ncols())));
     }
     let (r1, r2) = (s[0], s[1]);
     let k: usize = s[2..].iter().product();
     let tv = t.values()?;
-    let n_in = down.ncols();
-    let mut out = DMatrix::zeros(r1, n_in * k);
+    let n_in = down_t.nrows();
+    let mut out = DMatrix::zeros(n_in * k, r1);
     for i in 0..r1 {
         for j in 0..r2 {
             for hw in 0..k {
@@ -268,7 +312,7 @@ fn tucker_down(t: &TensorRef, down: &DMatrix<f64>) -> Result<DMatrix<f64>> {
                     continue;
                 }
                 for q in 0..n_in {
-                    out[(i, q * k + hw)] += c * down[(j, q)];
+                    out[(q * k + hw, i)] += c * down_t[(q, j)];
                 }
             }
         }
@@ -279,9 +323,7 @@ fn tucker_down(t: &TensorRef, down: &DMatrix<f64>) -> Result<DMatrix<f64>> {
 fn kron_part(p: &KronPart) -> Result<Factors> {
     Ok(match p {
         KronPart::Full(t) => Factors::Dense(t.as_2d()?),
-        KronPart::Product { a, b, t: None } => Factors::LowRank(a.as_2d()?, b.as_2d()?),
-        KronPart::Product { a, b, t: Some(t) } => {
-            Factors::LowRank(a.as_2d()?.transpose(), tucker_down(t, &b.as_2d()?)?)
-        }
+        KronPart::Product { a, b, t: None } => Factors::LowRank(a.as_2d()?, b.as_2d_t()?),
+        KronPart::Product { a, b, t: Some(t) } => Factors::LowRank(a.as_2d_t()?, tucker_down_t(t, &b.as_2d_t()?)?),
     })
 }

@@ -36,6 +36,11 @@ impl TensorRef {
     pub fn numel(&self) -> usize {
         self.shape().iter().product()
     }
+    /// (NaN/Inf count, all zero) without converting the values.
+    pub fn float_stats(&self) -> Result<(usize, bool)> {
+        super::tensorfile::float_stats(self.file.raw(&self.name)?, self.dtype())
+            .ok_or_else(|| self.err(format!("has dtype {}, not a float type", self.dtype_name())))
+    }
     pub fn values(&self) -> Result<Vec<f64>> {
         self.file.read_f64(&self.name)
     }
@@ -45,6 +50,18 @@ impl TensorRef {
         let rows = s.first().copied().unwrap_or(1);
         let cols = s.iter().skip(1).product::<usize>();
         self.matrix(rows, cols)
+    }
+    /// The transpose of `as_2d`, `[prod(shape[1..]), shape[0]]`: row-major data read as
+    /// column-major, so no copy.
+    pub fn as_2d_t(&self) -> Result<DMatrix<f64>> {
+        let s = self.shape();
+        let rows = s.first().copied().unwrap_or(1);
+        let cols = s.iter().skip(1).product::<usize>();
+        let v = self.values()?;
+        if v.len() != rows * cols {
+            return Err(self.err(format!("has {} values, expected {rows}x{cols}", v.len())));
+        }
+        Ok(DMatrix::from_vec(cols, rows, v))
     }
     pub fn matrix(&self, rows: usize, cols: usize) -> Result<DMatrix<f64>> {
         let v = self.values()?;

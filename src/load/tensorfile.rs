@@ -60,6 +60,12 @@ pub fn refuse_pickle(path: &Path) -> Result<()> {
 
 impl TensorFile {
     pub fn open(path: &Path) -> Result<Self> {
+        Self::open_with(path, false)
+    }
+
+    /// Open, prefaulting the whole map when `populate` (an adapter that will be read whole: one
+    /// bulk fault instead of one per page).
+    pub fn open_with(path: &Path, populate: bool) -> Result<Self> {
         refuse_pickle(path)?;
         let file = File::open(path).map_err(|e| Error::input(path, format!("cannot open: {e}")))?;
         let size = file.metadata().map_err(|e| Error::input(path, format!("cannot stat: {e}")))?.len();
@@ -74,7 +80,11 @@ impl TensorFile {
         }
         // SAFETY: the map is read-only; a file changed underneath us would give wrong numbers,
         // not memory unsafety beyond what every mmap-based loader (safetensors, candle) accepts.
-        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::input(path, format!("cannot memory-map: {e}")))?;
+        let mut opts = memmap2::MmapOptions::new();
+        if populate {
+            opts.populate();
+        }
+        let mmap = unsafe { opts.map(&file) }.map_err(|e| Error::input(path, format!("cannot memory-map: {e}")))?;
         let n = u64::from_le_bytes(mmap[..8].try_into().expect("8 bytes"));
         if mmap[..8] == [0x80, 0x02, 0x8a, 0x0a, 0x6c, 0xfc, 0x9c, 0x46] || mmap.starts_with(b"PK\x03\x04") {
             return Err(Error::input(
@@ -149,11 +159,79 @@ impl TensorFile {
 
 /// Little-endian bytes of a float dtype to f64. `None` for non-float dtypes.
 pub fn decode_f64(bytes: &[u8], dtype: Dtype) -> Option<Vec<f64>> {
+    use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
+    // Half types go through `half`'s slice conversion (F16C when the CPU has it), from an
+    // aligned copy of the bits: safetensors does not promise 2-byte alignment.
+    let bits = || -> Vec<u16> { bytes.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect() };
     Some(match dtype {
+        Dtype::F16 => {
+            let b = bits();
+            let mut out = vec![0.0; b.len()];
+            b.reinterpret_cast::<half::f16>().convert_to_f64_slice(&mut out);
+            out
+        }
+        Dtype::BF16 => {
+            let b = bits();
+            let mut out = vec![0.0; b.len()];
+            b.reinterpret_cast::<half::bf16>().convert_to_f64_slice(&mut out);
+            out
+        }
         Dtype::F64 => bytes.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap())).collect(),
         Dtype::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64).collect(),
-        Dtype::F16 => bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f64()).collect(),
-        Dtype::BF16 => bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f64()).collect(),
+        _ => return None,
+    })
+}
+
+/// Decode little-endian floats into `out` (as many as fit), using `scratch` for aligned half
+/// bits. Returns false for a non-float dtype or a non-finite value.
+pub fn decode_into(bytes: &[u8], dtype: Dtype, out: &mut [f64], scratch: &mut Vec<u16>) -> bool {
+    use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
+    let n = out.len();
+    match dtype {
+        Dtype::F16 | Dtype::BF16 => {
+            scratch.clear();
+            scratch.extend(bytes[..2 * n].chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])));
+            if dtype == Dtype::F16 {
+                scratch.reinterpret_cast::<half::f16>().convert_to_f64_slice(out);
+            } else {
+                scratch.reinterpret_cast::<half::bf16>().convert_to_f64_slice(out);
+            }
+        }
+        Dtype::F32 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                *o = f32::from_le_bytes(c.try_into().unwrap()) as f64;
+            }
+        }
+        Dtype::F64 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(8)) {
+                *o = f64::from_le_bytes(c.try_into().unwrap());
+            }
+        }
+        _ => return false,
+    }
+    out.iter().all(|x| x.is_finite())
+}
+
+/// Count of NaN/±Inf values, and whether every value is ±0, read straight from the bits
+/// (no conversion). `None` for non-float dtypes.
+pub fn float_stats(bytes: &[u8], dtype: Dtype) -> Option<(usize, bool)> {
+    fn scan<const N: usize>(bytes: &[u8], exp: u64, mag: u64) -> (usize, bool) {
+        let mut nonfinite = 0;
+        let mut zero = true;
+        for c in bytes.chunks_exact(N) {
+            let mut buf = [0u8; 8];
+            buf[..N].copy_from_slice(c);
+            let v = u64::from_le_bytes(buf);
+            nonfinite += usize::from(v & exp == exp);
+            zero &= v & mag == 0;
+        }
+        (nonfinite, zero)
+    }
+    Some(match dtype {
+        Dtype::F16 => scan::<2>(bytes, 0x7c00, 0x7fff),
+        Dtype::BF16 => scan::<2>(bytes, 0x7f80, 0x7fff),
+        Dtype::F32 => scan::<4>(bytes, 0x7f80_0000, 0x7fff_ffff),
+        Dtype::F64 => scan::<8>(bytes, 0x7ff0_0000_0000_0000, 0x7fff_ffff_ffff_ffff),
         _ => return None,
     })
 }

@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use rayon::prelude::*;
 use serde::Serialize;
 use serde_json::Value;
 
@@ -95,11 +96,14 @@ struct TensorStats {
 }
 
 fn stats(t: &TensorRef) -> Result<TensorStats> {
-    let v = t.values()?;
-    Ok(TensorStats { nonfinite: v.iter().filter(|x| !x.is_finite()).count(), zero: v.iter().all(|x| *x == 0.0) })
+    let (nonfinite, zero) = t.float_stats()?;
+    Ok(TensorStats { nonfinite, zero })
 }
 
-fn module_row(m: &LoraModule) -> Result<ModuleRow> {
+fn module_row(m: &LoraModule, known: Option<(usize, bool)>) -> Result<ModuleRow> {
+    if let Some((nonfinite, zero)) = known {
+        return Ok(row(m, nonfinite, zero));
+    }
     let mut nonfinite = 0;
     let mut zero_of: BTreeMap<String, bool> = BTreeMap::new();
     for t in &m.tensors {
@@ -120,7 +124,11 @@ fn module_row(m: &LoraModule) -> Result<ModuleRow> {
         Delta::Ia3 { weight, .. } => z(weight),
         Delta::Replace { .. } | Delta::Unsupported { .. } => false,
     };
-    Ok(ModuleRow {
+    Ok(row(m, nonfinite, zero))
+}
+
+fn row(m: &LoraModule, nonfinite: usize, zero: bool) -> ModuleRow {
+    ModuleRow {
         base_key: m.base_key.clone(),
         name: m.name.clone(),
         kind: m.kind.as_str().to_string(),
@@ -135,10 +143,20 @@ fn module_row(m: &LoraModule) -> Result<ModuleRow> {
         nonfinite,
         zero: zero && m.magnitude.is_none(),
         dora: m.magnitude.is_some(),
-    })
+    }
 }
 
 pub fn inspect(adapter: &Adapter, base: Option<&BaseModel>) -> Result<InspectReport> {
+    inspect_with(adapter, base, &|_| None)
+}
+
+/// `inspect`, taking (NaN/Inf count, ΔW is zero) from `known` for modules whose values were
+/// already read and checked elsewhere (the spectrum), so the file is not scanned twice.
+pub fn inspect_with(
+    adapter: &Adapter,
+    base: Option<&BaseModel>,
+    known: &(dyn Fn(&LoraModule) -> Option<(usize, bool)> + Sync),
+) -> Result<InspectReport> {
     let mut warnings = adapter.warnings.clone();
     if let Some(c) = &adapter.hashes().sshs_model_hash {
         if !c.matches {
@@ -148,14 +166,14 @@ pub fn inspect(adapter: &Adapter, base: Option<&BaseModel>) -> Result<InspectRep
             ));
         }
     }
+    let rows: Vec<ModuleRow> = adapter.modules.par_iter().map(|m| module_row(m, known(m))).collect::<Result<_>>()?;
     let mut modules = vec![];
-    for m in &adapter.modules {
-        let row = module_row(m)?;
+    for (m, row) in adapter.modules.iter().zip(rows) {
         if row.nonfinite > 0 {
             warnings.push(format!("module {}: {} NaN/Inf value(s)", m.name, row.nonfinite));
         }
         if row.zero {
-            warnings.push(format!("module {}: ΔW is exactly zero (an all-zero factor)", m.name));
+            warnings.push(format!("module {}: ΔW is exactly zero", m.name));
         }
         if let Some(a) = m.alpha {
             if !a.is_finite() || a <= 0.0 {

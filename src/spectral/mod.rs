@@ -241,6 +241,9 @@ fn analyse_module(m: &LoraModule, base: Option<&BaseModel>, opts: &SpectrumOptio
                 (Route::NeedsBase, None, 0.0)
             }
         }
+    } else if let Some(values) = (!vectors).then(|| m.fast_singular_values()).flatten() {
+        let e = values.iter().map(|x| x * x).sum();
+        (Route::Factored, Some(Svd { values, u: None, v: None }), e)
     } else {
         let f = m.factors()?.expect("base-free kinds have factors");
         check_finite(m, &f)?;
