@@ -67,6 +67,41 @@ enum Command {
         #[arg(long, default_value_t = 1536)]
         max_dense_dim: usize,
     },
+    /// Everything the inputs allow, written as report.json and a self-contained report.html.
+    Report(ReportArgs),
+    /// Recompute the SHA-256 of every input named in DIR/report.json (chain of custody).
+    /// Exit code 1 when an input changed or is missing.
+    Verify {
+        /// A directory written by `lorascope report`.
+        dir: PathBuf,
+        /// Machine-readable JSON on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+struct ReportArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Works to probe for: a directory of .txt files or a JSONL file of {"id","text"} lines.
+    #[arg(long)]
+    works: Option<PathBuf>,
+    /// Control works known not to be in training (same format as --works).
+    #[arg(long)]
+    controls: Option<PathBuf>,
+    /// Directory to write report.json and report.html into (created if missing).
+    #[arg(long)]
+    out: PathBuf,
+    /// Leave the timing block out, so two runs on the same inputs give identical bytes.
+    #[arg(long)]
+    no_timings: bool,
+    /// Bits one effective parameter can store (Morris et al. 2025: 3.6).
+    #[arg(long, default_value_t = 3.6)]
+    bits_per_param: f64,
+    /// Largest min(m, n) for dense SVDs of base-dependent matrices (intruders, DoRA).
+    #[arg(long, default_value_t = 1536)]
+    max_dense_dim: usize,
 }
 
 /// A progress bar on stderr that appears only once work has taken over a second, and never
@@ -97,7 +132,7 @@ impl Progress {
     }
 }
 
-fn run(cli: Cli) -> lorascope::Result<()> {
+fn run(cli: Cli) -> lorascope::Result<ExitCode> {
     match cli.command {
         Command::Inspect(c) => {
             let opts = LoadOptions { format: c.format, allow_unmatched: c.allow_unmatched, autov3: c.autov3 };
@@ -123,14 +158,72 @@ fn run(cli: Cli) -> lorascope::Result<()> {
                 print!("{}", report::render_spectrum(&r, top));
             }
         }
+        Command::Report(a) => return write_report(a),
+        Command::Verify { dir, json } => {
+            let v = report::verify(&dir)?;
+            let bad = v.iter().filter(|x| x.status != "ok").count();
+            if json {
+                print!("{}", to_canonical_json(&v));
+            } else {
+                let rows: Vec<Vec<String>> =
+                    v.iter().map(|x| vec![x.status.clone(), x.role.clone(), x.path.clone()]).collect();
+                print!("{}", report::table(&["status", "role", "file"], &rows));
+                println!("{} of {} inputs unchanged", v.len() - bad, v.len());
+            }
+            return Ok(if bad > 0 { ExitCode::from(1) } else { ExitCode::SUCCESS });
+        }
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
+}
+
+fn write_report(a: ReportArgs) -> lorascope::Result<ExitCode> {
+    let c = &a.common;
+    let start = Instant::now();
+    let mut timings = std::collections::BTreeMap::new();
+    let opts = LoadOptions { format: c.format, allow_unmatched: c.allow_unmatched, autov3: c.autov3 };
+    let (adapter, base) = lorascope::open(&c.adapter, c.base.as_deref(), &opts)?;
+    let works = a.works.as_deref().map(lorascope::load::works::load_works).transpose()?;
+    let controls = a.controls.as_deref().map(lorascope::load::works::load_works).transpose()?;
+    timings.insert("load_s".to_string(), start.elapsed().as_secs_f64());
+    let t = Instant::now();
+    let sopts =
+        SpectrumOptions { bits_per_param: a.bits_per_param, max_dense_dim: a.max_dense_dim, ..Default::default() };
+    let progress = Progress::new(adapter.modules.len(), c.quiet);
+    let s = lorascope::spectrum(&adapter, base.as_ref(), &sopts, &|| progress.tick());
+    progress.finish();
+    timings.insert("spectrum_s".to_string(), t.elapsed().as_secs_f64());
+    let command_line: Vec<String> = std::iter::once("lorascope".to_string()).chain(std::env::args().skip(1)).collect();
+    let s = s?;
+    let summary = report::render_spectrum(&s, 10);
+    let mut r = report::build_report(s, works.as_ref(), controls.as_ref(), command_line)?;
+    timings.insert("total_s".to_string(), start.elapsed().as_secs_f64());
+    if !a.no_timings {
+        r.timings = Some(timings);
+    }
+    std::fs::create_dir_all(&a.out).map_err(|e| lorascope::Error::input(&a.out, format!("cannot create: {e}")))?;
+    let json = to_canonical_json(&r);
+    let write = |name: &str, text: &str| {
+        let p = a.out.join(name);
+        std::fs::write(&p, text).map_err(|e| lorascope::Error::input(&p, format!("cannot write: {e}")))
+    };
+    write("report.json", &json)?;
+    write("report.html", &report::html::render_html(&r))?;
+    if c.json {
+        print!("{json}");
+    } else {
+        println!("{summary}");
+        for s in &r.stages {
+            println!("{:<9} {}  {}", s.name, if s.ran { "ran    " } else { "skipped" }, s.reason);
+        }
+        println!("wrote {} and {}", a.out.join("report.json").display(), a.out.join("report.html").display());
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("lorascope: error: {e}");
             ExitCode::from(2)

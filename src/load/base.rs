@@ -17,7 +17,7 @@ use super::names::gguf_to_hf;
 use super::tensorfile::{dtype_name, refuse_pickle, TensorFile};
 use crate::error::{Error, Result};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum BaseKind {
     Safetensors,

@@ -6,7 +6,7 @@ use std::fs::File;
 use std::io::Read;
 use std::path::Path;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
@@ -36,14 +36,14 @@ pub fn sha256_file(path: &Path) -> Result<(String, u64)> {
     Ok((hex(&h.finalize()), total))
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct SshsCheck {
     pub recorded: String,
     pub computed: String,
     pub matches: bool,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct FileHashes {
     pub sha256: String,
     /// First 10 hex digits of the SHA-256 (Civitai AutoV2).

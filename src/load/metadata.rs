@@ -2,16 +2,16 @@
 
 use std::collections::BTreeMap;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Tag {
     pub tag: String,
     pub count: u64,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct DatasetDir {
     pub name: String,
     pub images: Option<u64>,
@@ -20,7 +20,7 @@ pub struct DatasetDir {
 
 /// What sd-scripts (kohya) records about training. Every field is optional: files from other
 /// trainers carry none of it, and hub uploads are often stripped.
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct TrainingInfo {
     pub base_model: Option<String>,
     pub base_model_version: Option<String>,
@@ -38,7 +38,7 @@ pub struct TrainingInfo {
     pub modelspec: BTreeMap<String, String>,
 }
 
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct Metadata {
     /// Every `__metadata__` entry; values that are JSON are shown parsed.
     pub raw: BTreeMap<String, Value>,

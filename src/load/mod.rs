@@ -9,6 +9,7 @@ mod module;
 pub mod names;
 mod tensor;
 pub mod tensorfile;
+pub mod works;
 
 pub use adapter::{Adapter, LoadOptions};
 pub use base::{BaseKind, BaseModel};

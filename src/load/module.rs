@@ -2,13 +2,13 @@
 //! ΔW is built from the stored factors.
 
 use nalgebra::DMatrix;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::tensor::TensorRef;
 use crate::error::{Error, Result};
 use crate::linalg::{self, Factors};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ModuleKind {
     Lora,
@@ -78,7 +78,7 @@ pub enum Delta {
     Unsupported { algo: String, tensors: Vec<TensorRef> },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum NormAxis {
     /// One norm per output row (PEFT DoRA, LyCORIS `wd_on_out`).

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use rayon::prelude::*;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::{human, table, tool, InputFile, Tool, SCHEMA_VERSION};
@@ -13,7 +13,7 @@ use crate::load::hashes::{sha256_file, FileHashes};
 use crate::load::metadata::Metadata;
 use crate::load::{Adapter, BaseKind, BaseModel, Delta, KronPart, LoraModule, TensorRef};
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ModuleRow {
     pub base_key: String,
     pub name: String,
@@ -33,7 +33,7 @@ pub struct ModuleRow {
     pub dora: bool,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AdapterInfo {
     pub format: String,
     pub architecture: String,
@@ -45,7 +45,7 @@ pub struct AdapterInfo {
     pub config: Option<Value>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BaseInfo {
     pub path: String,
     pub kind: BaseKind,
@@ -55,7 +55,7 @@ pub struct BaseInfo {
     pub touched_params: usize,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct InspectReport {
     pub schema_version: u32,
     pub tool: Tool,

@@ -1,17 +1,20 @@
 //! Report structures (serde), canonical JSON and terminal summaries.
 
+mod evidence;
+pub mod html;
 mod inspect;
 mod spectrum;
+pub use evidence::*;
 pub use inspect::*;
 pub use spectrum::*;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 pub const SCHEMA_VERSION: u32 = 1;
 
 /// One input file, recorded so a third party can check they hold the same bytes.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct InputFile {
     pub role: String,
     pub path: String,
@@ -19,14 +22,14 @@ pub struct InputFile {
     pub sha256: String,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Tool {
-    pub name: &'static str,
-    pub version: &'static str,
+    pub name: String,
+    pub version: String,
 }
 
 pub fn tool() -> Tool {
-    Tool { name: "lorascope", version: env!("CARGO_PKG_VERSION") }
+    Tool { name: "lorascope".into(), version: env!("CARGO_PKG_VERSION").into() }
 }
 
 fn sort_keys(v: &mut Value) {

@@ -1,12 +1,12 @@
 //! `lorascope spectrum`: how much each module adds.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::inspect::{AdapterInfo, BaseInfo};
 use super::{human, table, InputFile, InspectReport, Tool};
 use crate::spectral::{LayerSummary, ModuleSpectrum, SpectrumAnalysis, SpectrumOptions, Totals};
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SpectrumSettings {
     pub bits_per_param: f64,
     pub intruder_top_k: usize,
@@ -27,7 +27,7 @@ impl From<&SpectrumOptions> for SpectrumSettings {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SpectrumReport {
     pub schema_version: u32,
     pub tool: Tool,

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use nalgebra::DMatrix;
 use rayon::prelude::*;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::linalg::{randomized_svd, svd_dense, svd_factors, Factors, Svd};
@@ -41,7 +41,7 @@ impl Default for SpectrumOptions {
 }
 
 /// How a module's spectrum was obtained.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Route {
     /// QR of the low-rank factors and an SVD of the small core (never the dense ΔW).
@@ -60,7 +60,7 @@ pub enum Route {
     Unsupported,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ModuleSpectrum {
     pub base_key: String,
     pub name: String,
@@ -89,7 +89,7 @@ pub struct ModuleSpectrum {
     pub note: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LayerSummary {
     pub layer: String,
     pub modules: usize,
@@ -99,7 +99,7 @@ pub struct LayerSummary {
     pub fro: f64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Totals {
     pub params: usize,
     pub effective_params: usize,
@@ -112,7 +112,7 @@ pub struct Totals {
     pub capacity_bits_per_image: Option<f64>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SpectrumAnalysis {
     pub modules: Vec<ModuleSpectrum>,
     pub layers: Vec<LayerSummary>,
