@@ -10,9 +10,12 @@
 
 pub mod error;
 pub mod fixtures;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod linalg;
 pub mod load;
 pub mod report;
+pub mod scan;
 pub mod spectral;
 
 pub use error::{Error, Result};

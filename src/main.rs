@@ -69,6 +69,9 @@ enum Command {
     },
     /// Everything the inputs allow, written as report.json and a self-contained report.html.
     Report(ReportArgs),
+    /// Static screen of many adapters (no base): one JSON line per file on stdout, in path
+    /// order; a summary on stderr.
+    Scan(ScanArgs),
     /// Recompute the SHA-256 of every input named in DIR/report.json (chain of custody).
     /// Exit code 1 when an input changed or is missing.
     Verify {
@@ -102,6 +105,106 @@ struct ReportArgs {
     /// Largest min(m, n) for dense SVDs of base-dependent matrices (intruders, DoRA).
     #[arg(long, default_value_t = 1536)]
     max_dense_dim: usize,
+}
+
+#[derive(Args)]
+struct ScanArgs {
+    /// Files and directories (searched recursively; PEFT directories count as one adapter).
+    paths: Vec<PathBuf>,
+    /// A file listing paths to scan, one a line.
+    #[arg(long)]
+    list: Option<PathBuf>,
+    /// Worker threads.
+    #[arg(long, default_value_t = 2)]
+    jobs: usize,
+    /// Scan only shard I of N (a stable subset by path hash), e.g. 0/8.
+    #[arg(long, value_parser = lorascope::scan::parse_shard)]
+    shard: Option<(u64, u64)>,
+    /// Exit with code 1 if any file carries one of these flags (comma-separated, or `any`).
+    #[arg(long)]
+    fail_on: Option<String>,
+    /// Bits one effective parameter can store (Morris et al. 2025: 3.6).
+    #[arg(long, default_value_t = 3.6)]
+    bits_per_param: f64,
+    /// No progress bar.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+fn scan(a: ScanArgs) -> lorascope::Result<ExitCode> {
+    use lorascope::scan;
+    use rayon::prelude::*;
+    use std::io::Write;
+    let fail_on: Vec<String> = match &a.fail_on {
+        None => vec![],
+        Some(s) if s.trim() == "any" => scan::FLAGS.iter().map(|f| f.to_string()).collect(),
+        Some(s) => {
+            let v: Vec<String> = s.split(',').map(|x| x.trim().to_string()).filter(|x| !x.is_empty()).collect();
+            if let Some(bad) = v.iter().find(|f| !scan::FLAGS.contains(&f.as_str())) {
+                return Err(lorascope::Error::Other(format!(
+                    "--fail-on: unknown flag {bad:?} (flags: {}, or any)",
+                    scan::FLAGS.join(", ")
+                )));
+            }
+            v
+        }
+    };
+    let mut paths = a.paths.clone();
+    if let Some(l) = &a.list {
+        paths.extend(scan::read_list(l)?);
+    }
+    let mut files = scan::discover(&paths)?;
+    if let Some((i, n)) = a.shard {
+        files.retain(|p| scan::in_shard(p, i, n));
+    }
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(a.jobs.max(1))
+        .build()
+        .map_err(|e| lorascope::Error::Other(format!("thread pool: {e}")))?;
+    let opts = SpectrumOptions { bits_per_param: a.bits_per_param, ..Default::default() };
+    let th = scan::FlagThresholds::default();
+    let progress = Progress::new(files.len(), a.quiet);
+    progress.bar.set_message("files");
+    let mut counts: std::collections::BTreeMap<String, usize> = std::collections::BTreeMap::new();
+    let (mut errors, mut failing) = (0usize, 0usize);
+    let stdout = std::io::stdout();
+    // Chunks keep the output in path order while workers run ahead within a chunk.
+    for chunk in files.chunks(a.jobs.max(1) * 8) {
+        let records: Vec<scan::ScanRecord> = pool.install(|| {
+            chunk
+                .par_iter()
+                .map(|p| {
+                    let r = scan::scan_one(p, &opts, &th);
+                    progress.tick();
+                    r
+                })
+                .collect()
+        });
+        let mut out = stdout.lock();
+        for r in &records {
+            errors += usize::from(r.error.is_some());
+            for f in &r.flags {
+                *counts.entry(f.clone()).or_default() += 1;
+            }
+            failing += usize::from(r.flags.iter().any(|f| fail_on.contains(f)));
+            let _ = writeln!(out, "{}", report::to_canonical_json_line(r));
+        }
+        let _ = out.flush();
+    }
+    progress.finish();
+    let mut rows = vec![
+        vec!["files".to_string(), files.len().to_string()],
+        vec!["read".to_string(), (files.len() - errors).to_string()],
+        vec!["errors".to_string(), errors.to_string()],
+    ];
+    for f in scan::FLAGS {
+        rows.push(vec![format!("flag {f}"), counts.get(*f).copied().unwrap_or(0).to_string()]);
+    }
+    if !fail_on.is_empty() {
+        rows.push(vec!["failing --fail-on".to_string(), failing.to_string()]);
+    }
+    eprint!("{}", report::table(&["scan", "count"], &rows));
+    Ok(if failing > 0 { ExitCode::from(1) } else { ExitCode::SUCCESS })
 }
 
 /// A progress bar on stderr that appears only once work has taken over a second, and never
@@ -159,6 +262,7 @@ fn run(cli: Cli) -> lorascope::Result<ExitCode> {
             }
         }
         Command::Report(a) => return write_report(a),
+        Command::Scan(a) => return scan(a),
         Command::Verify { dir, json } => {
             let v = report::verify(&dir)?;
             let bad = v.iter().filter(|x| x.status != "ok").count();

@@ -45,7 +45,7 @@ fn low_rank_route_matches_dense_svd_on_random_shapes() {
     for &(m, n, r) in &[(40, 30, 1), (64, 17, 4), (17, 64, 8), (128, 96, 16), (5, 7, 9), (200, 3, 2)] {
         let up = random(&mut rng, m, r);
         let down = random(&mut rng, r, n);
-        let got = svd_low_rank(&up, &down.transpose(), false).values;
+        let got = svd_low_rank(&up, &down.transpose(), false).unwrap().values;
         let want = dense_values(&to_m(&up).matmul(&to_m(&down)));
         assert_spectrum(&got, &want, 1e-8);
     }
@@ -59,7 +59,7 @@ fn rank_deficient_factors() {
     let mix = random(&mut rng, 2, 6);
     let up = &base * &mix;
     let down = random(&mut rng, 6, 40);
-    let got = svd_low_rank(&up, &down.transpose(), false).values;
+    let got = svd_low_rank(&up, &down.transpose(), false).unwrap().values;
     let want = dense_values(&to_m(&up).matmul(&to_m(&down)));
     assert_spectrum(&got, &want, 1e-8);
     assert!(got[2] <= 1e-10 * got[0], "third singular value {} should vanish", got[2]);
@@ -72,7 +72,7 @@ fn kronecker_route_is_products_of_factor_spectra() {
     let (u, d) = (random(&mut rng, 6, 2), random(&mut rng, 2, 5));
     let f =
         Factors::Kron(Box::new(Factors::Dense(a.clone())), Box::new(Factors::LowRank(u.clone(), d.transpose())), 0.7);
-    let got = svd_factors(&f, false).values;
+    let got = svd_factors(&f, false).unwrap().values;
     let want = dense_values(&to_m(&a).kron(&to_m(&u).matmul(&to_m(&d))).scale(0.7));
     assert_spectrum(&got, &want, 1e-8);
 }
@@ -87,7 +87,7 @@ fn check_file(b: &SafetensorsBuilder) -> usize {
     let mut fast_checked = 0;
     for m in &a.modules {
         let f = m.factors().unwrap().unwrap();
-        let got = svd_factors(&f, false).values;
+        let got = svd_factors(&f, false).unwrap().values;
         let want = dense_values(&to_m(&m.dense_delta(None).unwrap()));
         assert_spectrum(&got, &want, 1e-8);
         // The streamed-Gram route reads the stored bytes directly; it must agree as well.
@@ -160,13 +160,13 @@ fn randomized_top_k_matches_dense_on_a_decaying_spectrum() {
     let q2 = random(&mut rng, n, n).qr().q();
     let sigma: Vec<f64> = (0..n).map(|i| 0.7f64.powi(i as i32)).collect();
     let a = &q1 * DMatrix::from_diagonal(&nalgebra::DVector::from_vec(sigma.clone())) * q2.transpose();
-    let got = randomized_svd(&a, 10, 10, 2, 7).values;
+    let got = randomized_svd(&a, 10, 10, 2, 7).unwrap().values;
     assert_eq!(got.len(), 10);
     for i in 0..10 {
         assert!((got[i] - sigma[i]).abs() <= 1e-6, "σ_{i}: {} vs {}", got[i], sigma[i]);
     }
     // The same seed gives the same numbers.
-    assert_eq!(got, randomized_svd(&a, 10, 10, 2, 7).values);
+    assert_eq!(got, randomized_svd(&a, 10, 10, 2, 7).unwrap().values);
 }
 
 #[test]
@@ -346,6 +346,38 @@ fn nan_in_factors_is_a_clear_error() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("nan.safetensors") && err.contains("1 NaN/Inf") && err.contains("lora_unet_x"), "{err}");
+}
+
+#[test]
+fn overflowing_values_are_an_error_not_a_hang() {
+    // A fuzzed file made nalgebra's unbounded SVD loop forever on overflowed values.
+    let d = tempfile::tempdir().unwrap();
+    let mut b = SafetensorsBuilder::new();
+    b.add(
+        "lora_unet_x.lora_down.weight",
+        &[2, 3],
+        &[1e300, -1e300, 1e300, 2e300, 1e300, -3e300].map(|x| x as f32),
+        Dtype::F32,
+    );
+    b.add("lora_unet_x.lora_up.weight", &[3, 2], &[f32::MAX; 6], Dtype::F32);
+    let p = d.path().join("big.safetensors");
+    b.write(&p).unwrap();
+    // f32 cannot hold 1e300: those become ±Inf, which the file check reports.
+    let out = Command::new(bin()).args(["spectrum", p.to_str().unwrap()]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    // f64 storage can: the factors are finite, their products overflow to Inf.
+    let big = [1e300f64, -1e300, 1e300, 2e300, 1e300, -3e300];
+    let raw: Vec<u8> = big.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let header = r#"{"lora_unet_x.lora_down.weight":{"dtype":"F64","shape":[2,3],"data_offsets":[0,48]},"lora_unet_x.lora_up.weight":{"dtype":"F64","shape":[3,2],"data_offsets":[48,96]}}"#;
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend(header.as_bytes());
+    bytes.extend(&raw);
+    bytes.extend(&raw);
+    std::fs::write(&p, &bytes).unwrap();
+    let out = Command::new(bin()).args(["spectrum", p.to_str().unwrap()]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stdout));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("big.safetensors") && err.contains("lora_unet_x") && err.contains("overflow"), "{err}");
 }
 
 #[test]

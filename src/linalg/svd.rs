@@ -5,6 +5,7 @@
 use nalgebra::{DMatrix, DVector};
 
 use super::Factors;
+use crate::error::{Error, Result};
 
 /// Singular values (descending) and, when asked for, the singular vectors as columns.
 #[derive(Debug, Clone)]
@@ -24,17 +25,26 @@ fn sorted(values: DVector<f64>, u: Option<DMatrix<f64>>, v_t: Option<DMatrix<f64
     Svd { values: vals, u, v }
 }
 
-/// Dense SVD (for small cores, small Kronecker factors and tests).
-pub fn svd_dense(a: &DMatrix<f64>, vectors: bool) -> Svd {
+/// Dense SVD (for small cores, small Kronecker factors and tests). Refuses non-finite input
+/// and gives up after a bounded number of sweeps: nalgebra's plain `svd` iterates without
+/// limit, and values that overflow (a hostile file can store 3e38) would never converge.
+pub fn svd_dense(a: &DMatrix<f64>, vectors: bool) -> Result<Svd> {
     if a.nrows() == 0 || a.ncols() == 0 {
-        return Svd {
+        return Ok(Svd {
             values: vec![],
             u: vectors.then(|| DMatrix::zeros(a.nrows(), 0)),
             v: vectors.then(|| DMatrix::zeros(a.ncols(), 0)),
-        };
+        });
     }
-    let s = a.clone().svd(vectors, vectors);
-    sorted(s.singular_values, s.u, s.v_t)
+    if a.iter().any(|x| !x.is_finite()) {
+        return Err(Error::Numeric("matrix has values that overflow f64 (or are NaN/Inf)".into()));
+    }
+    let max_iter = 1000 + 100 * a.nrows().max(a.ncols());
+    let s = a
+        .clone()
+        .try_svd(vectors, vectors, f64::EPSILON, max_iter)
+        .ok_or_else(|| Error::Numeric(format!("SVD did not converge in {max_iter} iterations")))?;
+    Ok(sorted(s.singular_values, s.u, s.v_t))
 }
 
 /// xᵀx by one GEMM that reads `x` in place through strides (no transposed copy).
@@ -184,7 +194,7 @@ fn cholesky_r(x: &DMatrix<f64>) -> Option<DMatrix<f64>> {
 /// SVD of up·down_tᵀ (`up` `[m,k]`, `down_t` `[n,k]`) through QR of the two factors.
 /// Singular values alone take CholeskyQR when both factors are well conditioned, Householder
 /// QR otherwise; singular vectors always take Householder QR.
-pub fn svd_low_rank(up: &DMatrix<f64>, down_t: &DMatrix<f64>, vectors: bool) -> Svd {
+pub fn svd_low_rank(up: &DMatrix<f64>, down_t: &DMatrix<f64>, vectors: bool) -> Result<Svd> {
     if !vectors {
         if let (Some(rb), Some(ra)) = (cholesky_r(up), cholesky_r(down_t)) {
             return svd_dense(&(rb * ra.transpose()), false);
@@ -193,20 +203,20 @@ pub fn svd_low_rank(up: &DMatrix<f64>, down_t: &DMatrix<f64>, vectors: bool) -> 
     let qr_b = up.clone().qr();
     let qr_a = down_t.clone().qr();
     let core = qr_b.r() * qr_a.r().transpose();
-    let s = svd_dense(&core, vectors);
+    let s = svd_dense(&core, vectors)?;
     if !vectors {
-        return s;
+        return Ok(s);
     }
     let u = qr_b.q() * s.u.expect("asked for vectors");
     let v = qr_a.q() * s.v.expect("asked for vectors");
-    Svd { values: s.values, u: Some(u), v: Some(v) }
+    Ok(Svd { values: s.values, u: Some(u), v: Some(v) })
 }
 
 /// Singular values of scale·kron(A, B): all products σ_i(A)·σ_j(B), times |scale|.
 /// Vectors are the Kronecker products of the factors' vectors.
-fn svd_kron(a: &Factors, b: &Factors, scale: f64, vectors: bool) -> Svd {
-    let sa = svd_factors(a, vectors);
-    let sb = svd_factors(b, vectors);
+fn svd_kron(a: &Factors, b: &Factors, scale: f64, vectors: bool) -> Result<Svd> {
+    let sa = svd_factors(a, vectors)?;
+    let sb = svd_factors(b, vectors)?;
     let mut triples: Vec<(f64, usize, usize)> = vec![];
     for (i, x) in sa.values.iter().enumerate() {
         for (j, y) in sb.values.iter().enumerate() {
@@ -216,7 +226,7 @@ fn svd_kron(a: &Factors, b: &Factors, scale: f64, vectors: bool) -> Svd {
     triples.sort_by(|p, q| q.0.total_cmp(&p.0));
     let values = triples.iter().map(|t| t.0).collect();
     if !vectors {
-        return Svd { values, u: None, v: None };
+        return Ok(Svd { values, u: None, v: None });
     }
     let kron_cols = |x: &DMatrix<f64>, y: &DMatrix<f64>, sign: f64| {
         let mut out = DMatrix::zeros(x.nrows() * y.nrows(), triples.len());
@@ -228,11 +238,11 @@ fn svd_kron(a: &Factors, b: &Factors, scale: f64, vectors: bool) -> Svd {
     };
     let (ua, ub) = (sa.u.unwrap(), sb.u.unwrap());
     let (va, vb) = (sa.v.unwrap(), sb.v.unwrap());
-    Svd { values, u: Some(kron_cols(&ua, &ub, scale.signum())), v: Some(kron_cols(&va, &vb, 1.0)) }
+    Ok(Svd { values, u: Some(kron_cols(&ua, &ub, scale.signum())), v: Some(kron_cols(&va, &vb, 1.0)) })
 }
 
 /// The SVD of a factored ΔW without forming it.
-pub fn svd_factors(f: &Factors, vectors: bool) -> Svd {
+pub fn svd_factors(f: &Factors, vectors: bool) -> Result<Svd> {
     match f {
         Factors::LowRank(u, d) => svd_low_rank(u, d, vectors),
         Factors::Kron(a, b, s) => svd_kron(a, b, *s, vectors),
@@ -282,7 +292,7 @@ impl Operator for PlusLowRank<'_> {
 /// Randomized top-k SVD (Halko, Martinsson & Tropp 2011, Alg. 4.4 with 5.1): Gaussian sketch
 /// with `oversample` extra columns, `power_iters` subspace iterations re-orthonormalised by QR,
 /// fixed seed.
-pub fn randomized_svd(a: &dyn Operator, k: usize, oversample: usize, power_iters: usize, seed: u64) -> Svd {
+pub fn randomized_svd(a: &dyn Operator, k: usize, oversample: usize, power_iters: usize, seed: u64) -> Result<Svd> {
     let (m, n) = a.shape();
     let l = (k + oversample).min(m.min(n));
     let mut rng = crate::fixtures::Rng::new(seed);
@@ -295,12 +305,12 @@ pub fn randomized_svd(a: &dyn Operator, k: usize, oversample: usize, power_iters
     }
     // B = Qᵀ A, computed as (Aᵀ Q)ᵀ.
     let b = a.apply_t(&q).transpose();
-    let s = svd_dense(&b, true);
+    let s = svd_dense(&b, true)?;
     let keep = k.min(s.values.len());
     let u = q * s.u.unwrap();
-    Svd {
+    Ok(Svd {
         values: s.values[..keep].to_vec(),
         u: Some(u.columns(0, keep).into_owned()),
         v: Some(s.v.unwrap().columns(0, keep).into_owned()),
-    }
+    })
 }

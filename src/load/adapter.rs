@@ -54,6 +54,14 @@ impl Adapter {
             }
             None => None,
         };
+        let mut a = Self::from_file(file, config_json, opts)?;
+        a.path = path.to_path_buf();
+        a.config_path = src.config;
+        Ok(a)
+    }
+
+    /// An adapter from an opened tensor file (and its PEFT config, if any).
+    pub fn from_file(file: Arc<TensorFile>, config_json: Option<Value>, opts: &LoadOptions) -> Result<Self> {
         let parsed = formats::parse(&file, opts.format, config_json.as_ref())?;
         let metadata = metadata::parse(&file.metadata);
         let warnings = parsed.warnings;
@@ -68,9 +76,9 @@ impl Adapter {
         }
         modules.sort_by(|a, b| a.base_key.cmp(&b.base_key).then_with(|| a.name.cmp(&b.name)));
         Ok(Adapter {
-            path: path.to_path_buf(),
+            path: file.path.clone(),
             file,
-            config_path: src.config,
+            config_path: None,
             config_json,
             config: parsed.config,
             format: parsed.format,

@@ -146,11 +146,28 @@ impl LoraModule {
             Delta::Hadamard { w1a, w1b, w2a, w2b, t1, t2 } => {
                 let (u1, d1) = hada_pair(w1a, w1b, t1.as_ref())?;
                 let (u2, d2) = hada_pair(w2a, w2b, t2.as_ref())?;
-                let up = linalg::face_split_rows(&u1, &u2);
-                let down_t = linalg::face_split_rows(&d1, &d2);
-                let mut up = up;
-                up.scale_mut(self.scale);
-                Factors::LowRank(up, down_t)
+                let k = u1.ncols() * u2.ncols();
+                if k >= m.min(n) {
+                    // The face-splitting factors would be wider than ΔW itself: form ΔW.
+                    self.within_budget(m.saturating_mul(n))?;
+                    let w = (&u1 * d1.transpose()).component_mul(&(&u2 * d2.transpose())) * self.scale;
+                    Factors::Dense(w)
+                } else {
+                    self.within_budget(k.saturating_mul(m + n))?;
+                    if k > MAX_CORE_RANK {
+                        let path = self.tensors.first().map(|t| t.file.path.clone()).unwrap_or_default();
+                        return Err(Error::input(
+                            path,
+                            format!(
+                                "module {}: LoHa rank {k} is above the {MAX_CORE_RANK} lorascope analyses",
+                                self.name
+                            ),
+                        ));
+                    }
+                    let mut up = linalg::face_split_rows(&u1, &u2);
+                    up.scale_mut(self.scale);
+                    Factors::LowRank(up, linalg::face_split_rows(&d1, &d2))
+                }
             }
             Delta::Kronecker { w1, w2 } => {
                 let a = kron_part(w1)?;
@@ -166,6 +183,7 @@ impl LoraModule {
     /// the base weight (DoRA, (IA)³, replacements). `base` is the flattened base weight.
     pub fn dense_delta(&self, base: Option<&DMatrix<f64>>) -> Result<DMatrix<f64>> {
         let (m, n) = self.matrix_shape();
+        self.within_budget(m.saturating_mul(n))?;
         let need_base = || {
             base.ok_or_else(|| {
                 Error::Other(format!(
@@ -263,7 +281,23 @@ impl LoraModule {
         })?;
         let (rb, ra) = (linalg::cholesky_upper(g_up)?, linalg::cholesky_upper(g_down)?);
         let core = rb * ra.transpose() * self.scale;
-        Some(linalg::svd_dense(&core, false).values)
+        linalg::svd_dense(&core, false).ok().map(|s| s.values)
+    }
+
+    /// Refuse analyses whose intermediate matrices would be absurdly large: a hostile file can
+    /// declare factors whose products are far bigger than the file.
+    fn within_budget(&self, values: usize) -> Result<()> {
+        if values > MAX_WORK_VALUES {
+            let path = self.tensors.first().map(|t| t.file.path.clone()).unwrap_or_default();
+            return Err(Error::input(
+                path,
+                format!(
+                    "module {}: analysing it would need {values} intermediate values (limit {MAX_WORK_VALUES})",
+                    self.name
+                ),
+            ));
+        }
+        Ok(())
     }
 
     fn factors_ignoring_magnitude(&self) -> Result<Option<Factors>> {
@@ -272,6 +306,13 @@ impl LoraModule {
         plain.factors()
     }
 }
+
+/// Largest intermediate matrix (in values) an analysis may build: 2²⁵ f64 = 256 MiB, several
+/// times what the largest real modules need (an SDXL LoHa at rank 64 builds ≈ 2²⁴).
+pub const MAX_WORK_VALUES: usize = 1 << 25;
+/// Largest rank of a factored ΔW (the side of the core matrix whose dense SVD is taken); a
+/// LoHa of rank 64 reaches 64² = 4096.
+pub const MAX_CORE_RANK: usize = 4096;
 
 /// up `[out, r]` and downᵀ `[in·kh·kw, r]` of a (possibly Tucker, possibly conv) LoRA.
 fn low_rank_pair(up: &TensorRef, down: &TensorRef, mid: Option<&TensorRef>) -> Result<(DMatrix<f64>, DMatrix<f64>)> {
@@ -301,8 +342,12 @@ fn tucker_down_t(t: &TensorRef, down_t: &DMatrix<f64>) -> Result<DMatrix<f64>> {
     }
     let (r1, r2) = (s[0], s[1]);
     let k: usize = s[2..].iter().product();
-    let tv = t.values()?;
     let n_in = down_t.nrows();
+    let size = n_in.saturating_mul(k).saturating_mul(r1);
+    if size > MAX_WORK_VALUES {
+        return Err(t.err(format!("folding this Tucker core would need {size} values (limit {MAX_WORK_VALUES})")));
+    }
+    let tv = t.values()?;
     let mut out = DMatrix::zeros(n_in * k, r1);
     for i in 0..r1 {
         for j in 0..r2 {

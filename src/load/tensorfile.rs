@@ -12,6 +12,8 @@ use crate::error::{Error, Result};
 
 /// Header limit we accept (the crate allows 100 MB; real adapters have headers of a few MB).
 pub const MAX_HEADER_BYTES: usize = 100_000_000;
+/// Most tensors we accept in one file (real adapters have thousands).
+pub const MAX_TENSORS: usize = 200_000;
 
 #[derive(Debug, Clone)]
 pub struct TensorEntry {
@@ -28,9 +30,25 @@ impl TensorEntry {
     }
 }
 
+/// The file's bytes: memory-mapped from disk, or owned (parsed from memory).
+enum Storage {
+    Map(Mmap),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for Storage {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Storage::Map(m) => m,
+            Storage::Owned(v) => v,
+        }
+    }
+}
+
 pub struct TensorFile {
     pub path: PathBuf,
-    mmap: Mmap,
+    mmap: Storage,
     header_len: usize,
     pub tensors: BTreeMap<String, TensorEntry>,
     pub metadata: BTreeMap<String, String>,
@@ -85,8 +103,27 @@ impl TensorFile {
             opts.populate();
         }
         let mmap = unsafe { opts.map(&file) }.map_err(|e| Error::input(path, format!("cannot memory-map: {e}")))?;
-        let n = u64::from_le_bytes(mmap[..8].try_into().expect("8 bytes"));
-        if mmap[..8] == [0x80, 0x02, 0x8a, 0x0a, 0x6c, 0xfc, 0x9c, 0x46] || mmap.starts_with(b"PK\x03\x04") {
+        Self::parse(path, Storage::Map(mmap))
+    }
+
+    /// Parse a safetensors file held in memory (fuzzing, tests); `path` names it in errors.
+    pub fn from_bytes(path: &Path, bytes: Vec<u8>) -> Result<Self> {
+        if bytes.is_empty() {
+            return Err(Error::input(path, "empty file (0 bytes), not a safetensors file"));
+        }
+        if bytes.len() < 8 {
+            return Err(Error::input(
+                path,
+                format!("truncated: {} bytes, shorter than the 8-byte safetensors header length", bytes.len()),
+            ));
+        }
+        Self::parse(path, Storage::Owned(bytes))
+    }
+
+    fn parse(path: &Path, data: Storage) -> Result<Self> {
+        let size = data.len() as u64;
+        let n = u64::from_le_bytes(data[..8].try_into().expect("8 bytes"));
+        if data[..8] == [0x80, 0x02, 0x8a, 0x0a, 0x6c, 0xfc, 0x9c, 0x46] || data.starts_with(b"PK\x03\x04") {
             return Err(Error::input(
                 path,
                 "this is a PyTorch pickle/zip checkpoint, not safetensors; refusing to unpickle it",
@@ -110,7 +147,13 @@ impl TensorFile {
                 format!("header length {n} exceeds the file size ({size} bytes): truncated or not safetensors"),
             ));
         }
-        let (header_len, meta) = SafeTensors::read_metadata(&mmap).map_err(|e| header_error(path, e, size, n))?;
+        let (header_len, meta) = SafeTensors::read_metadata(&data).map_err(|e| header_error(path, e, size, n))?;
+        if meta.tensors().len() > MAX_TENSORS {
+            return Err(Error::input(
+                path,
+                format!("{} tensors, more than the {MAX_TENSORS} lorascope accepts", meta.tensors().len()),
+            ));
+        }
         let mut tensors = BTreeMap::new();
         for (name, info) in meta.tensors() {
             tensors.insert(
@@ -128,7 +171,7 @@ impl TensorFile {
             .as_ref()
             .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
             .unwrap_or_default();
-        Ok(TensorFile { path: path.to_path_buf(), mmap, header_len, tensors, metadata })
+        Ok(TensorFile { path: path.to_path_buf(), mmap: data, header_len, tensors, metadata })
     }
 
     pub fn bytes(&self) -> &[u8] {

@@ -52,6 +52,13 @@ pub fn to_canonical_json<T: Serialize>(x: &T) -> String {
     s
 }
 
+/// One line of JSON with sorted keys (for JSONL streams).
+pub fn to_canonical_json_line<T: Serialize>(x: &T) -> String {
+    let mut v = serde_json::to_value(x).expect("reports serialise");
+    sort_keys(&mut v);
+    serde_json::to_string(&v).expect("values serialise")
+}
+
 /// A plain text table with left-aligned columns.
 pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     let mut w: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();

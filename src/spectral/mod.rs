@@ -165,13 +165,13 @@ struct BaseStats {
     sigma1: f64,
 }
 
-fn base_stats(w: &DMatrix<f64>, opts: &SpectrumOptions) -> BaseStats {
+fn base_stats(w: &DMatrix<f64>, opts: &SpectrumOptions) -> Result<BaseStats> {
     let sigma1 = if w.nrows().min(w.ncols()) <= 64 {
-        svd_dense(w, false).values.first().copied().unwrap_or(0.0)
+        svd_dense(w, false)?.values.first().copied().unwrap_or(0.0)
     } else {
-        randomized_svd(w, 4, 10, 4, opts.seed).values.first().copied().unwrap_or(0.0)
+        randomized_svd(w, 4, 10, 4, opts.seed)?.values.first().copied().unwrap_or(0.0)
     };
-    BaseStats { fro: w.norm(), sigma1 }
+    Ok(BaseStats { fro: w.norm(), sigma1 })
 }
 
 /// ‖ΔW‖_F / ‖U_rᵀ W V_r‖_F with U_r, V_r the singular vectors of ΔW's nonzero singular values
@@ -190,12 +190,12 @@ fn amplification(svd: &Svd, w: &DMatrix<f64>) -> Option<f64> {
 
 /// Count of the top-k left singular vectors of W+ΔW whose largest |cosine| with every left
 /// singular vector of W is below ε (Shuttleworth et al. 2024; PEFT `intruders.py`).
-pub fn intruder_count(w: &DMatrix<f64>, merged: &DMatrix<f64>, top_k: usize, eps: f64) -> usize {
-    let ub = svd_dense(w, true).u.expect("vectors");
-    let um = svd_dense(merged, true).u.expect("vectors");
+pub fn intruder_count(w: &DMatrix<f64>, merged: &DMatrix<f64>, top_k: usize, eps: f64) -> Result<usize> {
+    let ub = svd_dense(w, true)?.u.expect("vectors");
+    let um = svd_dense(merged, true)?.u.expect("vectors");
     let k = top_k.min(um.ncols());
     let cos = um.columns(0, k).tr_mul(&ub);
-    (0..k).filter(|&i| cos.row(i).iter().fold(0.0f64, |a, x| a.max(x.abs())) < eps).count()
+    Ok((0..k).filter(|&i| cos.row(i).iter().fold(0.0f64, |a, x| a.max(x.abs())) < eps).count())
 }
 
 fn analyse_module(m: &LoraModule, base: Option<&BaseModel>, opts: &SpectrumOptions) -> Result<ModuleSpectrum> {
@@ -217,10 +217,10 @@ fn analyse_module(m: &LoraModule, base: Option<&BaseModel>, opts: &SpectrumOptio
                 let d = m.dense_delta(Some(w))?;
                 let energy = d.norm_squared();
                 let (route, s) = if rows.min(cols) <= opts.max_dense_dim {
-                    (Route::Dense, svd_dense(&d, vectors))
+                    (Route::Dense, svd_dense(&d, vectors)?)
                 } else {
                     truncated = true;
-                    (Route::Randomized, randomized_svd(&d, 64, 10, 2, opts.seed))
+                    (Route::Randomized, randomized_svd(&d, 64, 10, 2, opts.seed)?)
                 };
                 dense_delta = Some(d);
                 (route, Some(s), energy)
@@ -232,7 +232,7 @@ fn analyse_module(m: &LoraModule, base: Option<&BaseModel>, opts: &SpectrumOptio
                 check_finite(m, &f)?;
                 note =
                     Some("DoRA: the magnitude rescaling needs the base (--base); spectrum of the LoRA part B·A".into());
-                let s = svd_factors(&f, false);
+                let s = svd_factors(&f, false)?;
                 let e = s.values.iter().map(|x| x * x).sum();
                 (Route::LoraPartOnly, Some(s), e)
             }
@@ -252,7 +252,7 @@ fn analyse_module(m: &LoraModule, base: Option<&BaseModel>, opts: &SpectrumOptio
             (Factors::Dense(_), _) => Route::Dense,
             _ => Route::Factored,
         };
-        let s = svd_factors(&f, vectors);
+        let s = svd_factors(&f, vectors)?;
         let e = s.values.iter().map(|x| x * x).sum();
         if vectors && rows.min(cols) <= opts.max_dense_dim {
             dense_delta = Some(f.dense());
@@ -262,7 +262,7 @@ fn analyse_module(m: &LoraModule, base: Option<&BaseModel>, opts: &SpectrumOptio
     let values = svd.as_ref().map(|s| s.values.clone()).unwrap_or_default();
     let (mut relative_fro, mut relative_spectral, mut amp, mut intruders) = (None, None, None, None);
     if let (Some(w), Some(s)) = (&w, &svd) {
-        let bs = base_stats(w, opts);
+        let bs = base_stats(w, opts)?;
         let f = total_energy.sqrt();
         relative_fro = (bs.fro > 0.0).then(|| f / bs.fro);
         relative_spectral = (bs.sigma1 > 0.0).then(|| values.first().copied().unwrap_or(0.0) / bs.sigma1);
@@ -270,7 +270,7 @@ fn analyse_module(m: &LoraModule, base: Option<&BaseModel>, opts: &SpectrumOptio
             amp = amplification(s, w);
         }
         if let Some(d) = &dense_delta {
-            intruders = Some(intruder_count(w, &(w + d), opts.intruder_top_k, opts.intruder_epsilon));
+            intruders = Some(intruder_count(w, &(w + d), opts.intruder_top_k, opts.intruder_epsilon)?);
         } else if note.is_none() {
             note = Some(format!("intruders not computed: min dimension above {}", opts.max_dense_dim));
         }
@@ -329,7 +329,15 @@ pub fn analyse(
         .modules
         .par_iter()
         .map(|m| {
-            let r = analyse_module(m, base, opts);
+            // A numerical failure here comes from the file's values (overflow): report it as
+            // bad input naming the file and the module.
+            let r = analyse_module(m, base, opts).map_err(|e| match e {
+                Error::Numeric(msg) => {
+                    let path = m.tensors.first().map(|t| t.file.path.clone()).unwrap_or_default();
+                    Error::input(path, format!("module {}: {msg}", m.name))
+                }
+                other => other,
+            });
             tick();
             r
         })

@@ -1,0 +1,46 @@
+//! Entry points for the fuzz targets (fuzz/): run untrusted bytes through the adapter and GGUF
+//! parsing paths and everything that reads their values. They must return, never panic; the
+//! outcome (parsed or a clear error) is not the fuzzer's concern.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::linalg::svd_factors;
+use crate::load::{Adapter, BaseModel, LoadOptions, TensorFile};
+use crate::spectral::SpectrumOptions;
+
+/// A safetensors adapter from bytes: parse, normalise, resolve names against its own keys,
+/// inspect, and analyse every module.
+pub fn adapter_bytes(data: &[u8]) {
+    let Ok(file) = TensorFile::from_bytes(Path::new("fuzz-input.safetensors"), data.to_vec()) else { return };
+    let Ok(adapter) = Adapter::from_file(Arc::new(file), None, &LoadOptions::default()) else { return };
+    let _ = crate::inspect(&adapter, None);
+    let _ = crate::spectrum(&adapter, None, &SpectrumOptions::default(), &|| {});
+    for m in &adapter.modules {
+        if let Ok(Some(f)) = m.factors() {
+            let _ = svd_factors(&f, true);
+        }
+        let _ = m.fast_singular_values();
+        let (rows, cols) = m.matrix_shape();
+        if rows.saturating_mul(cols) <= 1 << 20 {
+            let _ = m.dense_delta(None);
+        }
+    }
+    let resolver = crate::load::names::KeyResolver::new(adapter.file.tensors.keys().map(String::as_str));
+    for m in &adapter.modules {
+        let _ = resolver.resolve(&m.name);
+    }
+}
+
+/// A GGUF base from bytes (written to `scratch`, as the reader takes a file): parse, map names,
+/// dequantise every tensor and undo the q/k permutation.
+pub fn gguf_bytes(data: &[u8], scratch: &Path) {
+    if std::fs::write(scratch, data).is_err() {
+        return;
+    }
+    let Ok(base) = BaseModel::open(scratch) else { return };
+    let keys: Vec<String> = base.keys().map(String::from).collect();
+    for k in keys {
+        let _ = base.weight(&k);
+    }
+}

@@ -1,0 +1,259 @@
+//! `lorascope scan`: a static screen of many adapter files for hub moderators. One JSON line
+//! per file in a deterministic order, errors as records (one bad file never stops a scan),
+//! risk flags with documented thresholds (docs/scan.md), stable sharding by path hash.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+use crate::load::hashes::sha256_file;
+use crate::load::metadata::Tag;
+use crate::load::{Adapter, LoadOptions};
+use crate::report::{InspectReport, SpectrumReport};
+use crate::spectral::SpectrumOptions;
+
+/// File extensions a scan picks up: adapters, and pickle checkpoints (reported as errors, never
+/// read as pickle).
+const CANDIDATE_EXTS: &[&str] = &["safetensors", "bin", "pt", "pth", "ckpt", "pkl"];
+
+/// Every flag a record can carry.
+pub const FLAGS: &[&str] = &[
+    "unreadable",
+    "nonfinite-weights",
+    "hash-mismatch",
+    "full-matrix",
+    "capacity-per-image",
+    "few-images-many-steps",
+    "unsupported-algorithm",
+];
+
+/// Thresholds of the risk flags (documented in docs/scan.md).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FlagThresholds {
+    /// Compressed bytes per pixel of a typical training image (RGB at about 10:1, a good JPEG):
+    /// `capacity-per-image` fires when the adapter could store this many bytes per image.
+    pub bytes_per_pixel: f64,
+    /// Side of the assumed square training image when the metadata gives no resolution.
+    pub default_resolution: u64,
+    /// `few-images-many-steps`: at most this many training images...
+    pub few_images: u64,
+    /// ...and at least this many optimisation steps per image.
+    pub steps_per_image: f64,
+}
+
+impl Default for FlagThresholds {
+    fn default() -> Self {
+        FlagThresholds { bytes_per_pixel: 0.3, default_resolution: 512, few_images: 50, steps_per_image: 100.0 }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ScanError {
+    /// `input` for a bad or refused file, `internal` for a failure of lorascope itself.
+    pub kind: String,
+    pub message: String,
+}
+
+/// One JSON line of a scan.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ScanRecord {
+    pub path: String,
+    pub bytes: Option<u64>,
+    pub sha256: Option<String>,
+    pub autov2: Option<String>,
+    pub format: Option<String>,
+    pub architecture: Option<String>,
+    pub modules: Option<usize>,
+    pub kinds: BTreeMap<String, usize>,
+    pub params: Option<usize>,
+    pub effective_params: Option<usize>,
+    pub capacity_bits: Option<f64>,
+    pub train_images: Option<u64>,
+    pub train_steps: Option<u64>,
+    pub resolution: Option<String>,
+    pub capacity_bits_per_image: Option<f64>,
+    pub top_tags: Vec<Tag>,
+    pub warnings: Vec<String>,
+    pub flags: Vec<String>,
+    pub error: Option<ScanError>,
+}
+
+/// Adapters under the given paths: files with a candidate extension, and PEFT directories
+/// (holding `adapter_model.safetensors`) as one adapter each. Sorted, without duplicates.
+pub fn discover(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+        if dir.join("adapter_model.safetensors").is_file() || dir.join("adapter_model.bin").is_file() {
+            out.push(dir.to_path_buf());
+            return Ok(());
+        }
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(|e| Error::input(dir, format!("cannot list directory: {e}")))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .collect();
+        entries.sort();
+        for p in entries {
+            if p.is_dir() {
+                walk(&p, out)?;
+            } else if p
+                .extension()
+                .and_then(|e| e.to_str())
+                .is_some_and(|e| CANDIDATE_EXTS.contains(&e.to_ascii_lowercase().as_str()))
+            {
+                out.push(p);
+            }
+        }
+        Ok(())
+    }
+    let mut out = vec![];
+    for p in paths {
+        if p.is_dir() {
+            walk(p, &mut out)?;
+        } else {
+            // Named files are scanned whatever their extension (a missing one becomes an
+            // error record).
+            out.push(p.clone());
+        }
+    }
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
+
+/// Paths listed in a file, one a line (blank lines and `#` comments skipped).
+pub fn read_list(list: &Path) -> Result<Vec<PathBuf>> {
+    let text = std::fs::read_to_string(list).map_err(|e| Error::input(list, format!("cannot read list: {e}")))?;
+    Ok(text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(PathBuf::from).collect())
+}
+
+/// Shard `i` of `n` by a stable hash of the path string: N machines cover a hub with no
+/// coordination, each file in exactly one shard.
+pub fn in_shard(path: &Path, i: u64, n: u64) -> bool {
+    let h = Sha256::digest(path.to_string_lossy().as_bytes());
+    u64::from_le_bytes(h[..8].try_into().expect("8 bytes")) % n == i
+}
+
+/// Parse `I/N` with I < N.
+pub fn parse_shard(s: &str) -> std::result::Result<(u64, u64), String> {
+    let (i, n) = s.split_once('/').ok_or("shard must be I/N, e.g. 0/8")?;
+    let (i, n): (u64, u64) =
+        (i.trim().parse().map_err(|_| "bad shard index")?, n.trim().parse().map_err(|_| "bad shard count")?);
+    if n == 0 || i >= n {
+        return Err(format!("shard {i}/{n}: need 0 ≤ I < N"));
+    }
+    Ok((i, n))
+}
+
+/// Width × height from sd-scripts' `ss_resolution` ("(512, 512)", "512,768" or "512").
+fn resolution_pixels(r: Option<&str>, default_side: u64) -> u64 {
+    let nums: Vec<u64> = r
+        .unwrap_or("")
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|s| !s.is_empty())
+        .filter_map(|s| s.parse().ok())
+        .collect();
+    match nums.as_slice() {
+        [w, h, ..] => w * h,
+        [s] => s * s,
+        [] => default_side * default_side,
+    }
+}
+
+fn flags_for(rec: &ScanRecord, inspect: &InspectReport, th: &FlagThresholds) -> Vec<String> {
+    let mut f = vec![];
+    if inspect.adapter.modules.iter().any(|m| m.nonfinite > 0) {
+        f.push("nonfinite-weights");
+    }
+    if inspect.adapter.hashes.sshs_model_hash.as_ref().is_some_and(|c| !c.matches) {
+        f.push("hash-mismatch");
+    }
+    if rec.kinds.contains_key("full") {
+        f.push("full-matrix");
+    }
+    if let Some(per) = rec.capacity_bits_per_image {
+        let reference = resolution_pixels(rec.resolution.as_deref(), th.default_resolution) as f64 * th.bytes_per_pixel;
+        if per / 8.0 >= reference {
+            f.push("capacity-per-image");
+        }
+    }
+    if let (Some(n), Some(steps)) = (rec.train_images, rec.train_steps) {
+        if n > 0 && n <= th.few_images && steps as f64 / n as f64 >= th.steps_per_image {
+            f.push("few-images-many-steps");
+        }
+    }
+    if ["oft", "boft", "glora"].iter().any(|k| rec.kinds.contains_key(*k)) {
+        f.push("unsupported-algorithm");
+    }
+    f.into_iter().map(String::from).collect()
+}
+
+fn fill_from_inspect(rec: &mut ScanRecord, r: &InspectReport) {
+    let a = &r.adapter;
+    rec.bytes = r.inputs.first().map(|i| i.bytes);
+    rec.sha256 = Some(a.hashes.sha256.clone());
+    rec.autov2 = Some(a.hashes.autov2.clone());
+    rec.format = Some(a.format.clone());
+    rec.architecture = Some(a.architecture.clone());
+    rec.modules = Some(a.modules.len());
+    rec.kinds = a.kinds.clone();
+    rec.params = Some(a.params);
+    rec.train_images = a.metadata.training.num_train_images;
+    rec.train_steps = a.metadata.training.max_train_steps;
+    rec.resolution = a.metadata.training.resolution.clone();
+    rec.top_tags = a.metadata.training.tags.iter().take(10).cloned().collect();
+    rec.warnings = r.warnings.clone();
+}
+
+fn fill_from_spectrum(rec: &mut ScanRecord, s: &SpectrumReport) {
+    rec.effective_params = Some(s.totals.effective_params);
+    rec.capacity_bits = Some(s.totals.capacity_bits);
+    rec.capacity_bits_per_image = s.totals.capacity_bits_per_image;
+}
+
+/// Scan one path: never fails; problems become the record's `error`.
+pub fn scan_one(path: &Path, opts: &SpectrumOptions, th: &FlagThresholds) -> ScanRecord {
+    let mut rec = ScanRecord { path: path.to_string_lossy().into_owned(), ..Default::default() };
+    let result = (|| -> Result<()> {
+        let adapter = Adapter::open(path, &LoadOptions::default())?;
+        let inspect = match crate::spectrum(&adapter, None, opts, &|| {}) {
+            Ok(s) => {
+                fill_from_spectrum(&mut rec, &s);
+                InspectReport {
+                    schema_version: s.schema_version,
+                    tool: s.tool,
+                    inputs: s.inputs,
+                    adapter: s.adapter,
+                    base: s.base,
+                    warnings: s.warnings,
+                }
+            }
+            // NaN/Inf in the factors stops the spectrum but not the screen.
+            Err(e) if e.is_input() => {
+                let r = crate::inspect(&adapter, None)?;
+                let mut r = r;
+                r.warnings.push(format!("spectrum not computed: {e}"));
+                r
+            }
+            Err(e) => return Err(e),
+        };
+        fill_from_inspect(&mut rec, &inspect);
+        rec.flags = flags_for(&rec, &inspect, th);
+        Ok(())
+    })();
+    if let Err(e) = result {
+        rec.error =
+            Some(ScanError { kind: if e.is_input() { "input" } else { "internal" }.into(), message: e.to_string() });
+        rec.flags = vec!["unreadable".into()];
+        // The hash of a bad file is still worth recording (a file, not a PEFT directory).
+        if path.is_file() {
+            if let Ok((h, n)) = sha256_file(path) {
+                rec.autov2 = Some(h[..10].to_string());
+                rec.sha256 = Some(h);
+                rec.bytes = Some(n);
+            }
+        }
+    }
+    rec
+}
