@@ -47,17 +47,15 @@ pub fn svd_dense(a: &DMatrix<f64>, vectors: bool) -> Result<Svd> {
     Ok(sorted(s.singular_values, s.u, s.v_t))
 }
 
-/// xᵀx by one GEMM that reads `x` in place through strides (no transposed copy).
-pub fn gram(x: &DMatrix<f64>) -> DMatrix<f64> {
-    let (m, k) = x.shape();
-    let mut g = DMatrix::<f64>::zeros(k, k);
+/// `g = beta·g + XᵀX` for an m×k matrix X read in place through its strides (element (i, j)
+/// at `x[i·rs + j·cs]`): one GEMM, no transposed copy. `g` is column-major k×k.
+fn xtx_into(g: &mut DMatrix<f64>, x: &[f64], m: usize, k: usize, rs: usize, cs: usize, beta: f64) {
+    assert!(g.shape() == (k, k) && (m == 0 || k == 0 || (m - 1) * rs + (k - 1) * cs < x.len()));
     if m == 0 || k == 0 {
-        return g;
+        return;
     }
-    // x is column-major: element (i, j) at i + j·m. As xᵀ (k×m) its row stride is m and its
-    // column stride 1; as x (m×k), row stride 1 and column stride m. g is column-major k×k.
-    // SAFETY: the pointers and strides describe exactly the buffers of `x` and `g`, which
-    // outlive the call; `g` does not alias `x`.
+    // SAFETY: the assertion keeps every strided read inside `x`; `g` is k×k and does not
+    // alias `x`. Xᵀ is X with its strides swapped.
     unsafe {
         matrixmultiply::dgemm(
             k,
@@ -65,70 +63,30 @@ pub fn gram(x: &DMatrix<f64>) -> DMatrix<f64> {
             k,
             1.0,
             x.as_ptr(),
-            m as isize,
-            1,
+            cs as isize,
+            rs as isize,
             x.as_ptr(),
-            1,
-            m as isize,
-            0.0,
+            rs as isize,
+            cs as isize,
+            beta,
             g.as_mut_ptr(),
             1,
             k as isize,
         );
     }
+}
+
+/// xᵀx of a column-major matrix.
+pub fn gram(x: &DMatrix<f64>) -> DMatrix<f64> {
+    let (m, k) = x.shape();
+    let mut g = DMatrix::zeros(k, k);
+    xtx_into(&mut g, x.as_slice(), m, k, 1, m, 0.0);
     g
 }
 
 /// Rows per block when a Gram matrix is accumulated from a streamed factor: small enough for
 /// the block to stay in L2, large enough for GEMM to run at speed.
 const GRAM_BLOCK: usize = 1024;
-
-/// `g += bᵀb` for a row-major block `b` of `rows × k` values (strided GEMM, no copies).
-fn accumulate_gram(g: &mut DMatrix<f64>, b: &[f64], rows: usize, k: usize, b_is_rows: bool) {
-    // Row-major rows×k block: (i, j) at i·k + j. For b_is_rows the Gram is bᵀb (k×k over
-    // the rows); otherwise the block is k×cols row-major and the Gram is b·bᵀ.
-    let (m, kk) = if b_is_rows { (rows, k) } else { (k, rows) };
-    // SAFETY: pointers and strides stay inside `b` and `g`; `g` does not alias `b`.
-    unsafe {
-        if b_is_rows {
-            // bᵀ: k×m with row stride 1, column stride k; b: m×k with row stride k, column 1.
-            matrixmultiply::dgemm(
-                kk,
-                m,
-                kk,
-                1.0,
-                b.as_ptr(),
-                1,
-                kk as isize,
-                b.as_ptr(),
-                kk as isize,
-                1,
-                1.0,
-                g.as_mut_ptr(),
-                1,
-                kk as isize,
-            );
-        } else {
-            // b: k×cols (row stride cols, column 1); bᵀ: cols×k (row stride 1, column cols).
-            matrixmultiply::dgemm(
-                m,
-                kk,
-                m,
-                1.0,
-                b.as_ptr(),
-                kk as isize,
-                1,
-                b.as_ptr(),
-                1,
-                kk as isize,
-                1.0,
-                g.as_mut_ptr(),
-                1,
-                m as isize,
-            );
-        }
-    }
-}
 
 /// xᵀx of a row-major `rows × k` matrix decoded block by block by `fill(row0, block)`, which
 /// returns false to abandon (non-finite value). Never holds the whole factor in f64.
@@ -145,7 +103,8 @@ pub fn gram_streamed_rows(
         if !fill(r0, &mut buf[..n * k]) {
             return None;
         }
-        accumulate_gram(&mut g, &buf[..n * k], n, k, true);
+        // Row-major n×k block: X = block, strides (k, 1).
+        xtx_into(&mut g, &buf[..n * k], n, k, k, 1, 1.0);
         r0 += n;
     }
     Some(g)
@@ -166,7 +125,8 @@ pub fn gram_streamed_cols(
         if !fill(c0, n, &mut buf[..n * k]) {
             return None;
         }
-        accumulate_gram(&mut g, &buf[..n * k], n, k, false);
+        // Row-major k×n block B; the Gram B·Bᵀ is XᵀX with X = Bᵀ (n×k, strides (1, n)).
+        xtx_into(&mut g, &buf[..n * k], n, k, 1, n, 1.0);
         c0 += n;
     }
     Some(g)

@@ -14,6 +14,8 @@ use crate::error::{Error, Result};
 pub const MAX_HEADER_BYTES: usize = 100_000_000;
 /// Most tensors we accept in one file (real adapters have thousands).
 pub const MAX_TENSORS: usize = 200_000;
+/// Largest file we read (64 GiB: full fine-tunes of 30B models fit; adapters are far smaller).
+pub const MAX_FILE_BYTES: u64 = 64 << 30;
 
 #[derive(Debug, Clone)]
 pub struct TensorEntry {
@@ -122,6 +124,9 @@ impl TensorFile {
 
     fn parse(path: &Path, data: Storage) -> Result<Self> {
         let size = data.len() as u64;
+        if size > MAX_FILE_BYTES {
+            return Err(Error::input(path, format!("{size} bytes, more than the {MAX_FILE_BYTES}-byte limit")));
+        }
         let n = u64::from_le_bytes(data[..8].try_into().expect("8 bytes"));
         if data[..8] == [0x80, 0x02, 0x8a, 0x0a, 0x6c, 0xfc, 0x9c, 0x46] || data.starts_with(b"PK\x03\x04") {
             return Err(Error::input(

@@ -70,11 +70,12 @@ fn excerpt(text: &str) -> String {
 
 /// Assemble the report from a spectrum report and the supplied works and controls.
 pub fn build_report(
-    s: SpectrumReport,
+    spectrum: SpectrumReport,
     works: Option<&WorkSet>,
     controls: Option<&WorkSet>,
     command_line: Vec<String>,
 ) -> Result<Report> {
+    let SpectrumReport { inspect: s, modules, layers, totals, statement, settings } = spectrum;
     let mut inputs = s.inputs;
     let mut infos = vec![];
     for (role, set) in [("work", works), ("control", controls)] {
@@ -114,7 +115,7 @@ pub fn build_report(
         inputs,
         adapter: s.adapter,
         base: s.base,
-        spectrum: SpectrumSection { modules: s.modules, layers: s.layers, totals: s.totals, statement: s.statement },
+        spectrum: SpectrumSection { modules, layers, totals, statement },
         works: infos,
         stages: vec![
             Stage { name: "inspect".into(), ran: true, reason: "always".into() },
@@ -122,7 +123,7 @@ pub fn build_report(
             Stage { name: "spectrum".into(), ran: true, reason: "static analysis of the adapter's factors".into() },
             Stage { name: "probe".into(), ran: false, reason: probe_reason },
         ],
-        settings: s.settings,
+        settings,
         warnings: s.warnings,
         timings: None,
     })

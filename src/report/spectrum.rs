@@ -2,8 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::inspect::{AdapterInfo, BaseInfo};
-use super::{human, table, InputFile, InspectReport, Tool};
+use super::{human, table, InspectReport};
 use crate::spectral::{LayerSummary, ModuleSpectrum, SpectrumAnalysis, SpectrumOptions, Totals};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -29,12 +28,9 @@ impl From<&SpectrumOptions> for SpectrumSettings {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SpectrumReport {
-    pub schema_version: u32,
-    pub tool: Tool,
-    pub inputs: Vec<InputFile>,
-    pub adapter: AdapterInfo,
-    pub base: Option<BaseInfo>,
-    pub warnings: Vec<String>,
+    /// Everything `inspect` reports, at the top level of the JSON.
+    #[serde(flatten)]
+    pub inspect: InspectReport,
     /// Sorted by base_key.
     pub modules: Vec<ModuleSpectrum>,
     pub layers: Vec<LayerSummary>,
@@ -45,12 +41,7 @@ pub struct SpectrumReport {
 
 pub fn spectrum_report(inspect: InspectReport, analysis: SpectrumAnalysis, opts: &SpectrumOptions) -> SpectrumReport {
     SpectrumReport {
-        schema_version: inspect.schema_version,
-        tool: inspect.tool,
-        inputs: inspect.inputs,
-        adapter: inspect.adapter,
-        base: inspect.base,
-        warnings: inspect.warnings,
+        inspect,
         modules: analysis.modules,
         layers: analysis.layers,
         totals: analysis.totals,
@@ -66,8 +57,9 @@ fn opt_f(x: Option<f64>, prec: usize) -> String {
 /// Human summary: totals, layers, and the `top` modules ranked by information.
 pub fn render_spectrum(r: &SpectrumReport, top: usize) -> String {
     let t = &r.totals;
-    let mut s = format!("adapter   {}\n", r.inputs[0].path);
-    s += &format!("format    {}    architecture: {}\n", r.adapter.format, r.adapter.architecture);
+    let i = &r.inspect;
+    let mut s = format!("adapter   {}\n", i.inputs[0].path);
+    s += &format!("format    {}    architecture: {}\n", i.adapter.format, i.adapter.architecture);
     s += &format!(
         "modules   {} analysed, {} not analysed    stored values {}    effective params {}\n",
         t.modules_analysed,
@@ -136,9 +128,9 @@ pub fn render_spectrum(r: &SpectrumReport, top: usize) -> String {
         s += &notes.join("\n");
         s.push('\n');
     }
-    if !r.warnings.is_empty() {
+    if !i.warnings.is_empty() {
         s += "\nwarnings\n";
-        for w in &r.warnings {
+        for w in &i.warnings {
             s += &format!("  - {w}\n");
         }
     }

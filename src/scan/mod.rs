@@ -220,19 +220,11 @@ pub fn scan_one(path: &Path, opts: &SpectrumOptions, th: &FlagThresholds) -> Sca
         let inspect = match crate::spectrum(&adapter, None, opts, &|| {}) {
             Ok(s) => {
                 fill_from_spectrum(&mut rec, &s);
-                InspectReport {
-                    schema_version: s.schema_version,
-                    tool: s.tool,
-                    inputs: s.inputs,
-                    adapter: s.adapter,
-                    base: s.base,
-                    warnings: s.warnings,
-                }
+                s.inspect
             }
             // NaN/Inf in the factors stops the spectrum but not the screen.
             Err(e) if e.is_input() => {
-                let r = crate::inspect(&adapter, None)?;
-                let mut r = r;
+                let mut r = crate::inspect(&adapter, None)?;
                 r.warnings.push(format!("spectrum not computed: {e}"));
                 r
             }
