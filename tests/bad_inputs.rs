@@ -186,3 +186,15 @@ fn nan_and_inf_are_counted_per_module() {
     assert_eq!(v["adapter"]["modules"][0]["nonfinite"], 3);
     assert!(v["warnings"].as_array().unwrap().iter().any(|w| w.as_str().unwrap().contains("lora_unet_x: 3 NaN/Inf")));
 }
+
+#[test]
+fn gguf_base_with_an_empty_or_absurd_tensor_shape() {
+    // Found by fuzzing: a zero dimension made candle's reader build a slice from a dangling
+    // pointer. The base is refused before any tensor is read.
+    let a = fixtures().join("peft-llama");
+    let g = fixtures().join("fuzz-regressions/gguf/zero-dim-tensor.gguf");
+    rejects(&["inspect", s(&a), "--base", s(&g)], &g, "empty or larger than the file");
+    let d = tmp();
+    let p = write(d.path(), "junk.gguf", b"GGUF\x03\x00\x00\x00garbage");
+    rejects(&["inspect", s(&a), "--base", s(&p)], &p, "invalid GGUF");
+}

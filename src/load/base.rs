@@ -199,7 +199,18 @@ impl BaseModel {
         let heads = meta_usize("attention.head_count");
         let kv_heads = meta_usize("attention.head_count_kv").or(heads);
         let mut b = Self::empty(path, BaseKind::Gguf);
+        let file_bits = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0).saturating_mul(8);
         for (name, info) in &content.tensor_infos {
+            // candle's reader trusts the declared shape: a zero dimension makes it build a slice
+            // from a dangling pointer, and no real tensor stores under one bit per value.
+            let dims = info.shape.dims();
+            let n = dims.iter().try_fold(1u64, |acc, &d| if d == 0 { None } else { acc.checked_mul(d as u64) });
+            if !n.is_some_and(|n| n <= file_bits) {
+                return Err(Error::input(
+                    path,
+                    format!("GGUF tensor {name} declares shape {dims:?}, which is empty or larger than the file"),
+                ));
+            }
             let hf = gguf_to_hf(name);
             let h = if name.ends_with("attn_q.weight") {
                 heads
