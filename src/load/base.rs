@@ -205,7 +205,7 @@ impl BaseModel {
             // from a dangling pointer, and no real tensor stores under one bit per value.
             let dims = info.shape.dims();
             let n = dims.iter().try_fold(1u64, |acc, &d| if d == 0 { None } else { acc.checked_mul(d as u64) });
-            if !n.is_some_and(|n| n <= file_bits) {
+            if n.is_none_or(|n| n > file_bits) {
                 return Err(Error::input(
                     path,
                     format!("GGUF tensor {name} declares shape {dims:?}, which is empty or larger than the file"),
