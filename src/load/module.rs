@@ -155,14 +155,9 @@ impl LoraModule {
                 } else {
                     self.within_budget(k.saturating_mul(m + n))?;
                     if k > MAX_CORE_RANK {
-                        let path = self.tensors.first().map(|t| t.file.path.clone()).unwrap_or_default();
-                        return Err(Error::input(
-                            path,
-                            format!(
-                                "module {}: LoHa rank {k} is above the {MAX_CORE_RANK} lorascope analyses",
-                                self.name
-                            ),
-                        ));
+                        return Err(
+                            self.error(format!("LoHa rank {k} is above the {MAX_CORE_RANK} lorascope analyses"))
+                        );
                     }
                     let mut up = linalg::face_split_rows(&u1, &u2);
                     up.scale_mut(self.scale);
@@ -288,16 +283,17 @@ impl LoraModule {
     /// declare factors whose products are far bigger than the file.
     fn within_budget(&self, values: usize) -> Result<()> {
         if values > MAX_WORK_VALUES {
-            let path = self.tensors.first().map(|t| t.file.path.clone()).unwrap_or_default();
-            return Err(Error::input(
-                path,
-                format!(
-                    "module {}: analysing it would need {values} intermediate values (limit {MAX_WORK_VALUES})",
-                    self.name
-                ),
-            ));
+            return Err(
+                self.error(format!("analysing it would need {values} intermediate values (limit {MAX_WORK_VALUES})"))
+            );
         }
         Ok(())
+    }
+
+    /// An input error about this module, naming its file.
+    pub fn error(&self, reason: impl std::fmt::Display) -> Error {
+        let path = self.tensors.first().map(|t| t.file.path.clone()).unwrap_or_default();
+        Error::input(path, format!("module {}: {reason}", self.name))
     }
 
     fn factors_ignoring_magnitude(&self) -> Result<Option<Factors>> {

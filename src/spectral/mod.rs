@@ -151,11 +151,7 @@ fn check_finite(m: &LoraModule, f: &Factors) -> Result<()> {
     }
     let n = count(f, &bad);
     if n > 0 {
-        let path = m.tensors.first().map(|t| t.file.path.clone()).unwrap_or_default();
-        return Err(Error::input(
-            path,
-            format!("module {}: {n} NaN/Inf value(s) in its factors; no spectrum can be computed", m.name),
-        ));
+        return Err(m.error(format!("{n} NaN/Inf value(s) in its factors; no spectrum can be computed")));
     }
     Ok(())
 }
@@ -332,10 +328,7 @@ pub fn analyse(
             // A numerical failure here comes from the file's values (overflow): report it as
             // bad input naming the file and the module.
             let r = analyse_module(m, base, opts).map_err(|e| match e {
-                Error::Numeric(msg) => {
-                    let path = m.tensors.first().map(|t| t.file.path.clone()).unwrap_or_default();
-                    Error::input(path, format!("module {}: {msg}", m.name))
-                }
+                Error::Numeric(msg) => m.error(msg),
                 other => other,
             });
             tick();
