@@ -105,25 +105,22 @@ fn llama7b_peft(r: usize) -> (SafetensorsBuilder, String) {
     (b, cfg)
 }
 
-fn openssl_sha256(p: &Path) -> Option<f64> {
-    let ok = Command::new("openssl").arg("version").output().ok()?.status.success();
-    if !ok {
-        return None;
-    }
-    Some(time(11, || {
-        let out = Command::new("openssl").args(["dgst", "-sha256"]).arg(p).output().unwrap();
-        assert!(out.status.success());
-    }))
+fn have_openssl() -> bool {
+    Command::new("openssl").arg("version").output().is_ok_and(|o| o.status.success())
 }
 
-fn spectrum_time(p: &Path) -> (f64, usize) {
-    let mut modules = 0;
-    let t = time(11, || {
-        let (a, _) = lorascope::open(p, None, &LoadOptions::default()).unwrap();
-        let r = lorascope::spectrum(&a, None, &SpectrumOptions::default(), &|| {}).unwrap();
-        modules = r.modules.len();
-    });
-    (t, modules)
+fn openssl_once(p: &Path) -> f64 {
+    let t = Instant::now();
+    let out = Command::new("openssl").args(["dgst", "-sha256"]).arg(p).output().unwrap();
+    assert!(out.status.success());
+    t.elapsed().as_secs_f64()
+}
+
+fn spectrum_once(p: &Path) -> (f64, usize) {
+    let t = Instant::now();
+    let (a, _) = lorascope::open(p, None, &LoadOptions::default()).unwrap();
+    let r = lorascope::spectrum(&a, None, &SpectrumOptions::default(), &|| {}).unwrap();
+    (t.elapsed().as_secs_f64(), r.modules.len())
 }
 
 fn main() {
@@ -142,11 +139,25 @@ fn main() {
         ("7B llama PEFT LoRA r16, all linear (f16)", llama_dir.clone(), llama_dir.join("adapter_model.safetensors")),
     ] {
         let size = std::fs::metadata(&file).unwrap().len() as f64 / 1e6;
-        let (t, n) = spectrum_time(&p);
-        let sha = openssl_sha256(&file);
-        let (sha_s, ratio) = match sha {
-            Some(s) => (format!("{:.1} ms", s * 1e3), format!("{:.2}x", t / s)),
-            None => ("openssl not found".into(), "-".into()),
+        // Interleaved runs, so machine noise hits both sides alike; medians of 15 pairs and the
+        // median of the per-pair ratios.
+        let mut n = 0;
+        let (mut ts, mut tos, mut ratios) = (vec![], vec![], vec![]);
+        for _ in 0..15 {
+            let (t, m) = spectrum_once(&p);
+            n = m;
+            ts.push(t);
+            if have_openssl() {
+                let o = openssl_once(&file);
+                tos.push(o);
+                ratios.push(t / o);
+            }
+        }
+        let t = median(ts);
+        let (sha_s, ratio) = if tos.is_empty() {
+            ("openssl not found".into(), "-".into())
+        } else {
+            (format!("{:.1} ms", median(tos) * 1e3), format!("{:.2}x", median(ratios)))
         };
         println!("| {label} | {size:.1} MB | {n} | {:.1} ms | {sha_s} | {ratio} |", t * 1e3);
     }
