@@ -12,6 +12,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use lorascope::load::{Format, LoadOptions};
 use lorascope::report::{self, to_canonical_json};
 use lorascope::spectral::SpectrumOptions;
+use lorascope::{Adapter, BaseModel};
 
 #[derive(Parser)]
 #[command(
@@ -49,6 +50,43 @@ struct Common {
     quiet: bool,
 }
 
+impl Common {
+    fn open(&self) -> lorascope::Result<(Adapter, Option<BaseModel>)> {
+        let opts = LoadOptions { format: self.format, allow_unmatched: self.allow_unmatched, autov3: self.autov3 };
+        lorascope::open(&self.adapter, self.base.as_deref(), &opts)
+    }
+}
+
+/// Settings of the spectral analysis shared by `spectrum` and `report`.
+#[derive(Args)]
+struct AnalysisArgs {
+    /// Bits one effective parameter can store (Morris et al. 2025: 3.6).
+    #[arg(long, default_value_t = 3.6)]
+    bits_per_param: f64,
+    /// Largest min(m, n) for dense SVDs of base-dependent matrices (intruders, DoRA).
+    #[arg(long, default_value_t = 1536)]
+    max_dense_dim: usize,
+}
+
+impl AnalysisArgs {
+    fn options(&self) -> SpectrumOptions {
+        SpectrumOptions { bits_per_param: self.bits_per_param, max_dense_dim: self.max_dense_dim, ..Default::default() }
+    }
+}
+
+/// The spectrum of an opened adapter, with a progress bar over its modules.
+fn run_spectrum(
+    adapter: &Adapter,
+    base: Option<&BaseModel>,
+    opts: &SpectrumOptions,
+    quiet: bool,
+) -> lorascope::Result<report::SpectrumReport> {
+    let progress = Progress::new(adapter.modules.len(), quiet);
+    let r = lorascope::spectrum(adapter, base, opts, &|| progress.tick());
+    progress.finish();
+    r
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Format, metadata, hashes and the module map of an adapter.
@@ -60,12 +98,8 @@ enum Command {
         /// Modules to list in the human summary, ranked by information.
         #[arg(long, default_value_t = 20)]
         top: usize,
-        /// Bits one effective parameter can store (Morris et al. 2025: 3.6).
-        #[arg(long, default_value_t = 3.6)]
-        bits_per_param: f64,
-        /// Largest min(m, n) for dense SVDs of base-dependent matrices (intruders, DoRA).
-        #[arg(long, default_value_t = 1536)]
-        max_dense_dim: usize,
+        #[command(flatten)]
+        analysis: AnalysisArgs,
     },
     /// Everything the inputs allow, written as report.json and a self-contained report.html.
     Report(ReportArgs),
@@ -99,12 +133,8 @@ struct ReportArgs {
     /// Leave the timing block out, so two runs on the same inputs give identical bytes.
     #[arg(long)]
     no_timings: bool,
-    /// Bits one effective parameter can store (Morris et al. 2025: 3.6).
-    #[arg(long, default_value_t = 3.6)]
-    bits_per_param: f64,
-    /// Largest min(m, n) for dense SVDs of base-dependent matrices (intruders, DoRA).
-    #[arg(long, default_value_t = 1536)]
-    max_dense_dim: usize,
+    #[command(flatten)]
+    analysis: AnalysisArgs,
 }
 
 #[derive(Args)]
@@ -238,8 +268,7 @@ impl Progress {
 fn run(cli: Cli) -> lorascope::Result<ExitCode> {
     match cli.command {
         Command::Inspect(c) => {
-            let opts = LoadOptions { format: c.format, allow_unmatched: c.allow_unmatched, autov3: c.autov3 };
-            let (adapter, base) = lorascope::open(&c.adapter, c.base.as_deref(), &opts)?;
+            let (adapter, base) = c.open()?;
             let r = lorascope::inspect(&adapter, base.as_ref())?;
             if c.json {
                 print!("{}", to_canonical_json(&r));
@@ -247,14 +276,9 @@ fn run(cli: Cli) -> lorascope::Result<ExitCode> {
                 print!("{}", report::render_inspect(&r));
             }
         }
-        Command::Spectrum { common: c, top, bits_per_param, max_dense_dim } => {
-            let opts = LoadOptions { format: c.format, allow_unmatched: c.allow_unmatched, autov3: c.autov3 };
-            let (adapter, base) = lorascope::open(&c.adapter, c.base.as_deref(), &opts)?;
-            let sopts = SpectrumOptions { bits_per_param, max_dense_dim, ..Default::default() };
-            let progress = Progress::new(adapter.modules.len(), c.quiet);
-            let r = lorascope::spectrum(&adapter, base.as_ref(), &sopts, &|| progress.tick());
-            progress.finish();
-            let r = r?;
+        Command::Spectrum { common: c, top, analysis } => {
+            let (adapter, base) = c.open()?;
+            let r = run_spectrum(&adapter, base.as_ref(), &analysis.options(), c.quiet)?;
             if c.json {
                 print!("{}", to_canonical_json(&r));
             } else {
@@ -284,20 +308,14 @@ fn write_report(a: ReportArgs) -> lorascope::Result<ExitCode> {
     let c = &a.common;
     let start = Instant::now();
     let mut timings = std::collections::BTreeMap::new();
-    let opts = LoadOptions { format: c.format, allow_unmatched: c.allow_unmatched, autov3: c.autov3 };
-    let (adapter, base) = lorascope::open(&c.adapter, c.base.as_deref(), &opts)?;
+    let (adapter, base) = c.open()?;
     let works = a.works.as_deref().map(lorascope::load::works::load_works).transpose()?;
     let controls = a.controls.as_deref().map(lorascope::load::works::load_works).transpose()?;
     timings.insert("load_s".to_string(), start.elapsed().as_secs_f64());
     let t = Instant::now();
-    let sopts =
-        SpectrumOptions { bits_per_param: a.bits_per_param, max_dense_dim: a.max_dense_dim, ..Default::default() };
-    let progress = Progress::new(adapter.modules.len(), c.quiet);
-    let s = lorascope::spectrum(&adapter, base.as_ref(), &sopts, &|| progress.tick());
-    progress.finish();
+    let s = run_spectrum(&adapter, base.as_ref(), &a.analysis.options(), c.quiet)?;
     timings.insert("spectrum_s".to_string(), t.elapsed().as_secs_f64());
     let command_line: Vec<String> = std::iter::once("lorascope".to_string()).chain(std::env::args().skip(1)).collect();
-    let s = s?;
     let summary = report::render_spectrum(&s, 10);
     let mut r = report::build_report(s, works.as_ref(), controls.as_ref(), command_line)?;
     timings.insert("total_s".to_string(), start.elapsed().as_secs_f64());

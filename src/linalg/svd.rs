@@ -210,8 +210,7 @@ pub fn svd_factors(f: &Factors, vectors: bool) -> Result<Svd> {
     }
 }
 
-/// A linear operator known only through products (x ↦ Ax, x ↦ Aᵀx): a base weight, or
-/// W + B·A without forming the sum.
+/// A linear operator known only through products (x ↦ Ax, x ↦ Aᵀx), for randomized SVD.
 pub trait Operator: Sync {
     fn shape(&self) -> (usize, usize);
     fn apply(&self, x: &DMatrix<f64>) -> DMatrix<f64>;
@@ -227,25 +226,6 @@ impl Operator for DMatrix<f64> {
     }
     fn apply_t(&self, x: &DMatrix<f64>) -> DMatrix<f64> {
         self.tr_mul(x)
-    }
-}
-
-/// W + up·down_tᵀ, applied without forming the sum.
-pub struct PlusLowRank<'a> {
-    pub w: &'a DMatrix<f64>,
-    pub up: &'a DMatrix<f64>,
-    pub down_t: &'a DMatrix<f64>,
-}
-
-impl Operator for PlusLowRank<'_> {
-    fn shape(&self) -> (usize, usize) {
-        self.w.shape()
-    }
-    fn apply(&self, x: &DMatrix<f64>) -> DMatrix<f64> {
-        self.w * x + self.up * self.down_t.tr_mul(x)
-    }
-    fn apply_t(&self, x: &DMatrix<f64>) -> DMatrix<f64> {
-        self.w.tr_mul(x) + self.down_t * self.up.tr_mul(x)
     }
 }
 

@@ -147,11 +147,9 @@ impl Adapter {
     pub fn hashes(&self) -> &FileHashes {
         self.hashes.get_or_init(|| {
             let f = &self.file;
-            {
-                let recorded = f.metadata.get("sshs_model_hash").map(String::as_str);
-                let data = (recorded.is_some() || self.want_autov3).then(|| f.data_section());
-                hashes::file_hashes(f.bytes(), data, recorded)
-            }
+            let recorded = f.metadata.get("sshs_model_hash").map(String::as_str);
+            let data = (recorded.is_some() || self.want_autov3).then(|| f.data_section());
+            hashes::file_hashes(f.bytes(), data, recorded)
         })
     }
 

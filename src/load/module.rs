@@ -138,8 +138,7 @@ impl LoraModule {
         Ok(Some(match &self.delta {
             Delta::LowRank { up, down, mid, transposed } => {
                 let (u, d) = low_rank_pair(up, down, mid.as_ref())?;
-                let (u, d) = if *transposed { (d, u) } else { (u, d) };
-                let mut u = u;
+                let (mut u, d) = if *transposed { (d, u) } else { (u, d) };
                 u.scale_mut(self.scale);
                 Factors::LowRank(u, d)
             }
@@ -296,7 +295,8 @@ impl LoraModule {
         Error::input(path, format!("module {}: {reason}", self.name))
     }
 
-    fn factors_ignoring_magnitude(&self) -> Result<Option<Factors>> {
+    /// The factors of ΔW without its DoRA magnitude rescaling (the LoRA part B·A).
+    pub fn factors_ignoring_magnitude(&self) -> Result<Option<Factors>> {
         let mut plain = self.clone();
         plain.magnitude = None;
         plain.factors()

@@ -46,29 +46,30 @@ impl TensorRef {
     }
     /// Row-major data viewed as `[shape[0], prod(shape[1..])]`.
     pub fn as_2d(&self) -> Result<DMatrix<f64>> {
-        let s = self.shape();
-        let rows = s.first().copied().unwrap_or(1);
-        let cols = s.iter().skip(1).product::<usize>();
+        let (rows, cols) = self.dims_2d();
         self.matrix(rows, cols)
+    }
+    /// `[shape[0], prod(shape[1..])]`.
+    fn dims_2d(&self) -> (usize, usize) {
+        let s = self.shape();
+        (s.first().copied().unwrap_or(1), s.iter().skip(1).product())
+    }
+    /// The values, checked to fill a rows×cols matrix.
+    fn values_for(&self, rows: usize, cols: usize) -> Result<Vec<f64>> {
+        let v = self.values()?;
+        if v.len() != rows * cols {
+            return Err(self.err(format!("has {} values, expected {rows}x{cols}", v.len())));
+        }
+        Ok(v)
     }
     /// The transpose of `as_2d`, `[prod(shape[1..]), shape[0]]`: row-major data read as
     /// column-major, so no copy.
     pub fn as_2d_t(&self) -> Result<DMatrix<f64>> {
-        let s = self.shape();
-        let rows = s.first().copied().unwrap_or(1);
-        let cols = s.iter().skip(1).product::<usize>();
-        let v = self.values()?;
-        if v.len() != rows * cols {
-            return Err(self.err(format!("has {} values, expected {rows}x{cols}", v.len())));
-        }
-        Ok(DMatrix::from_vec(cols, rows, v))
+        let (rows, cols) = self.dims_2d();
+        Ok(DMatrix::from_vec(cols, rows, self.values_for(rows, cols)?))
     }
     pub fn matrix(&self, rows: usize, cols: usize) -> Result<DMatrix<f64>> {
-        let v = self.values()?;
-        if v.len() != rows * cols {
-            return Err(self.err(format!("has {} values, expected {rows}x{cols}", v.len())));
-        }
-        Ok(DMatrix::from_row_slice(rows, cols, &v))
+        Ok(DMatrix::from_row_slice(rows, cols, &self.values_for(rows, cols)?))
     }
     /// A scalar stored as a 0-d or 1-element tensor (kohya `.alpha`).
     pub fn scalar(&self) -> Result<f64> {

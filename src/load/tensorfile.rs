@@ -89,15 +89,8 @@ impl TensorFile {
         refuse_pickle(path)?;
         let file = File::open(path).map_err(|e| Error::input(path, format!("cannot open: {e}")))?;
         let size = file.metadata().map_err(|e| Error::input(path, format!("cannot stat: {e}")))?.len();
-        if size == 0 {
-            return Err(Error::input(path, "empty file (0 bytes), not a safetensors file"));
-        }
-        if size < 8 {
-            return Err(Error::input(
-                path,
-                format!("truncated: {size} bytes, shorter than the 8-byte safetensors header length"),
-            ));
-        }
+        // Checked before mapping: an empty file cannot be mapped.
+        check_length(path, size)?;
         // SAFETY: the map is read-only; a file changed underneath us would give wrong numbers,
         // not memory unsafety beyond what every mmap-based loader (safetensors, candle) accepts.
         let mut opts = memmap2::MmapOptions::new();
@@ -110,15 +103,7 @@ impl TensorFile {
 
     /// Parse a safetensors file held in memory (fuzzing, tests); `path` names it in errors.
     pub fn from_bytes(path: &Path, bytes: Vec<u8>) -> Result<Self> {
-        if bytes.is_empty() {
-            return Err(Error::input(path, "empty file (0 bytes), not a safetensors file"));
-        }
-        if bytes.len() < 8 {
-            return Err(Error::input(
-                path,
-                format!("truncated: {} bytes, shorter than the 8-byte safetensors header length", bytes.len()),
-            ));
-        }
+        check_length(path, bytes.len() as u64)?;
         Self::parse(path, Storage::Owned(bytes))
     }
 
@@ -205,34 +190,39 @@ impl TensorFile {
     }
 }
 
+/// A safetensors file holds at least its 8-byte header length.
+fn check_length(path: &Path, size: u64) -> Result<()> {
+    match size {
+        0 => Err(Error::input(path, "empty file (0 bytes), not a safetensors file")),
+        1..8 => Err(Error::input(
+            path,
+            format!("truncated: {size} bytes, shorter than the 8-byte safetensors header length"),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// Little-endian bytes of a float dtype to f64. `None` for non-float dtypes.
 pub fn decode_f64(bytes: &[u8], dtype: Dtype) -> Option<Vec<f64>> {
-    use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
-    // Half types go through `half`'s slice conversion (F16C when the CPU has it), from an
-    // aligned copy of the bits: safetensors does not promise 2-byte alignment.
-    let bits = || -> Vec<u16> { bytes.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect() };
-    Some(match dtype {
-        Dtype::F16 => {
-            let b = bits();
-            let mut out = vec![0.0; b.len()];
-            b.reinterpret_cast::<half::f16>().convert_to_f64_slice(&mut out);
-            out
-        }
-        Dtype::BF16 => {
-            let b = bits();
-            let mut out = vec![0.0; b.len()];
-            b.reinterpret_cast::<half::bf16>().convert_to_f64_slice(&mut out);
-            out
-        }
-        Dtype::F64 => bytes.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap())).collect(),
-        Dtype::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64).collect(),
-        _ => return None,
-    })
+    // Refuse before allocating: a hostile file may hold a huge integer tensor.
+    if !matches!(dtype, Dtype::F16 | Dtype::BF16 | Dtype::F32 | Dtype::F64) {
+        return None;
+    }
+    let mut out = vec![0.0; bytes.len() / (dtype.bitsize() / 8)];
+    decode_values(bytes, dtype, &mut out, &mut Vec::new());
+    Some(out)
 }
 
 /// Decode little-endian floats into `out` (as many as fit), using `scratch` for aligned half
 /// bits. Returns false for a non-float dtype or a non-finite value.
 pub fn decode_into(bytes: &[u8], dtype: Dtype, out: &mut [f64], scratch: &mut Vec<u16>) -> bool {
+    decode_values(bytes, dtype, out, scratch) && out.iter().all(|x| x.is_finite())
+}
+
+/// The one float decoder: fills `out`, false for a non-float dtype. Half types go through
+/// `half`'s slice conversion (F16C when the CPU has it) from an aligned copy of the bits in
+/// `scratch`: safetensors does not promise 2-byte alignment.
+fn decode_values(bytes: &[u8], dtype: Dtype, out: &mut [f64], scratch: &mut Vec<u16>) -> bool {
     use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
     let n = out.len();
     match dtype {
@@ -257,7 +247,7 @@ pub fn decode_into(bytes: &[u8], dtype: Dtype, out: &mut [f64], scratch: &mut Ve
         }
         _ => return false,
     }
-    out.iter().all(|x| x.is_finite())
+    true
 }
 
 /// Count of NaN/±Inf values, and whether every value is ±0, read straight from the bits

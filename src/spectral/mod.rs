@@ -222,9 +222,7 @@ fn analyse_module(m: &LoraModule, base: Option<&BaseModel>, opts: &SpectrumOptio
                 (route, Some(s), energy)
             }
             None if m.kind == ModuleKind::Dora => {
-                let mut plain = m.clone();
-                plain.magnitude = None;
-                let f = plain.factors()?.expect("LoRA part has factors");
+                let f = m.factors_ignoring_magnitude()?.expect("LoRA part has factors");
                 check_finite(m, &f)?;
                 note =
                     Some("DoRA: the magnitude rescaling needs the base (--base); spectrum of the LoRA part B·A".into());
@@ -243,10 +241,10 @@ fn analyse_module(m: &LoraModule, base: Option<&BaseModel>, opts: &SpectrumOptio
     } else {
         let f = m.factors()?.expect("base-free kinds have factors");
         check_finite(m, &f)?;
-        let route = match (&f, &m.delta) {
-            (Factors::Kron(..), _) => Route::Kronecker,
-            (Factors::Dense(_), _) => Route::Dense,
-            _ => Route::Factored,
+        let route = match &f {
+            Factors::Kron(..) => Route::Kronecker,
+            Factors::Dense(_) => Route::Dense,
+            Factors::LowRank(..) => Route::Factored,
         };
         let s = svd_factors(&f, vectors)?;
         let e = s.values.iter().map(|x| x * x).sum();
