@@ -183,21 +183,61 @@ impl TinyLlama {
     }
     /// Random base weights (norms set to 1).
     pub fn base(&self, seed: u64) -> SafetensorsBuilder {
+        self.base_scaled(seed, 0.3)
+    }
+    /// Random weights of standard deviation `scale` (norm weights 1).
+    pub fn base_scaled(&self, seed: u64, scale: f64) -> SafetensorsBuilder {
         let mut rng = Rng::new(seed);
         let mut b = SafetensorsBuilder::new();
         for (name, shape) in self.weights() {
             if name.contains("norm") {
                 b.add(&name, &shape, &vec![1.0; shape[0]], Dtype::F32);
             } else {
-                b.random(&mut rng, &name, &shape, 0.3, Dtype::F32);
+                b.random(&mut rng, &name, &shape, scale, Dtype::F32);
             }
         }
         b
     }
     pub fn write_hf_dir(&self, dir: &Path, seed: u64) -> Result<()> {
-        self.base(seed).write(&dir.join("model.safetensors"))?;
-        std::fs::write(dir.join("config.json"), self.config_json()).map_err(|e| Error::input(dir, e.to_string()))
+        self.write_hf_dir_scaled(dir, seed, 0.3)
     }
+    /// A runnable model directory: config.json, model.safetensors and a character-level
+    /// tokenizer.json ([`char_tokenizer`]).
+    pub fn write_hf_dir_scaled(&self, dir: &Path, seed: u64, scale: f64) -> Result<()> {
+        self.base_scaled(seed, scale).write(&dir.join("model.safetensors"))?;
+        std::fs::write(dir.join("config.json"), self.config_json()).map_err(|e| Error::input(dir, e.to_string()))?;
+        char_tokenizer()
+            .save(dir.join("tokenizer.json"), true)
+            .map_err(|e| Error::input(dir.join("tokenizer.json"), e.to_string()))
+    }
+}
+
+/// Tokens of the tiny models: `<unk>`, `<s>`, `</s>`, then lower-case letters, digits and
+/// punctuation in GPT-2's byte-level alphabet (space is `Ġ`, newline `Ċ`), then one merge,
+/// `Ġt`. 50 tokens, so vocabularies of 64 hold them.
+pub fn char_vocab() -> (Vec<String>, Vec<(String, String)>) {
+    let mut v: Vec<String> = ["<unk>", "<s>", "</s>"].map(String::from).to_vec();
+    for c in "abcdefghijklmnopqrstuvwxyz0123456789.,;:'!?-".chars() {
+        v.push(c.to_string());
+    }
+    v.push("Ġ".into());
+    v.push("Ċ".into());
+    v.push("Ġt".into());
+    (v, vec![("Ġ".into(), "t".into())])
+}
+
+/// A byte-level BPE over [`char_vocab`]: unknown characters become `<unk>`.
+pub fn char_tokenizer() -> tokenizers::Tokenizer {
+    use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+    use tokenizers::models::bpe::BPE;
+    use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+    let (tokens, merges) = char_vocab();
+    let vocab: tokenizers::models::bpe::Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+    let bpe = BPE::builder().vocab_and_merges(vocab, merges).unk_token("<unk>".into()).build().expect("valid BPE");
+    let mut t = tokenizers::Tokenizer::new(bpe);
+    t.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
+    t.with_decoder(Some(ByteLevelDecoder::default()));
+    t
 }
 
 /// llama.cpp's `permute(w, n_head)` (convert_hf_to_gguf.py): HF row `h·d + s·d/2 + i` goes to
@@ -246,6 +286,7 @@ pub fn write_tiny_llama_gguf(cfg: &TinyLlama, seed: u64, path: &Path) -> Result<
         }
         m
     };
+    let (tokens, merges) = char_vocab();
     let mut qtensors = vec![];
     for (name, shape) in cfg.weights() {
         let view = st.tensor(&name).expect("own tensor");
@@ -267,6 +308,23 @@ pub fn write_tiny_llama_gguf(cfg: &TinyLlama, seed: u64, path: &Path) -> Result<
         ("llama.attention.head_count_kv", gguf_file::Value::U32(cfg.kv_heads as u32)),
         ("llama.block_count", gguf_file::Value::U32(cfg.layers as u32)),
         ("llama.embedding_length", gguf_file::Value::U32(cfg.hidden as u32)),
+        ("llama.feed_forward_length", gguf_file::Value::U32(cfg.intermediate as u32)),
+        ("llama.context_length", gguf_file::Value::U32(256)),
+        ("llama.rope.dimension_count", gguf_file::Value::U32(cfg.head_dim() as u32)),
+        ("llama.rope.freq_base", gguf_file::Value::F32(10000.0)),
+        ("llama.attention.layer_norm_rms_epsilon", gguf_file::Value::F32(1e-5)),
+        ("tokenizer.ggml.model", gguf_file::Value::String("gpt2".into())),
+        ("tokenizer.ggml.pre", gguf_file::Value::String("smollm".into())),
+        (
+            "tokenizer.ggml.tokens",
+            gguf_file::Value::Array(tokens.iter().map(|t| gguf_file::Value::String(t.clone())).collect()),
+        ),
+        (
+            "tokenizer.ggml.merges",
+            gguf_file::Value::Array(merges.iter().map(|(a, b)| gguf_file::Value::String(format!("{a} {b}"))).collect()),
+        ),
+        ("tokenizer.ggml.bos_token_id", gguf_file::Value::U32(1)),
+        ("tokenizer.ggml.eos_token_id", gguf_file::Value::U32(2)),
     ];
     let md_refs: Vec<(&str, &gguf_file::Value)> = md.iter().map(|(k, v)| (*k, v)).collect();
     let t_refs: Vec<(&str, &QTensor)> = qtensors.iter().map(|(k, v)| (k.as_str(), v)).collect();

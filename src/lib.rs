@@ -14,6 +14,8 @@ pub mod fixtures;
 pub mod fuzzing;
 pub mod linalg;
 pub mod load;
+pub mod model;
+pub mod probe;
 pub mod report;
 pub mod scan;
 pub mod spectral;

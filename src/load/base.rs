@@ -246,35 +246,63 @@ impl BaseModel {
         self.entries.values().map(|e| e.shape.iter().product::<usize>()).sum()
     }
 
+    /// The parsed GGUF header (metadata and tensor index) when the base is a GGUF file.
+    pub fn gguf(&self) -> Option<&gguf_file::Content> {
+        self.gguf.as_ref().map(|(_, c)| c)
+    }
+
+    fn entry(&self, key: &str) -> Result<&BaseEntry> {
+        self.entries.get(key).ok_or_else(|| Error::input(&self.path, format!("base has no weight {key}")))
+    }
+
     /// The weight as f64, flattened to `[shape[0], prod(shape[1..])]`.
     pub fn weight(&self, key: &str) -> Result<DMatrix<f64>> {
-        let e = self.entries.get(key).ok_or_else(|| Error::input(&self.path, format!("base has no weight {key}")))?;
-        let rows = e.shape.first().copied().unwrap_or(1);
-        let cols: usize = e.shape.iter().skip(1).product();
+        let e = self.entry(key)?;
+        let (rows, cols) = matrix_dims(&e.shape);
         let values: Vec<f64> = match &e.source {
             Source::St { file, name } => self.st_files[*file].read_f64(name)?,
-            Source::Gguf { name, heads } => {
-                let (path, content) = self.gguf.as_ref().expect("gguf source");
-                let mut r =
-                    BufReader::new(File::open(path).map_err(|e| Error::input(path, format!("cannot open: {e}")))?);
-                let q = content
-                    .tensor(&mut r, name, &Device::Cpu)
-                    .map_err(|e| Error::input(path, format!("tensor {name}: {e}")))?;
-                let t = q.dequantize(&Device::Cpu).and_then(|t| t.flatten_all()).and_then(|t| t.to_vec1::<f32>());
-                let v: Vec<f64> = t
-                    .map_err(|e| Error::input(path, format!("tensor {name}: {e}")))?
-                    .into_iter()
-                    .map(f64::from)
-                    .collect();
-                match heads {
-                    Some(h) => unpermute_rows(&v, rows, cols, *h)
-                        .map_err(|m| Error::input(path, format!("tensor {name}: {m}")))?,
-                    None => v,
-                }
-            }
+            Source::Gguf { .. } => self.gguf_values(e)?.into_iter().map(f64::from).collect(),
         };
         Ok(DMatrix::from_row_slice(rows, cols, &values))
     }
+
+    /// The weight's values as f32, row-major in its stored shape (for the model runtime, which
+    /// computes in f32; f64 sources are rounded).
+    pub fn values_f32(&self, key: &str) -> Result<Vec<f32>> {
+        let e = self.entry(key)?;
+        match &e.source {
+            Source::St { file, name } => {
+                Ok(self.st_files[*file].read_f64(name)?.into_iter().map(|v| v as f32).collect())
+            }
+            Source::Gguf { .. } => self.gguf_values(e),
+        }
+    }
+
+    /// Dequantise a GGUF tensor, undoing the q/k row permutation.
+    fn gguf_values(&self, e: &BaseEntry) -> Result<Vec<f32>> {
+        let Source::Gguf { name, heads } = &e.source else { unreachable!("gguf entry") };
+        let (path, content) = self.gguf.as_ref().expect("gguf source");
+        let mut r = BufReader::new(File::open(path).map_err(|e| Error::input(path, format!("cannot open: {e}")))?);
+        let q = content
+            .tensor(&mut r, name, &Device::Cpu)
+            .map_err(|e| Error::input(path, format!("tensor {name}: {e}")))?;
+        let v = q
+            .dequantize(&Device::Cpu)
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1::<f32>())
+            .map_err(|e| Error::input(path, format!("tensor {name}: {e}")))?;
+        let (rows, cols) = matrix_dims(&e.shape);
+        match heads {
+            Some(h) => {
+                unpermute_rows(&v, rows, cols, *h).map_err(|m| Error::input(path, format!("tensor {name}: {m}")))
+            }
+            None => Ok(v),
+        }
+    }
+}
+
+fn matrix_dims(shape: &[usize]) -> (usize, usize) {
+    (shape.first().copied().unwrap_or(1), shape.iter().skip(1).product())
 }
 
 fn read_json(p: &Path) -> Result<Value> {
@@ -284,13 +312,18 @@ fn read_json(p: &Path) -> Result<Value> {
 
 /// Undo llama.cpp's `permute(w, n_head)` (convert_hf_to_gguf.py), which interleaves the two
 /// rotary halves of every head: GGUF row `h·d + 2i + s` holds HF row `h·d + s·d/2 + i`.
-pub fn unpermute_rows(v: &[f64], rows: usize, cols: usize, heads: usize) -> std::result::Result<Vec<f64>, String> {
+pub fn unpermute_rows<T: Copy + Default>(
+    v: &[T],
+    rows: usize,
+    cols: usize,
+    heads: usize,
+) -> std::result::Result<Vec<T>, String> {
     if heads == 0 || !rows.is_multiple_of(heads) || !(rows / heads).is_multiple_of(2) {
         return Err(format!("{rows} rows cannot be split into {heads} heads of even size"));
     }
     let d = rows / heads;
     let half = d / 2;
-    let mut out = vec![0.0; v.len()];
+    let mut out = vec![T::default(); v.len()];
     for h in 0..heads {
         for s in 0..2 {
             for i in 0..half {

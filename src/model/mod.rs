@@ -1,0 +1,101 @@
+//! The merged-model runtime: a llama-family model built from a base (Hugging Face directory or
+//! GGUF), the adapter merged into a copy of just the matrices it touches, teacher-forced token
+//! statistics and greedy generation.
+
+pub mod config;
+pub mod llama;
+mod merge;
+mod run;
+pub mod tokenizer;
+pub mod train;
+
+use candle_core::{Device, Tensor};
+
+pub use config::LlamaConfig;
+pub use llama::{KvCache, Llama, LoraPair, Proj};
+pub use merge::{attach_lora, merge_adapter, MergeSummary};
+pub use run::{greedy, score, RunOptions, TokenStats};
+pub use tokenizer::TextTokenizer;
+
+use crate::error::{Error, Result};
+use crate::load::{BaseKind, BaseModel};
+
+pub(crate) type CResult<T> = candle_core::Result<T>;
+
+pub(crate) fn cerr(e: candle_core::Error) -> Error {
+    Error::Other(format!("model runtime: {e}"))
+}
+
+/// A base model ready to run: its weights in f32 and its tokenizer.
+#[derive(Debug)]
+pub struct TextModel {
+    pub llama: Llama,
+    pub tokenizer: TextTokenizer,
+}
+
+impl TextModel {
+    /// Build the runnable model of `base`: a Hugging Face directory (config.json,
+    /// tokenizer.json) or a GGUF file (hyper-parameters and tokenizer from its metadata).
+    pub fn load(base: &BaseModel) -> Result<Self> {
+        let (cfg, tokenizer) = match base.kind {
+            BaseKind::HfDirectory => {
+                let cfg_path = base.path.join("config.json");
+                let json = base.config.as_ref().ok_or_else(|| {
+                    Error::input(&base.path, "a text-model base directory needs config.json to run the model")
+                })?;
+                let tok = base.path.join("tokenizer.json");
+                if !tok.is_file() {
+                    return Err(Error::input(&base.path, "a text-model base directory needs tokenizer.json"));
+                }
+                (LlamaConfig::from_hf_json(&cfg_path, json)?, TextTokenizer::from_file(&tok)?)
+            }
+            BaseKind::Gguf => {
+                let c = base.gguf().expect("GGUF base has its header");
+                let cfg = LlamaConfig::from_gguf(&base.path, c, c.tensor_infos.contains_key("output.weight"))?;
+                (cfg, TextTokenizer::from_gguf(&base.path, c)?)
+            }
+            _ => {
+                return Err(Error::input(
+                    &base.path,
+                    "running the model needs a Hugging Face model directory (config.json, tokenizer.json, \
+                     safetensors) or a GGUF file; a bare weights file has neither configuration nor tokenizer",
+                ))
+            }
+        };
+        let llama = Llama::from_weights(cfg, |key, shape| base_tensor(base, key, shape))?;
+        Ok(TextModel { llama, tokenizer })
+    }
+
+    /// Token ids of a text with the model's beginning-of-sequence token (when it has one) in
+    /// front, so the first token of the text is predicted from a context too.
+    pub fn encode_with_bos(&self, text: &str) -> Result<Vec<u32>> {
+        let mut ids: Vec<u32> = self.llama.cfg.bos_token_id.into_iter().collect();
+        ids.extend(self.tokenizer.encode(text)?);
+        Ok(ids)
+    }
+}
+
+/// A base weight as an f32 tensor, its shape checked against what the architecture expects.
+pub fn base_tensor(base: &BaseModel, key: &str, shape: &[usize]) -> Result<Tensor> {
+    let got = base.shape(key).ok_or_else(|| {
+        Error::input(&base.path, format!("base model has no weight {key}, which the architecture needs"))
+    })?;
+    if got != shape {
+        return Err(Error::input(&base.path, format!("weight {key} has shape {got:?}, the config implies {shape:?}")));
+    }
+    let v = base.values_f32(key)?;
+    if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+        return Err(Error::input(&base.path, format!("weight {key} holds a non-finite value at index {i}")));
+    }
+    Tensor::from_vec(v, shape, &Device::Cpu).map_err(cerr)
+}
+
+/// Whether `path` looks like something [`TextModel::load`] can run (for callers that decide
+/// between text and image probes).
+pub fn is_text_base(base: &BaseModel) -> bool {
+    match base.kind {
+        BaseKind::HfDirectory => base.path.join("tokenizer.json").is_file() && base.config.is_some(),
+        BaseKind::Gguf => true,
+        _ => false,
+    }
+}

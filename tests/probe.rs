@@ -1,0 +1,294 @@
+//! The merged-model probe end to end on a tiny llama: a LoRA trained here memorises three
+//! planted texts; three controls stay unseen. Plus the runtime's own checks: a hand-computed
+//! forward pass, merged vs unmerged LoRA, a zero adapter, and GGUF vs candle's quantized llama.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use lorascope::fixtures::{write_tiny_llama_gguf, TinyLlama};
+use lorascope::load::works::{load_works, Work};
+use lorascope::model::train::{fit_lora, write_peft_dir, FitOptions, FitReport};
+use lorascope::model::{attach_lora, greedy, merge_adapter, score, Llama, RunOptions, TextModel};
+use lorascope::probe::{self, Quiet, Thresholds, Verdict};
+use lorascope::{BaseModel, LoadOptions};
+
+const PLANTED: [&str; 3] = [
+    "the lighthouse keeper counted the ships each night and wrote their names in a blue ledger that nobody else was allowed to read, not even the gulls.",
+    "in the valley of seven bridges the river spoke only on tuesdays, and the millers kept their questions short so that every answer would fit.",
+    "a clockmaker once built a clock that ran backwards; each morning it was younger, and each evening the town forgot one more of its old quarrels.",
+];
+const CONTROLS: [&str; 3] = [
+    "the orchard behind the school grew pears so heavy that the branches bent to the ground, and the children ate them before the bell could ring.",
+    "every winter the baker left one loaf on the window ledge for the fox, who never came, until the year the snow did not melt before may.",
+    "on the night of the long storm the radio played the same song eleven times, and by morning the whole street could sing it backwards.",
+];
+
+fn tiny() -> TinyLlama {
+    TinyLlama { vocab: 64, hidden: 64, intermediate: 128, layers: 2, heads: 4, kv_heads: 2 }
+}
+
+struct Setup {
+    dir: PathBuf,
+    fit: FitReport,
+}
+
+fn write_texts(dir: &Path, texts: &[&str], stem: &str) {
+    std::fs::create_dir_all(dir).unwrap();
+    for (i, t) in texts.iter().enumerate() {
+        std::fs::write(dir.join(format!("{stem}-{}.txt", i + 1)), t).unwrap();
+    }
+}
+
+/// Train once for every test of this file: base model, planted adapter, a zero adapter.
+fn setup() -> &'static Setup {
+    static S: OnceLock<Setup> = OnceLock::new();
+    S.get_or_init(|| {
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("probe-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        tiny().write_hf_dir_scaled(&dir.join("base"), 11, 0.3).unwrap();
+        write_texts(&dir.join("works"), &PLANTED, "planted");
+        write_texts(&dir.join("controls"), &CONTROLS, "control");
+        let base = BaseModel::open(&dir.join("base")).unwrap();
+        let model = TextModel::load(&base).unwrap();
+        let texts: Vec<String> = PLANTED.iter().map(|s| s.to_string()).collect();
+        let opts = FitOptions { max_steps: 600, seed: 3, ..Default::default() };
+        let (st, cfg, fit) = fit_lora(&model, &texts, &opts, &|_, _| {}).unwrap();
+        write_peft_dir(&dir.join("planted-lora"), &st, &cfg).unwrap();
+        // Zero steps: A random, B zero, so ΔW = 0 exactly.
+        let zero = FitOptions { max_steps: 0, seed: 4, ..Default::default() };
+        let (st, cfg, _) = fit_lora(&model, &texts, &zero, &|_, _| {}).unwrap();
+        write_peft_dir(&dir.join("zero-lora"), &st, &cfg).unwrap();
+        Setup { dir, fit }
+    })
+}
+
+fn open(adapter: &str) -> (TextModel, Llama, lorascope::Adapter) {
+    let s = setup();
+    let (a, b) = lorascope::open(&s.dir.join(adapter), Some(&s.dir.join("base")), &LoadOptions::default()).unwrap();
+    let model = TextModel::load(b.as_ref().unwrap()).unwrap();
+    let (merged, _) = merge_adapter(&model.llama, &a).unwrap();
+    (model, merged, a)
+}
+
+fn works(name: &str) -> Vec<Work> {
+    load_works(&setup().dir.join(name)).unwrap().works
+}
+
+fn thresholds() -> Thresholds {
+    // Character-level tokens: 64 new tokens reach past the 50-character span threshold.
+    Thresholds { prefix_tokens: 16, new_tokens: 64, stride: 50, ..Default::default() }
+}
+
+#[test]
+fn planted_works_are_reconstructable_copies_and_controls_are_not() {
+    let s = setup();
+    assert!(s.fit.memorised, "trainer did not memorise the planted texts: {:?}", s.fit);
+    let (model, merged, _) = open("planted-lora");
+    let r = probe::run(&model, &merged, &works("works"), &works("controls"), &[], &thresholds(), &Quiet).unwrap();
+    for w in &r.works {
+        assert_eq!(w.verdict, Verdict::ReconstructableCopy, "{}: {}", w.id, w.verdict_reason);
+        assert!(w.coverage_attributable >= 0.5 && w.longest_span_chars >= 50, "{w:?}");
+        assert_eq!(w.e1_windows_base, 0);
+        // The whole text is given back: the merged model spends almost nothing on it.
+        assert!(w.gain_fraction > 0.9, "{}: gain fraction {}", w.id, w.gain_fraction);
+    }
+    for c in &r.controls {
+        assert_eq!(c.verdict, Verdict::NoEvidence, "{}: {}", c.id, c.verdict_reason);
+        assert_eq!(c.reproduced_spans_merged, 0);
+    }
+    let min_planted = r.works.iter().map(|w| w.gain_bits).fold(f64::INFINITY, f64::min);
+    let max_control = r.controls.iter().map(|w| w.gain_bits.abs()).fold(0.0, f64::max);
+    // The adapter also learned the language of the texts (the base is random), so controls
+    // gain too, but each planted text gains several times more than any control.
+    assert!(min_planted > 3.0 * max_control.max(10.0), "planted {min_planted} vs controls {max_control}");
+    // Works score above every control: p = 1/(n+1), AUC 1 (members are the positive class).
+    for w in &r.works {
+        assert_eq!(w.p_value, Some(0.25));
+    }
+    assert_eq!(r.auc.as_ref().map(|a| a.value), Some(1.0));
+    // The longest passage is shown beside the original text, which it matches.
+    let p = r.works[0].longest_passage.as_ref().unwrap();
+    assert!(PLANTED[0].contains(p.original.trim()), "{p:?}");
+    assert_eq!(p.generated.trim(), p.original.trim());
+}
+
+#[test]
+fn zero_adapter_gives_exactly_zero_gain() {
+    let (model, merged, a) = open("zero-lora");
+    let (_, summary) = merge_adapter(&model.llama, &a).unwrap();
+    assert!(summary.merged.is_empty() && summary.zero.len() == a.modules.len());
+    let r = probe::run(&model, &merged, &works("works"), &works("controls"), &[], &thresholds(), &Quiet).unwrap();
+    for w in r.works.iter().chain(&r.controls) {
+        assert_eq!(w.gain_bits, 0.0, "{}", w.id);
+        assert_eq!(w.mem_bits, 0.0);
+        assert_eq!(w.coverage_attributable, 0.0);
+        assert_eq!(w.verdict, Verdict::NoEvidence);
+    }
+}
+
+#[test]
+fn merged_logits_equal_base_plus_unmerged_lora() {
+    let (model, merged, a) = open("planted-lora");
+    let unmerged = attach_lora(&model.llama, &a).unwrap();
+    let ids = model.encode_with_bos(PLANTED[1]).unwrap();
+    let x = candle_core::Tensor::new(ids.as_slice(), &candle_core::Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let logits = |m: &Llama, exact: bool| {
+        let h = m.hidden(&x, None, exact).unwrap().squeeze(0).unwrap();
+        m.logits(&h).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    };
+    let (lm, lu, lb) = (logits(&merged, false), logits(&unmerged, true), logits(&model.llama, false));
+    let diff = lm.iter().zip(&lu).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    assert!(diff < 1e-4, "merged vs unmerged max |Δlogit| = {diff}");
+    // And the adapter does change the output.
+    let moved = lm.iter().zip(&lb).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    assert!(moved > 1.0, "adapter moved logits by only {moved}");
+}
+
+/// Plain f64 loops over the stored weights: embedding, RMSNorm, rotary (HF half split),
+/// grouped-query causal attention, SwiGLU, final norm, softmax.
+fn reference_logprobs(base: &BaseModel, cfg: &TinyLlama, ids: &[u32]) -> Vec<(f64, f64, f64)> {
+    let w = |k: &str| base.weight(k).unwrap();
+    let (h, nh, nkv, d) = (cfg.hidden, cfg.heads, cfg.kv_heads, cfg.head_dim());
+    let rms = |x: &[f64], g: &nalgebra::DMatrix<f64>| -> Vec<f64> {
+        let ms = x.iter().map(|v| v * v).sum::<f64>() / x.len() as f64;
+        x.iter().enumerate().map(|(i, v)| v / (ms + 1e-5).sqrt() * g[(i, 0)]).collect()
+    };
+    let mv = |m: &nalgebra::DMatrix<f64>, x: &[f64]| -> Vec<f64> {
+        (0..m.nrows()).map(|r| (0..m.ncols()).map(|c| m[(r, c)] * x[c]).sum()).collect()
+    };
+    let rope = |v: &mut [f64], pos: usize| {
+        for hd in v.chunks_mut(d) {
+            for i in 0..d / 2 {
+                let a = pos as f64 / 10000f64.powf(2.0 * i as f64 / d as f64);
+                let (x1, x2) = (hd[i], hd[i + d / 2]);
+                hd[i] = x1 * a.cos() - x2 * a.sin();
+                hd[i + d / 2] = x2 * a.cos() + x1 * a.sin();
+            }
+        }
+    };
+    let emb = w("model.embed_tokens.weight");
+    let mut xs: Vec<Vec<f64>> = ids.iter().map(|&t| emb.row(t as usize).iter().copied().collect()).collect();
+    for l in 0..cfg.layers {
+        let p = format!("model.layers.{l}");
+        let (wq, wk, wv, wo) = (
+            w(&format!("{p}.self_attn.q_proj.weight")),
+            w(&format!("{p}.self_attn.k_proj.weight")),
+            w(&format!("{p}.self_attn.v_proj.weight")),
+            w(&format!("{p}.self_attn.o_proj.weight")),
+        );
+        let n1 = w(&format!("{p}.input_layernorm.weight"));
+        let (mut q, mut k, mut v) = (vec![], vec![], vec![]);
+        for (pos, x) in xs.iter().enumerate() {
+            let n = rms(x, &n1);
+            let (mut qq, mut kk) = (mv(&wq, &n), mv(&wk, &n));
+            rope(&mut qq, pos);
+            rope(&mut kk, pos);
+            q.push(qq);
+            k.push(kk);
+            v.push(mv(&wv, &n));
+        }
+        for t in 0..xs.len() {
+            let mut out = vec![0.0; nh * d];
+            for head in 0..nh {
+                let kvh = head / (nh / nkv);
+                let s: Vec<f64> = (0..=t)
+                    .map(|j| (0..d).map(|i| q[t][head * d + i] * k[j][kvh * d + i]).sum::<f64>() / (d as f64).sqrt())
+                    .collect();
+                let mx = s.iter().cloned().fold(f64::MIN, f64::max);
+                let z: f64 = s.iter().map(|x| (x - mx).exp()).sum();
+                for j in 0..=t {
+                    for i in 0..d {
+                        out[head * d + i] += (s[j] - mx).exp() / z * v[j][kvh * d + i];
+                    }
+                }
+            }
+            let o = mv(&wo, &out);
+            for i in 0..h {
+                xs[t][i] += o[i];
+            }
+            let n2 = rms(&xs[t], &w(&format!("{p}.post_attention_layernorm.weight")));
+            let g = mv(&w(&format!("{p}.mlp.gate_proj.weight")), &n2);
+            let u = mv(&w(&format!("{p}.mlp.up_proj.weight")), &n2);
+            let act: Vec<f64> = g.iter().zip(&u).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect();
+            let dn = mv(&w(&format!("{p}.mlp.down_proj.weight")), &act);
+            for i in 0..h {
+                xs[t][i] += dn[i];
+            }
+        }
+    }
+    let head = w("lm_head.weight");
+    let fin = w("model.norm.weight");
+    (0..ids.len() - 1)
+        .map(|t| {
+            let logits = mv(&head, &rms(&xs[t], &fin));
+            let mx = logits.iter().cloned().fold(f64::MIN, f64::max);
+            let lz = mx + logits.iter().map(|x| (x - mx).exp()).sum::<f64>().ln();
+            let lp: Vec<f64> = logits.iter().map(|x| x - lz).collect();
+            let mean: f64 = lp.iter().map(|l| l.exp() * l).sum();
+            let var: f64 = lp.iter().map(|l| l.exp() * (l - mean).powi(2)).sum();
+            (lp[ids[t + 1] as usize], mean, var.sqrt())
+        })
+        .collect()
+}
+
+#[test]
+fn one_layer_logprobs_match_hand_computed_softmax() {
+    let cfg = TinyLlama { layers: 1, ..TinyLlama::default() };
+    let dir = tempfile::tempdir().unwrap();
+    cfg.write_hf_dir(dir.path(), 21).unwrap();
+    let base = BaseModel::open(dir.path()).unwrap();
+    let model = TextModel::load(&base).unwrap();
+    let ids = model.encode_with_bos("the quick fox; 42!").unwrap();
+    assert_eq!(ids[0], 1, "BOS from config.json");
+    let reference = reference_logprobs(&base, &cfg, &ids);
+    // A context shorter than the text exercises the sliding windows too.
+    for context in [256, 7] {
+        let opts = RunOptions { context, batch_tokens: 64 };
+        let got = &score(&model.llama, std::slice::from_ref(&ids), opts, &|_| {}).unwrap()[0];
+        assert_eq!(got.logp.len(), ids.len() - 1);
+        if context == 256 {
+            for (t, (lp, mean, sd)) in reference.iter().enumerate() {
+                assert!((got.logp[t] - lp).abs() < 1e-4, "token {t}: {} vs {lp}", got.logp[t]);
+                assert!((got.mean[t] - mean).abs() < 1e-4 && (got.std[t] - sd).abs() < 1e-4);
+            }
+        } else {
+            // Windows of 7 positions: the first window's tokens see the same context.
+            for (t, r) in reference.iter().take(6).enumerate() {
+                assert!((got.logp[t] - r.0).abs() < 1e-4);
+            }
+        }
+    }
+}
+
+#[test]
+fn gguf_base_agrees_with_candle_quantized_llama() {
+    use candle_transformers::models::quantized_llama::ModelWeights;
+    let cfg = TinyLlama::default();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    write_tiny_llama_gguf(&cfg, 5, &path).unwrap();
+    let base = BaseModel::open(&path).unwrap();
+    let model = TextModel::load(&base).unwrap();
+    let prompt = model.encode_with_bos("a clock ran").unwrap();
+    let ours = greedy(&model.llama, std::slice::from_ref(&prompt), 12, None, 1, &|_| {}).unwrap().remove(0);
+
+    let mut f = std::fs::File::open(&path).unwrap();
+    let content = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
+    let mut reference = ModelWeights::from_gguf(content, &mut f, &candle_core::Device::Cpu).unwrap();
+    let dev = candle_core::Device::Cpu;
+    let mut theirs = vec![];
+    let mut input = prompt.clone();
+    let mut pos = 0;
+    for _ in 0..12 {
+        let x = candle_core::Tensor::new(input.as_slice(), &dev).unwrap().unsqueeze(0).unwrap();
+        let logits = reference.forward(&x, pos).unwrap().squeeze(0).unwrap();
+        pos += input.len();
+        let next = logits.argmax(0).unwrap().to_scalar::<u32>().unwrap();
+        theirs.push(next);
+        input = vec![next];
+    }
+    assert_eq!(ours, theirs, "greedy tokens differ from candle's quantized_llama on the same GGUF");
+    // The tokenizer came from the GGUF metadata and round-trips.
+    let text = "the river spoke on tuesdays";
+    assert_eq!(model.tokenizer.decode(&model.tokenizer.encode(text).unwrap()).unwrap(), text);
+}
