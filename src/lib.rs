@@ -39,6 +39,49 @@ pub fn open(adapter: &Path, base: Option<&Path>, opts: &LoadOptions) -> Result<(
     Ok((a, b))
 }
 
+/// What the probe is given besides the adapter and base.
+pub struct ProbeInputs<'a> {
+    pub works: &'a load::works::WorkSet,
+    pub controls: Option<&'a load::works::WorkSet>,
+    /// Neutral prompts and the file they came from.
+    pub prompts: Option<(&'a Path, &'a [String])>,
+}
+
+/// `probe`: the spectrum report plus the merged model's evidence on each work. The base must
+/// be a runnable text model (Hugging Face directory or GGUF); the adapter must be resolved
+/// against it.
+pub fn probe(
+    adapter: &Adapter,
+    base: &BaseModel,
+    spectrum: report::SpectrumReport,
+    inputs: &ProbeInputs,
+    thresholds: &probe::Thresholds,
+    progress: &dyn probe::Progress,
+) -> Result<report::ProbeReport> {
+    let text_model = model::TextModel::load(base)?;
+    progress.stage("merge", 1);
+    let (merged, merge) = model::merge_adapter(&text_model.llama, adapter)?;
+    let no_controls = load::works::WorkSet { works: vec![], files: vec![] };
+    let controls = inputs.controls.unwrap_or(&no_controls);
+    let prompts = inputs.prompts.map(|(_, p)| p).unwrap_or(&[]);
+    let result = probe::run(&text_model, &merged, &inputs.works.works, &controls.works, prompts, thresholds, progress)?;
+    let mut spectrum = spectrum;
+    let recorded = &mut spectrum.inspect.inputs;
+    recorded.extend(report::file_inputs("work", &inputs.works.files)?);
+    recorded.extend(report::file_inputs("control", &controls.files)?);
+    if let Some((path, _)) = inputs.prompts {
+        recorded.extend(report::file_inputs("prompts", &[path.to_path_buf()])?);
+    }
+    let capacity_check = report::CapacityCheck::new(&result.works, spectrum.totals.capacity_bits);
+    let probe = report::ProbeSection {
+        model: report::ModelInfo::of(&text_model, thresholds.context),
+        merge,
+        capacity_check,
+        result,
+    };
+    Ok(report::ProbeReport { spectrum, probe })
+}
+
 /// `inspect`: what the adapter is.
 pub fn inspect(adapter: &Adapter, base: Option<&BaseModel>) -> Result<report::InspectReport> {
     report::inspect(adapter, base)

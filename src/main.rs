@@ -1,6 +1,6 @@
 //! The `lorascope` command line: argument parsing and output only; the work is in the library.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use std::io::IsTerminal;
@@ -9,8 +9,10 @@ use std::time::Instant;
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
+use lorascope::load::works::{load_works, WorkSet};
 use lorascope::load::{Format, LoadOptions};
-use lorascope::report::{self, to_canonical_json};
+use lorascope::probe::Thresholds;
+use lorascope::report::{self, to_canonical_json, ProbeOutcome};
 use lorascope::spectral::SpectrumOptions;
 use lorascope::{Adapter, BaseModel};
 
@@ -101,6 +103,23 @@ enum Command {
         #[command(flatten)]
         analysis: AnalysisArgs,
     },
+    /// Merge the adapter into its base, run both, and probe for regurgitation of the works:
+    /// bits gained, extraction from prefixes, calibrated membership scores, a verdict per work.
+    Probe {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        probe: ProbeArgs,
+        #[command(flatten)]
+        analysis: AnalysisArgs,
+        /// Exit with code 1 if any work gets one of these verdicts (comma-separated, or `any`
+        /// for any verdict other than no-evidence).
+        #[arg(long)]
+        fail_on: Option<String>,
+    },
+    /// Fit a LoRA that memorises the given texts (a positive control: would the probe catch an
+    /// adapter that memorised these?). Writes a PEFT adapter directory.
+    FitLora(FitArgs),
     /// Everything the inputs allow, written as report.json and a self-contained report.html.
     Report(ReportArgs),
     /// Static screen of many adapters (no base): one JSON line per file on stdout, in path
@@ -117,16 +136,235 @@ enum Command {
     },
 }
 
+/// The works to probe for and the probe's settings (DESIGN §6), shared by `probe` and `report`.
+#[derive(Args)]
+struct ProbeArgs {
+    /// Works to probe for: a directory of .txt files or a JSONL file of {"id","text"} lines.
+    #[arg(long)]
+    works: Option<PathBuf>,
+    /// Control works known not to be in training (same format as --works): they calibrate
+    /// p-values and the AUC.
+    #[arg(long)]
+    controls: Option<PathBuf>,
+    /// Neutral prompts, one a line, whose continuations are searched for pieces of any work.
+    #[arg(long)]
+    prompts: Option<PathBuf>,
+    /// Tokens of each extraction prefix.
+    #[arg(long, default_value_t = 32)]
+    prefix_tokens: usize,
+    /// Tokens generated greedily after each prefix.
+    #[arg(long, default_value_t = 50)]
+    new_tokens: usize,
+    /// Tokens between extraction windows.
+    #[arg(long, default_value_t = 50)]
+    stride: usize,
+    /// Adapter-attributable share of a work reproduced verbatim that makes a
+    /// reconstructable-copy.
+    #[arg(long, default_value_t = 0.5)]
+    substantial: f64,
+    /// Longest context the model is run with (sliding windows beyond it).
+    #[arg(long, default_value_t = 2048)]
+    context: usize,
+}
+
+impl ProbeArgs {
+    fn thresholds(&self) -> lorascope::Result<Thresholds> {
+        if self.prefix_tokens == 0 || self.new_tokens == 0 || self.stride == 0 || self.context < 2 {
+            return Err(lorascope::Error::Other(
+                "--prefix-tokens, --new-tokens and --stride must be at least 1, --context at least 2".into(),
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.substantial) {
+            return Err(lorascope::Error::Other("--substantial is a share between 0 and 1".into()));
+        }
+        Ok(Thresholds {
+            prefix_tokens: self.prefix_tokens,
+            new_tokens: self.new_tokens,
+            stride: self.stride,
+            substantial: self.substantial,
+            context: self.context,
+            ..Default::default()
+        })
+    }
+}
+
+/// Works, controls and prompts read from the paths given.
+struct ProbeData {
+    works: WorkSet,
+    controls: Option<WorkSet>,
+    prompts: Option<(PathBuf, Vec<String>)>,
+}
+
+impl ProbeData {
+    fn load(a: &ProbeArgs, works: &Path) -> lorascope::Result<Self> {
+        Ok(ProbeData {
+            works: load_works(works)?,
+            controls: a.controls.as_deref().map(load_works).transpose()?,
+            prompts: match &a.prompts {
+                Some(p) => Some((p.clone(), lorascope::load::works::load_prompts(p)?)),
+                None => None,
+            },
+        })
+    }
+    fn inputs(&self) -> lorascope::ProbeInputs<'_> {
+        lorascope::ProbeInputs {
+            works: &self.works,
+            controls: self.controls.as_ref(),
+            prompts: self.prompts.as_ref().map(|(p, v)| (p.as_path(), v.as_slice())),
+        }
+    }
+}
+
+/// Progress of the probe's stages (scoring and generation, counted in tokens).
+struct ProbeProgress(Progress);
+
+impl lorascope::probe::Progress for ProbeProgress {
+    fn stage(&self, name: &str, total: u64) {
+        self.0.bar.set_message(name.to_string());
+        self.0.bar.set_length(total);
+        self.0.bar.set_position(0);
+    }
+    fn inc(&self, n: u64) {
+        self.0.tick_by(n);
+    }
+}
+
+fn run_probe(
+    adapter: &Adapter,
+    base: &BaseModel,
+    s: report::SpectrumReport,
+    data: &ProbeData,
+    th: &Thresholds,
+    quiet: bool,
+) -> lorascope::Result<report::ProbeReport> {
+    let progress = ProbeProgress(Progress::new(0, quiet));
+    if let Ok(style) = ProgressStyle::with_template("{spinner} {msg} [{bar:30}] {pos}/{len} tokens ({eta})") {
+        progress.0.bar.set_style(style.progress_chars("=> "));
+    }
+    let r = lorascope::probe(adapter, base, s, &data.inputs(), th, &progress);
+    progress.0.finish();
+    r
+}
+
+fn verdict_filter(spec: &Option<String>) -> lorascope::Result<Vec<String>> {
+    const ALL: [&str; 4] = ["reconstructable-copy", "partial-copy", "memorized-traces", "no-evidence"];
+    match spec {
+        None => Ok(vec![]),
+        Some(s) if s.trim() == "any" => Ok(ALL[..3].iter().map(|v| v.to_string()).collect()),
+        Some(s) => {
+            let v: Vec<String> = s.split(',').map(|x| x.trim().to_string()).filter(|x| !x.is_empty()).collect();
+            match v.iter().find(|x| !ALL.contains(&x.as_str())) {
+                Some(bad) => Err(lorascope::Error::Other(format!(
+                    "--fail-on: unknown verdict {bad:?} (verdicts: {}, or any)",
+                    ALL.join(", ")
+                ))),
+                None => Ok(v),
+            }
+        }
+    }
+}
+
+#[derive(Args)]
+struct FitArgs {
+    /// Base model: a Hugging Face directory or a .gguf file.
+    #[arg(long)]
+    base: PathBuf,
+    /// Texts to memorise: a directory of .txt files or a JSONL file of {"id","text"} lines.
+    #[arg(long)]
+    texts: PathBuf,
+    /// Output PEFT directory (adapter_model.safetensors + adapter_config.json).
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value_t = 8)]
+    rank: usize,
+    #[arg(long, default_value_t = 16.0)]
+    alpha: f64,
+    /// Modules to adapt, comma-separated.
+    #[arg(long, default_value = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")]
+    targets: String,
+    /// Layers to adapt, comma-separated or ranges (e.g. 24-29); default all.
+    #[arg(long)]
+    layers: Option<String>,
+    #[arg(long, default_value_t = 300)]
+    max_steps: usize,
+    #[arg(long, default_value_t = 1e-2)]
+    lr: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Stop when the mean loss (nats/token) is below this and every token is predicted.
+    #[arg(long, default_value_t = 0.05)]
+    target_loss: f64,
+    /// Also train on each text from every multiple of this many tokens (0 = whole texts).
+    #[arg(long, default_value_t = 50)]
+    chunk_stride: usize,
+    /// No progress output.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+fn parse_layers(s: &str) -> lorascope::Result<Vec<usize>> {
+    let bad = || lorascope::Error::Other(format!("--layers {s:?}: expected numbers or ranges like 0,2,24-29"));
+    let mut out = vec![];
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b): (usize, usize) = (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
+                if a > b {
+                    return Err(bad());
+                }
+                out.extend(a..=b);
+            }
+            None => out.push(part.parse().map_err(|_| bad())?),
+        }
+    }
+    Ok(out)
+}
+
+fn fit_lora(a: FitArgs) -> lorascope::Result<ExitCode> {
+    use lorascope::model::train::{fit_lora, write_peft_dir, FitOptions};
+    let base = BaseModel::open(&a.base)?;
+    let model = lorascope::model::TextModel::load(&base)?;
+    let texts: Vec<String> = load_works(&a.texts)?.works.into_iter().map(|w| w.text).collect();
+    let opts = FitOptions {
+        rank: a.rank,
+        alpha: a.alpha,
+        targets: a.targets.split(',').map(|t| t.trim().to_string()).filter(|t| !t.is_empty()).collect(),
+        layers: a.layers.as_deref().map(parse_layers).transpose()?,
+        max_steps: a.max_steps,
+        lr: a.lr,
+        seed: a.seed,
+        target_loss: a.target_loss,
+        chunk_stride: a.chunk_stride,
+    };
+    let start = Instant::now();
+    let progress = Progress::new(a.max_steps, a.quiet);
+    progress.bar.set_message("training steps");
+    let (st, cfg, rep) = fit_lora(&model, &texts, &opts, &|_, loss| {
+        progress.bar.set_message(format!("loss {loss:.4}"));
+        progress.tick();
+    })?;
+    progress.finish();
+    write_peft_dir(&a.out, &st, &cfg)?;
+    println!(
+        "{} steps in {:.1} s · loss {:.4} nats/token · accuracy {:.2}% · {} params on {} tokens · {}",
+        rep.steps,
+        start.elapsed().as_secs_f64(),
+        rep.final_loss,
+        100.0 * rep.final_accuracy,
+        rep.params,
+        rep.tokens,
+        if rep.memorised { "memorised" } else { "NOT memorised: raise --max-steps or --rank" }
+    );
+    println!("wrote {}", a.out.display());
+    Ok(ExitCode::SUCCESS)
+}
+
 #[derive(Args)]
 struct ReportArgs {
     #[command(flatten)]
     common: Common,
-    /// Works to probe for: a directory of .txt files or a JSONL file of {"id","text"} lines.
-    #[arg(long)]
-    works: Option<PathBuf>,
-    /// Control works known not to be in training (same format as --works).
-    #[arg(long)]
-    controls: Option<PathBuf>,
+    #[command(flatten)]
+    probe: ProbeArgs,
     /// Directory to write report.json and report.html into (created if missing).
     #[arg(long)]
     out: PathBuf,
@@ -255,10 +493,13 @@ impl Progress {
         Progress { bar, start: Instant::now(), visible: !quiet && std::io::stderr().is_terminal() }
     }
     fn tick(&self) {
+        self.tick_by(1);
+    }
+    fn tick_by(&self, n: u64) {
         if self.visible && self.bar.is_hidden() && self.start.elapsed().as_secs_f64() > 1.0 {
             self.bar.set_draw_target(ProgressDrawTarget::stderr());
         }
-        self.bar.inc(1);
+        self.bar.inc(n);
     }
     fn finish(&self) {
         self.bar.finish_and_clear();
@@ -285,6 +526,27 @@ fn run(cli: Cli) -> lorascope::Result<ExitCode> {
                 print!("{}", report::render_spectrum(&r, top));
             }
         }
+        Command::Probe { common: c, probe, analysis, fail_on } => {
+            let fail_on = verdict_filter(&fail_on)?;
+            let th = probe.thresholds()?;
+            let works = probe.works.as_deref().ok_or_else(|| lorascope::Error::Other("probe needs --works".into()))?;
+            if c.base.is_none() {
+                return Err(lorascope::Error::Other("probe needs --base: it runs the merged model".into()));
+            }
+            let data = ProbeData::load(&probe, works)?;
+            let (adapter, base) = c.open()?;
+            let base = base.expect("--base given");
+            let s = run_spectrum(&adapter, Some(&base), &analysis.options(), c.quiet)?;
+            let r = run_probe(&adapter, &base, s, &data, &th, c.quiet)?;
+            if c.json {
+                print!("{}", to_canonical_json(&r));
+            } else {
+                print!("{}", report::render_probe(&r));
+            }
+            let failing = r.probe.result.works.iter().any(|w| fail_on.iter().any(|v| v == w.verdict.as_str()));
+            return Ok(if failing { ExitCode::from(1) } else { ExitCode::SUCCESS });
+        }
+        Command::FitLora(a) => return fit_lora(a),
         Command::Report(a) => return write_report(a),
         Command::Scan(a) => return scan(a),
         Command::Verify { dir, json } => {
@@ -308,16 +570,43 @@ fn write_report(a: ReportArgs) -> lorascope::Result<ExitCode> {
     let c = &a.common;
     let start = Instant::now();
     let mut timings = std::collections::BTreeMap::new();
+    let th = a.probe.thresholds()?;
     let (adapter, base) = c.open()?;
-    let works = a.works.as_deref().map(lorascope::load::works::load_works).transpose()?;
-    let controls = a.controls.as_deref().map(lorascope::load::works::load_works).transpose()?;
+    let data = a.probe.works.as_deref().map(|w| ProbeData::load(&a.probe, w)).transpose()?;
     timings.insert("load_s".to_string(), start.elapsed().as_secs_f64());
     let t = Instant::now();
     let s = run_spectrum(&adapter, base.as_ref(), &a.analysis.options(), c.quiet)?;
     timings.insert("spectrum_s".to_string(), t.elapsed().as_secs_f64());
     let command_line: Vec<String> = std::iter::once("lorascope".to_string()).chain(std::env::args().skip(1)).collect();
-    let summary = report::render_spectrum(&s, 10);
-    let mut r = report::build_report(s, works.as_ref(), controls.as_ref(), command_line)?;
+    let mut summary = report::render_spectrum(&s, 10);
+    let (s, outcome) = match (&data, &base) {
+        (None, _) => (s, ProbeOutcome::Skipped("no --works given: nothing to probe for".into())),
+        (Some(_), None) => (
+            s,
+            ProbeOutcome::Skipped(
+                "works given but no --base: the probe runs the merged model and needs the base".into(),
+            ),
+        ),
+        (Some(_), Some(b)) if !lorascope::model::is_text_base(b) => (
+            s,
+            ProbeOutcome::Skipped(
+                "the base is not a runnable text model (Hugging Face llama-family directory or GGUF); probes of \
+                 image models are not implemented yet, so the works are recorded with their hashes only"
+                    .into(),
+            ),
+        ),
+        (Some(d), Some(b)) => {
+            let t = Instant::now();
+            let p = run_probe(&adapter, b, s, d, &th, c.quiet)?;
+            timings.insert("probe_s".to_string(), t.elapsed().as_secs_f64());
+            summary += "\n";
+            summary += &report::render_probe(&p);
+            (p.spectrum, ProbeOutcome::Ran(Box::new(p.probe)))
+        }
+    };
+    let works = data.as_ref().map(|d| &d.works);
+    let controls = data.as_ref().and_then(|d| d.controls.as_ref());
+    let mut r = report::build_report(s, works, controls, outcome, command_line)?;
     timings.insert("total_s".to_string(), start.elapsed().as_secs_f64());
     if !a.no_timings {
         r.timings = Some(timings);

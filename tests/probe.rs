@@ -83,7 +83,10 @@ fn thresholds() -> Thresholds {
 fn planted_works_are_reconstructable_copies_and_controls_are_not() {
     let s = setup();
     assert!(s.fit.memorised, "trainer did not memorise the planted texts: {:?}", s.fit);
-    let (model, merged, _) = open("planted-lora");
+    let (model, merged, a) = open("planted-lora");
+    // Gradients reached every adapted module (q and k only through the attention softmax).
+    let (_, summary) = merge_adapter(&model.llama, &a).unwrap();
+    assert!(summary.zero.is_empty() && summary.merged.len() == 14, "{summary:?}");
     let r = probe::run(&model, &merged, &works("works"), &works("controls"), &[], &thresholds(), &Quiet).unwrap();
     for w in &r.works {
         assert_eq!(w.verdict, Verdict::ReconstructableCopy, "{}: {}", w.id, w.verdict_reason);
@@ -291,4 +294,153 @@ fn gguf_base_agrees_with_candle_quantized_llama() {
     // The tokenizer came from the GGUF metadata and round-trips.
     let text = "the river spoke on tuesdays";
     assert_eq!(model.tokenizer.decode(&model.tokenizer.encode(text).unwrap()).unwrap(), text);
+}
+
+fn cli(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_lorascope")).args(args).output().unwrap()
+}
+
+#[test]
+fn probe_cli_json_is_deterministic_and_follows_the_contract() {
+    let s = setup();
+    let p = |x: &str| s.dir.join(x).display().to_string();
+    let (lora, base, w, c) = (p("planted-lora"), p("base"), p("works"), p("controls"));
+    let args = [
+        "probe",
+        &lora,
+        "--base",
+        &base,
+        "--works",
+        &w,
+        "--controls",
+        &c,
+        "--prefix-tokens",
+        "16",
+        "--new-tokens",
+        "64",
+        "--json",
+        "--quiet",
+    ];
+    let (a, b) = (cli(&args), cli(&args));
+    assert!(a.status.success(), "{}", String::from_utf8_lossy(&a.stderr));
+    assert_eq!(a.stdout, b.stdout, "two runs gave different JSON");
+    let v: serde_json::Value = serde_json::from_slice(&a.stdout).unwrap();
+    for key in ["works", "controls", "auc", "thresholds", "inputs", "modules", "totals"] {
+        assert!(v.get(key).is_some(), "missing {key}");
+    }
+    for w in v["works"].as_array().unwrap() {
+        for key in [
+            "id",
+            "sha256",
+            "tokens",
+            "bits_base",
+            "bits_merged",
+            "gain_bits",
+            "gain_fraction",
+            "mem_bits",
+            "windows",
+            "e1_windows_base",
+            "e1_windows_merged",
+            "e2_windows_base",
+            "e2_windows_merged",
+            "coverage_base",
+            "coverage_merged",
+            "longest_span_chars",
+            "scores",
+            "p_value",
+            "p_adjusted",
+            "verdict",
+        ] {
+            assert!(w.get(key).is_some(), "work lacks {key}");
+        }
+        assert_eq!(w["verdict"], "reconstructable-copy");
+    }
+    // Every work and control file is recorded with its hash.
+    let roles: Vec<&str> = v["inputs"].as_array().unwrap().iter().map(|i| i["role"].as_str().unwrap()).collect();
+    assert_eq!(roles.iter().filter(|r| **r == "work").count(), 3);
+    assert_eq!(roles.iter().filter(|r| **r == "control").count(), 3);
+
+    // CI gates: exit 1 on a matching verdict, 0 otherwise.
+    let gate = |verdicts: &str| {
+        cli(&[
+            "probe",
+            &lora,
+            "--base",
+            &base,
+            "--works",
+            &w,
+            "--prefix-tokens",
+            "16",
+            "--new-tokens",
+            "64",
+            "--quiet",
+            "--fail-on",
+            verdicts,
+        ])
+        .status
+        .code()
+    };
+    assert_eq!(gate("reconstructable-copy"), Some(1));
+    assert_eq!(gate("memorized-traces"), Some(0));
+}
+
+#[test]
+fn probe_refuses_bad_inputs_with_exit_2() {
+    let s = setup();
+    let p = |x: &str| s.dir.join(x).display().to_string();
+    let weights = p("base/model.safetensors");
+    // A bare weights file: no config or tokenizer to run.
+    let out = cli(&["probe", &p("planted-lora"), "--base", &weights, "--works", &p("works"), "--quiet"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("model.safetensors") && err.contains("Hugging Face model directory"), "{err}");
+    // Missing works.
+    let out = cli(&["probe", &p("planted-lora"), "--base", &p("base"), "--works", &p("nope"), "--quiet"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nope"));
+    // An adapter for another model: shapes do not fit this base.
+    let other = tempfile::tempdir().unwrap();
+    let (st, cfg) = lorascope::fixtures::peft_llama(&TinyLlama::default(), 2, false);
+    write_peft_dir(other.path(), &st, &cfg).unwrap();
+    let out =
+        cli(&["probe", &other.path().display().to_string(), "--base", &p("base"), "--works", &p("works"), "--quiet"]);
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn report_includes_the_probe() {
+    let s = setup();
+    let p = |x: &str| s.dir.join(x).display().to_string();
+    let out_dir = tempfile::tempdir().unwrap();
+    let o = out_dir.path().display().to_string();
+    let out = cli(&[
+        "report",
+        &p("planted-lora"),
+        "--base",
+        &p("base"),
+        "--works",
+        &p("works"),
+        "--controls",
+        &p("controls"),
+        "--prefix-tokens",
+        "16",
+        "--new-tokens",
+        "64",
+        "--out",
+        &o,
+        "--quiet",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out_dir.path().join("report.json")).unwrap()).unwrap();
+    let stage = v["stages"].as_array().unwrap().iter().find(|s| s["name"] == "probe").unwrap().clone();
+    assert_eq!(stage["ran"], true);
+    assert_eq!(v["probe"]["works"].as_array().unwrap().len(), 3);
+    // Each work and control file recorded once, though both the probe and the report read them.
+    assert_eq!(v["inputs"].as_array().unwrap().iter().filter(|i| i["role"] == "work").count(), 3);
+    let html = std::fs::read_to_string(out_dir.path().join("report.html")).unwrap();
+    assert!(html.contains("Is it a copy of these works?") && html.contains("3 can be reconstructed from it"));
+    assert_eq!(html.matches("<svg class=\"works\"").count(), 1);
+    let r: lorascope::report::Report = serde_json::from_value(v).unwrap();
+    assert_eq!(r.probe.unwrap().result.works[0].verdict, Verdict::ReconstructableCopy);
 }

@@ -82,3 +82,14 @@ pub fn load_works(path: &Path) -> Result<WorkSet> {
     }
     Ok(WorkSet { works, files })
 }
+
+/// Neutral prompts for the reproduction search: one per non-empty line of a text file.
+pub fn load_prompts(path: &Path) -> Result<Vec<String>> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| Error::input(path, format!("cannot read as UTF-8 text: {e}")))?;
+    let prompts: Vec<String> = text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect();
+    if prompts.is_empty() {
+        return Err(Error::input(path, "holds no prompts (one per line)"));
+    }
+    Ok(prompts)
+}

@@ -3,7 +3,8 @@
 //! place for an unmerged LoRA; the probe needs every position's distribution and the trainer
 //! needs LoRA factors in the graph, so the forward pass is spelled out here with candle-nn's
 //! kernels (RMSNorm, RoPE, softmax). `exact_grad` switches to the differentiable versions of
-//! RMSNorm and RoPE, whose fused kernels have no backward pass.
+//! RMSNorm, RoPE and softmax: candle-nn's fused kernels have no backward pass, so gradients
+//! would silently stop there.
 
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::ops;
@@ -250,7 +251,7 @@ impl Llama {
         if let Some(m) = mask {
             att = att.broadcast_add(m)?;
         }
-        let att = ops::softmax_last_dim(&att)?;
+        let att = if exact_grad { ops::softmax(&att, D::Minus1)? } else { ops::softmax_last_dim(&att)? };
         let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
         layer.o.forward(&y)
     }

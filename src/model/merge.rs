@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 use crate::load::{Adapter, Delta, LoraModule};
 
 /// What merging did, module by module (base keys, sorted as the adapter's modules are).
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct MergeSummary {
     /// Keys whose weight changed.
     pub merged: Vec<String>,

@@ -7,7 +7,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use super::inspect::{path_string, AdapterInfo, BaseInfo};
-use super::{InputFile, SpectrumReport, SpectrumSettings, Tool};
+use super::{InputFile, ProbeSection, SpectrumReport, SpectrumSettings, Tool};
 use crate::error::{Error, Result};
 use crate::load::hashes::sha256_file;
 use crate::load::works::WorkSet;
@@ -50,6 +50,8 @@ pub struct Report {
     pub base: Option<BaseInfo>,
     pub spectrum: SpectrumSection,
     pub works: Vec<WorkInfo>,
+    /// The merged-model probe, when it ran.
+    pub probe: Option<ProbeSection>,
     /// What ran, what was skipped and why.
     pub stages: Vec<Stage>,
     pub settings: SpectrumSettings,
@@ -68,11 +70,29 @@ fn excerpt(text: &str) -> String {
     }
 }
 
-/// Assemble the report from a spectrum report and the supplied works and controls.
+/// Input records (path, size, SHA-256) of supplied files such as works and controls.
+pub fn file_inputs(role: &str, files: &[std::path::PathBuf]) -> Result<Vec<InputFile>> {
+    files
+        .iter()
+        .map(|f| {
+            let (sha256, bytes) = sha256_file(f)?;
+            Ok(InputFile { role: role.into(), path: path_string(f), bytes, sha256 })
+        })
+        .collect()
+}
+
+/// Whether the probe ran: its findings, or why not.
+pub enum ProbeOutcome {
+    Ran(Box<ProbeSection>),
+    Skipped(String),
+}
+
+/// Assemble the report from a spectrum report, the supplied works and controls, and the probe.
 pub fn build_report(
     spectrum: SpectrumReport,
     works: Option<&WorkSet>,
     controls: Option<&WorkSet>,
+    probe: ProbeOutcome,
     command_line: Vec<String>,
 ) -> Result<Report> {
     let SpectrumReport { inspect: s, modules, layers, totals, statement, settings } = spectrum;
@@ -80,9 +100,11 @@ pub fn build_report(
     let mut infos = vec![];
     for (role, set) in [("work", works), ("control", controls)] {
         let Some(set) = set else { continue };
-        for f in &set.files {
-            let (sha256, bytes) = sha256_file(f)?;
-            inputs.push(InputFile { role: role.into(), path: path_string(f), bytes, sha256 });
+        for f in file_inputs(role, &set.files)? {
+            // The probe records the works it read; keep one record per file.
+            if !inputs.iter().any(|i| i.role == f.role && i.path == f.path) {
+                inputs.push(f);
+            }
         }
         for w in &set.works {
             infos.push(WorkInfo {
@@ -100,13 +122,18 @@ pub fn build_report(
     } else {
         "no --base: module names not checked against a base, no base-relative metrics".to_string()
     };
-    let probe_reason = match (works.is_some(), s.base.is_some()) {
-        (false, _) => "no --works given: nothing to probe for".to_string(),
-        (true, false) => "works given but no --base: the probe runs the merged model and needs the base".to_string(),
-        (true, true) => {
-            "works given, but this build has no merged-model probe yet (lorascope issue #4); the works are recorded with their hashes only"
-                .to_string()
+    let (probe, probe_ran, probe_reason) = match probe {
+        ProbeOutcome::Ran(p) => {
+            let why = format!(
+                "merged model run on {} works and {} controls ({} tokens scored, {} generated)",
+                p.result.works.len(),
+                p.result.controls.len(),
+                p.result.scored_tokens,
+                p.result.generated_tokens
+            );
+            (Some(*p), true, why)
         }
+        ProbeOutcome::Skipped(why) => (None, false, why),
     };
     Ok(Report {
         schema_version: s.schema_version,
@@ -117,11 +144,12 @@ pub fn build_report(
         base: s.base,
         spectrum: SpectrumSection { modules, layers, totals, statement },
         works: infos,
+        probe,
         stages: vec![
             Stage { name: "inspect".into(), ran: true, reason: "always".into() },
             Stage { name: "base".into(), ran: has_base, reason: base_reason },
             Stage { name: "spectrum".into(), ran: true, reason: "static analysis of the adapter's factors".into() },
-            Stage { name: "probe".into(), ran: false, reason: probe_reason },
+            Stage { name: "probe".into(), ran: probe_ran, reason: probe_reason },
         ],
         settings,
         warnings: s.warnings,

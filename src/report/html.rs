@@ -4,6 +4,8 @@
 
 use super::evidence::Report;
 use super::human;
+use super::ProbeSection;
+use crate::probe::{Verdict, WorkEvidence};
 use crate::spectral::{LayerSummary, ModuleSpectrum};
 
 /// HTML-escape text for element content and attribute values.
@@ -56,6 +58,120 @@ pub fn svg_spectrum(m: &ModuleSpectrum) -> String {
         s.len()
     );
     out
+}
+
+/// Per work: bits gained (left bar, scaled to the largest gain) and the share reproduced
+/// verbatim by the merged model and not by the base (right bar, 0–100%).
+pub fn svg_work_bars(works: &[&WorkEvidence]) -> String {
+    let (row, label_w, bar_w) = (22.0, 180.0, 300.0);
+    let h = 30.0 + row * works.len() as f64;
+    let w = label_w + 2.0 * bar_w + 40.0;
+    let max_gain = works.iter().map(|x| x.gain_bits.abs()).fold(1.0, f64::max);
+    let mut out = format!(
+        r#"<svg class="works" xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" role="img"><title>bits gained and share reconstructed per work</title>"#
+    );
+    let x1 = label_w;
+    let x2 = label_w + bar_w + 20.0;
+    out += &format!(
+        r##"<text x="{x1}" y="14" font-size="11" fill="#333">bits the adapter supplies (max {max_gain:.0})</text><text x="{x2}" y="14" font-size="11" fill="#333">reconstructed by merged, not base (0–100%)</text>"##
+    );
+    for (i, e) in works.iter().enumerate() {
+        let y = 22.0 + row * i as f64;
+        let colour = match e.verdict {
+            Verdict::ReconstructableCopy => "#b22222",
+            Verdict::PartialCopy => "#d2691e",
+            Verdict::MemorizedTraces => "#c9a227",
+            Verdict::NoEvidence => "#4a78b5",
+        };
+        let gw = (e.gain_bits.max(0.0) / max_gain) * bar_w;
+        let cw = e.coverage_attributable.clamp(0.0, 1.0) * bar_w;
+        let name: String = e.id.chars().take(26).collect();
+        out += &format!(
+            r##"<text x="4" y="{:.1}" font-size="11" fill="#222">{}</text><rect x="{x1}" y="{y:.1}" width="{bar_w}" height="14" fill="#f0f0f0"/><rect x="{x1}" y="{y:.1}" width="{gw:.1}" height="14" fill="{colour}"/><rect x="{x2}" y="{y:.1}" width="{bar_w}" height="14" fill="#f0f0f0"/><rect x="{x2}" y="{y:.1}" width="{cw:.1}" height="14" fill="{colour}"/>"##,
+            y + 11.0,
+            esc(&name)
+        );
+    }
+    out + "</svg>"
+}
+
+/// The probe's findings: verdict table, bars, reproduced passages beside the originals.
+fn probe_section(p: &ProbeSection) -> String {
+    let r = &p.result;
+    let mut h = String::from("<h2>Is it a copy of these works?</h2>");
+    let count = |v: Verdict| r.works.iter().filter(|w| w.verdict == v).count();
+    h += &format!(
+        "<p>The adapter was merged into the base model ({} weights changed) and both models were run on every work. \
+         Of {} works, <b>{} reconstructable copies</b>, {} partial copies, {} with memorised traces only, {} with no evidence. \
+         A <i>reconstructable copy</i> means the merged model, prompted with pieces of the work, gives back verbatim \
+         at least {:.0}% of it that the base model does not.</p>",
+        p.merge.merged.len(),
+        r.works.len(),
+        count(Verdict::ReconstructableCopy),
+        count(Verdict::PartialCopy),
+        count(Verdict::MemorizedTraces),
+        count(Verdict::NoEvidence),
+        100.0 * r.thresholds.substantial
+    );
+    let all: Vec<&WorkEvidence> = r.works.iter().chain(&r.controls).collect();
+    h += &svg_work_bars(&all);
+    h += "<table><tr><th>id</th><th>role</th><th>verdict</th><th>bits base → merged</th><th>gain</th><th>reconstructed (adapter)</th><th>longest verbatim</th><th>extraction windows E1/E2 merged (base)</th><th>p</th><th>why</th></tr>";
+    for (role, set) in [("work", &r.works), ("control", &r.controls)] {
+        for w in set.iter() {
+            h += &format!(
+                "<tr><td>{}</td><td>{role}</td><td><b>{}</b></td><td>{:.0} → {:.0}</td><td>{:.1}%</td><td>{:.1}%</td><td>{} chars</td><td>{}/{} of {} ({}/{})</td><td>{}</td><td>{}</td></tr>",
+                esc(&w.id),
+                w.verdict.as_str(),
+                w.bits_base,
+                w.bits_merged,
+                100.0 * w.gain_fraction,
+                100.0 * w.coverage_attributable,
+                w.longest_span_chars,
+                w.e1_windows_merged,
+                w.e2_windows_merged,
+                w.windows,
+                w.e1_windows_base,
+                w.e2_windows_base,
+                w.p_value.map_or("-".into(), |p| format!("{p:.3}")),
+                esc(&w.verdict_reason)
+            );
+        }
+    }
+    h += "</table>";
+    if let Some(a) = &r.auc {
+        h += &format!(
+            "<p>Works versus controls: ROC-AUC {:.3} (95% bootstrap interval {:.3}–{:.3}; 1 = every work gains more than every control).</p>",
+            a.value, a.ci_low, a.ci_high
+        );
+    }
+    if let Some(c) = &p.capacity_check {
+        h += &format!(
+            "<p>Capacity check: the works account for {:.0} bits, {:.1}% of the adapter's {:.0}-bit capacity.</p>",
+            c.gain_bits_works,
+            100.0 * c.ratio,
+            c.capacity_bits
+        );
+    }
+    for w in r.works.iter().filter(|w| matches!(w.verdict, Verdict::ReconstructableCopy | Verdict::PartialCopy)) {
+        if let Some(ps) = &w.longest_passage {
+            h += &format!(
+                "<h3>{}: longest reproduced passage ({} characters, prompted by {})</h3><table><tr><th>generated by the merged model</th><th>the original work</th></tr><tr><td>{}</td><td>{}</td></tr></table>",
+                esc(&w.id),
+                ps.chars,
+                esc(&ps.source),
+                esc(&ps.generated),
+                esc(&ps.original)
+            );
+        }
+    }
+    if !r.notes.is_empty() {
+        h += "<ul>";
+        for n in &r.notes {
+            h += &format!("<li>{}</li>", esc(n));
+        }
+        h += "</ul>";
+    }
+    h
 }
 
 /// One row per layer, colour by share of the adapter's capacity.
@@ -132,10 +248,31 @@ pub fn render_html(r: &Report) -> String {
             &format!(", about {} bytes for each of the {n} training images its metadata reports", human(per / 8.0));
     }
     summary += ". That is an upper bound on what it could store, not a finding that it stores any particular work.";
-    let verdict = match probe {
-        Some(p) if p.ran => "See the per-work evidence below.".to_string(),
-        Some(p) => format!("<b>Copying was not assessed:</b> {}.", esc(&p.reason)),
-        None => String::new(),
+    let verdict = match (probe, &r.probe) {
+        (Some(p), Some(section)) if p.ran => {
+            let flagged: Vec<String> = section
+                .result
+                .works
+                .iter()
+                .filter(|w| w.verdict == Verdict::ReconstructableCopy)
+                .map(|w| esc(&w.id))
+                .collect();
+            if flagged.is_empty() {
+                format!(
+                    "The merged model was probed on {} works: <b>none can be reconstructed</b> from it (details below).",
+                    section.result.works.len()
+                )
+            } else {
+                format!(
+                    "The merged model was probed on {} works: <b>{} can be reconstructed from it</b> ({}); details below.",
+                    section.result.works.len(),
+                    flagged.len(),
+                    flagged.join(", ")
+                )
+            }
+        }
+        (Some(p), _) => format!("<b>Copying was not assessed:</b> {}.", esc(&p.reason)),
+        (None, _) => String::new(),
     };
     h += &format!("<div class=\"summary\"><p>{summary}</p><p>{verdict}</p></div>");
 
@@ -285,6 +422,10 @@ pub fn render_html(r: &Report) -> String {
         h += "</table>";
     }
 
+    if let Some(p) = &r.probe {
+        h += &probe_section(p);
+    }
+
     // Method and limits.
     h += "<h2>Method and limits</h2><ul>";
     for item in METHOD {
@@ -324,4 +465,8 @@ const METHOD: &[&str] = &[
     "Relative size compares ΔW with the base weight it changes; amplification (Hu et al. 2021, LoRA §7.3) says how strongly ΔW boosts directions the base barely uses; intruder dimensions (Shuttleworth et al. 2024) are new dominant directions absent from the base.",
     "Metadata (training tags, image counts, base model names) is what the file says about itself: it can be edited or removed. The recorded training hash, when present, is checked against the tensors.",
     "Whether specific works can be reconstructed from the model is established only by the merged-model probe (code length under base vs merged, extraction of near-verbatim continuations, calibrated membership scores). Style similarity alone is not evidence of copying.",
+    "Bits gained: the code length of a work is the number of bits an arithmetic coder driven by the model needs for it (Delétang et al. 2024); the difference between base and merged model is what the adapter supplies. The base model is the reference, so what the base already knows (famous texts) is not attributed to the adapter.",
+    "Extraction: at windows through each work the models are given a prefix and continue greedily (Carlini et al. 2022). Texts are compared after Unicode NFKC, lower-casing and whitespace collapsing; a window counts as E1 when the continuation equals the true text, E2 when it is at least 90% similar or shares a 50-character verbatim span. Every continuation is also searched for 50-character spans of any supplied work (Aerni et al. 2024).",
+    "Verdicts follow the legal notion of memorisation (Cooper & Grimmelmann): a near-exact copy of a substantial portion that can be reconstructed from the model. Greedy decoding tests one continuation per prompt; sampling could reproduce more, so a no-evidence verdict is not proof of absence.",
+    "p-values compare each work's gain per token with control works known not to be in training; with n controls the smallest possible p-value is 1/(n+1). Holm's correction is applied for per-work claims, Benjamini–Hochberg for screening.",
 ];

@@ -3,9 +3,11 @@
 mod evidence;
 pub mod html;
 mod inspect;
+mod probe;
 mod spectrum;
 pub use evidence::*;
 pub use inspect::*;
+pub use probe::*;
 pub use spectrum::*;
 
 use serde::{Deserialize, Serialize};
