@@ -1,0 +1,76 @@
+"""The probe's model work in PyTorch + transformers, for benches/probe.rs.
+
+Reads a JSON job (GGUF path, token sequences to score, prompts to continue), runs it with the
+same model dequantised to float32, and prints one JSON line of timings. Same work as lorascope:
+teacher-forced log-probabilities with the next-token distribution's mean and standard deviation
+of log p (what Min-K%++ needs) for every position, and greedy generation with a KV cache.
+"""
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+from transformers import AutoModelForCausalLM
+
+job = json.load(open(sys.argv[1]))
+torch.set_num_threads(job["threads"])
+gguf = job["gguf"]
+model = AutoModelForCausalLM.from_pretrained(
+    os.path.dirname(gguf), gguf_file=os.path.basename(gguf), torch_dtype=torch.float32
+)
+model.eval()
+
+
+def score(batch):
+    ids = torch.tensor(batch)
+    with torch.inference_mode():
+        logits = model(ids).logits[:, :-1, :]
+        lsm = torch.log_softmax(logits, dim=-1)
+        lp = lsm.gather(-1, ids[:, 1:, None]).squeeze(-1)
+        p = lsm.exp()
+        mu = (p * lsm).sum(-1)
+        sd = ((p * lsm * lsm).sum(-1) - mu * mu).clamp(min=0).sqrt()
+    return lp, mu, sd
+
+
+def generate(prompts, n):
+    ids = torch.tensor(prompts)
+    with torch.inference_mode():
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    return out[:, ids.shape[1]:]
+
+
+def timed(f, reps):
+    f()  # warm-up
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        r = f()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), r
+
+
+reps = job["reps"]
+score_s, (lp, _, _) = timed(lambda: [score(b) for b in job["score_batches"]], reps)
+scored = sum(len(b) * (len(b[0]) - 1) for b in job["score_batches"])
+gen = {}
+for name, prompts in job["gen_batches"].items():
+    s, out = timed(lambda: generate(prompts, job["new_tokens"]), reps)
+    gen[name] = {"seconds": s, "tokens": int(out.numel()), "first_row": out[0].tolist()}
+first_lp = lp[0][0, :8].tolist() if isinstance(lp, list) else []
+print(json.dumps({
+    "torch": torch.__version__,
+    "score_seconds": score_s,
+    "scored_tokens": scored,
+    "first_logprobs": [float(x) for x in score(job["score_batches"][0])[0][0, :8]],
+    "gen": gen,
+}))
