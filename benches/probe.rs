@@ -107,7 +107,8 @@ fn main() {
     for (name, s, n, first) in &ours {
         let g = &r["gen"][name];
         let pt = g["seconds"].as_f64().expect("seconds");
-        let same: Vec<u32> = g["first_row"].as_array().expect("row").iter().filter_map(|x| x.as_u64().map(|v| v as u32)).collect();
+        let same: Vec<u32> =
+            g["first_row"].as_array().expect("row").iter().filter_map(|x| x.as_u64().map(|v| v as u32)).collect();
         let agree = same.iter().zip(first).take_while(|(a, b)| a == b).count();
         println!(
             "pytorch generation {name}: {} tokens in {pt:.3} s = {:.1} tokens/s  → lorascope/pytorch throughput {:.2}× (first row agrees on {agree}/{} tokens)",

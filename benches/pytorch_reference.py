@@ -18,7 +18,7 @@ job = json.load(open(sys.argv[1]))
 torch.set_num_threads(job["threads"])
 gguf = job["gguf"]
 model = AutoModelForCausalLM.from_pretrained(
-    os.path.dirname(gguf), gguf_file=os.path.basename(gguf), torch_dtype=torch.float32
+    os.path.dirname(gguf), gguf_file=os.path.basename(gguf), dtype=torch.float32
 )
 model.eval()
 
@@ -60,13 +60,12 @@ def timed(f, reps):
 
 
 reps = job["reps"]
-score_s, (lp, _, _) = timed(lambda: [score(b) for b in job["score_batches"]], reps)
+score_s, _ = timed(lambda: [score(b) for b in job["score_batches"]], reps)
 scored = sum(len(b) * (len(b[0]) - 1) for b in job["score_batches"])
 gen = {}
 for name, prompts in job["gen_batches"].items():
     s, out = timed(lambda: generate(prompts, job["new_tokens"]), reps)
     gen[name] = {"seconds": s, "tokens": int(out.numel()), "first_row": out[0].tolist()}
-first_lp = lp[0][0, :8].tolist() if isinstance(lp, list) else []
 print(json.dumps({
     "torch": torch.__version__,
     "score_seconds": score_s,

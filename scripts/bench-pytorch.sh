@@ -7,8 +7,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=${PYTORCH_VENV:-target/pytorch-venv}
-if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import torch, transformers, gguf" 2>/dev/null; then
+if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import torch, transformers, gguf, accelerate" 2>/dev/null; then
   python3 -m venv "$venv" >&2
-  "$venv/bin/pip" install --quiet "torch==2.15.0" "transformers>=4.46" numpy gguf >&2
+  "$venv/bin/pip" install --quiet "torch==2.15.0" "transformers>=4.46" accelerate numpy gguf >&2
 fi
 exec "$venv/bin/python" benches/pytorch_reference.py "$1"

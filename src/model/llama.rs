@@ -6,7 +6,7 @@
 //! RMSNorm, RoPE and softmax: candle-nn's fused kernels have no backward pass, so gradients
 //! would silently stop there.
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{Device, Tensor, D};
 use candle_nn::ops;
 use candle_nn::rotary_emb;
 
@@ -246,13 +246,18 @@ impl Llama {
             }
             *slot = Some((k.clone(), v.clone()));
         }
-        let (k, v) = (repeat_kv(&k, nh / nkv)?, repeat_kv(&v, nh / nkv)?);
+        // Grouped-query attention without copying keys and values per query head: the query
+        // heads that share a key/value head are stacked along the position axis
+        // (head h uses key/value head h / n_rep, as transformers' repeat_kv).
+        let n_rep = nh / nkv;
+        let s = k.dim(2)?;
+        let q = q.reshape((b, nkv, n_rep * t, hd))?;
         let mut att = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?;
         if let Some(m) = mask {
-            att = att.broadcast_add(m)?;
+            att = att.reshape((b, nkv, n_rep, t, s))?.broadcast_add(m)?.reshape((b, nkv, n_rep * t, s))?;
         }
         let att = if exact_grad { ops::softmax(&att, D::Minus1)? } else { ops::softmax_last_dim(&att)? };
-        let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+        let y = att.matmul(&v)?.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
         layer.o.forward(&y)
     }
 
@@ -260,14 +265,6 @@ impl Llama {
     pub fn logits(&self, hidden: &Tensor) -> CResult<Tensor> {
         hidden.matmul(&self.lm_head.t()?)
     }
-}
-
-fn repeat_kv(x: &Tensor, n: usize) -> CResult<Tensor> {
-    if n == 1 {
-        return Ok(x.clone());
-    }
-    let (b, kv, s, d) = x.dims4()?;
-    x.unsqueeze(2)?.expand((b, kv, n, s, d))?.reshape((b, kv * n, s, d))
 }
 
 /// `[t, start+t]`: query i (absolute position start+i) sees keys up to start+i.
@@ -303,14 +300,4 @@ pub fn ids_tensor(rows: &[Vec<u32>], dev: &Device) -> CResult<Tensor> {
     let t = rows.first().map(Vec::len).unwrap_or(0);
     let flat: Vec<u32> = rows.iter().flat_map(|r| r.iter().copied()).collect();
     Tensor::from_vec(flat, (rows.len(), t), dev)
-}
-
-/// Cast helper: f32 values of a tensor of any float dtype.
-pub fn to_f32_vec(t: &Tensor) -> CResult<Vec<f32>> {
-    t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
-}
-
-/// Log-softmax along the last axis (candle-nn's, kept here so every caller uses one).
-pub fn log_softmax(x: &Tensor) -> CResult<Tensor> {
-    ops::log_softmax(x, D::Minus1)
 }

@@ -1,8 +1,9 @@
 //! Teacher-forced token statistics and greedy generation, batched.
 
-use candle_core::{DType, Tensor, D};
+use candle_core::{Tensor, D};
+use rayon::prelude::*;
 
-use super::llama::{ids_tensor, log_softmax, KvCache, Llama};
+use super::llama::{ids_tensor, KvCache, Llama};
 use super::{cerr, CResult};
 use crate::error::Result;
 
@@ -121,18 +122,32 @@ pub fn token_stats(m: &Llama, hidden: &Tensor, targets: &[u32]) -> CResult<Vec<(
     let mut s = 0;
     while s < n {
         let c = chunk.min(n - s);
-        let lsm = log_softmax(&m.logits(&hidden.narrow(0, s, c)?)?)?;
-        let t = Tensor::from_vec(targets[s..s + c].to_vec(), (c, 1), m.device())?;
-        let lp = lsm.gather(&t, D::Minus1)?.squeeze(D::Minus1)?.to_vec1::<f32>()?;
-        let p = lsm.exp()?;
-        let mu = (&p * &lsm)?.sum(D::Minus1)?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
-        let m2 = (&p * lsm.sqr()?)?.sum(D::Minus1)?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
-        for k in 0..c {
-            res.push((lp[k] as f64, mu[k], (m2[k] - mu[k] * mu[k]).max(0.0).sqrt()));
-        }
+        let logits = m.logits(&hidden.narrow(0, s, c)?)?.flatten_all()?.to_vec1::<f32>()?;
+        res.par_extend(logits.par_chunks(vocab).zip(&targets[s..s + c]).map(|(row, &t)| row_stats(row, t as usize)));
         s += c;
     }
     Ok(res)
+}
+
+/// (log p(target), E[log p], sd[log p]) of one row of logits, in two passes: the maximum, then
+/// one exponential per entry. With d = l − max, e = exp d, Z = Σe: log p = d − ln Z,
+/// E[log p] = Σe·d/Z − ln Z, E[(log p)²] = Σe·d²/Z − 2 ln Z·Σe·d/Z + (ln Z)².
+fn row_stats(row: &[f32], target: usize) -> (f64, f64, f64) {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let (mut z, mut a, mut b) = (0f64, 0f64, 0f64);
+    for &l in row {
+        let d = (l - max) as f64;
+        let e = d.exp();
+        z += e;
+        a += e * d;
+        b += e * d * d;
+    }
+    let lz = z.ln();
+    let mean_d = a / z;
+    let mean = mean_d - lz;
+    let second = b / z - 2.0 * lz * mean_d + lz * lz;
+    let lp = row.get(target).map_or(f64::NEG_INFINITY, |&l| (l - max) as f64 - lz);
+    (lp, mean, (second - mean * mean).max(0.0).sqrt())
 }
 
 /// Greedy continuations of `n_new` tokens for prompts of equal length, with a KV cache; a row
