@@ -2,16 +2,21 @@
 //! same work in the same run: teacher-forced scoring (log p plus the next-token distribution's
 //! mean and sd at every position) and greedy generation with a KV cache.
 //! Needs `scripts/fetch-smollm2.sh`; the PyTorch side is set up by `scripts/bench-pytorch.sh`.
-//! `cargo bench --bench probe` (add `-- --no-pytorch` to skip the reference).
+//! `cargo bench --bench probe` (add `-- --no-pytorch` to skip the reference, `--scoring-only`
+//! to time scoring alone, e.g. under a profiler).
 
+use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
+use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::Instant;
+
+use serde_json::Value;
 
 use lorascope::model::{greedy, score, RunOptions, TextModel};
 use lorascope::BaseModel;
 
 const GGUF: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
-const REPS: usize = 3;
+const REPS: usize = 5;
 const NEW_TOKENS: usize = 50;
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -19,16 +24,35 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn timed<T>(mut f: impl FnMut() -> T) -> (f64, T) {
-    let _ = f(); // warm-up
-    let mut times = vec![];
-    let mut last = None;
-    for _ in 0..REPS {
-        let t = Instant::now();
-        last = Some(f());
-        times.push(t.elapsed().as_secs_f64());
+/// The PyTorch side, a child process answering one timing request per line.
+struct Reference {
+    child: Child,
+    out: BufReader<ChildStdout>,
+}
+
+impl Reference {
+    fn start(job: &Path) -> Self {
+        let mut child = Command::new("scripts/bench-pytorch.sh")
+            .arg(job)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("scripts/bench-pytorch.sh runs");
+        let out = BufReader::new(child.stdout.take().expect("piped"));
+        let mut r = Reference { child, out };
+        r.read();
+        r
     }
-    (median(times), last.expect("REPS > 0"))
+    fn read(&mut self) -> Value {
+        let mut line = String::new();
+        self.out.read_line(&mut line).expect("reference answers");
+        serde_json::from_str(&line).unwrap_or_else(|_| panic!("PyTorch reference failed (see above): {line:?}"))
+    }
+    fn ask(&mut self, cmd: &str) -> Value {
+        let stdin = self.child.stdin.as_mut().expect("piped");
+        writeln!(stdin, "{cmd}").and_then(|_| stdin.flush()).expect("reference listens");
+        self.read()
+    }
 }
 
 fn main() {
@@ -42,7 +66,7 @@ fn main() {
     let t = Instant::now();
     let base = BaseModel::open(path).expect("GGUF opens");
     let model = TextModel::load(&base).expect("model loads");
-    println!("load (dequantise to f32): {:.2} s", t.elapsed().as_secs_f64());
+    println!("load (dequantise to f32): {:.2} s; threads {threads}", t.elapsed().as_secs_f64());
     let mut text = String::new();
     for d in ["fixtures/demo/works", "fixtures/demo/controls"] {
         for w in lorascope::load::works::load_works(Path::new(d)).expect("demo texts").works {
@@ -59,63 +83,107 @@ fn main() {
     let score_batches: Vec<Vec<Vec<u32>>> = (0..2).map(|b| (0..4).map(|r| seq(b * 4 + r, 256)).collect()).collect();
     let all: Vec<Vec<u32>> = score_batches.iter().flatten().cloned().collect();
     let scored: usize = all.iter().map(|s| s.len() - 1).sum();
-    let opts = RunOptions { context: 2048, batch_tokens: 1024 };
-    let (score_s, stats) = timed(|| score(&model.llama, &all, opts, &|_| {}).expect("scores"));
-    let gen_batches: Vec<(&str, Vec<Vec<u32>>)> =
+    let mut gen_batches: Vec<(&str, Vec<Vec<u32>>)> =
         vec![("batch1", vec![seq(0, 33)]), ("batch8", (0..8).map(|k| seq(k, 33)).collect())];
-    let mut ours = vec![];
-    for (name, prompts) in &gen_batches {
-        let (s, out) = timed(|| greedy(&model.llama, prompts, NEW_TOKENS, None, 16, &|_| {}).expect("generates"));
-        let n: usize = out.iter().map(Vec::len).sum();
-        ours.push((name.to_string(), s, n, out[0].clone()));
+    if std::env::args().any(|a| a == "--scoring-only") {
+        gen_batches.clear();
     }
-    println!("threads {threads}");
-    println!("lorascope scoring: {scored} tokens in {score_s:.3} s = {:.0} tokens/s", scored as f64 / score_s);
-    for (name, s, n, _) in &ours {
-        println!("lorascope generation {name}: {n} tokens in {s:.3} s = {:.1} tokens/s", *n as f64 / s);
-    }
-    if no_pytorch {
-        return;
-    }
-    let job = serde_json::json!({
-        "gguf": std::fs::canonicalize(path).expect("path").display().to_string(),
-        "threads": threads,
-        "reps": REPS,
-        "new_tokens": NEW_TOKENS,
-        "score_batches": score_batches,
-        "gen_batches": gen_batches.iter().map(|(n, p)| (n.to_string(), p.clone())).collect::<std::collections::BTreeMap<_, _>>(),
+    let opts = RunOptions { context: 2048, batch_tokens: 1024 };
+    let run_score = || score(&model.llama, &all, opts, &|_| {}).expect("scores");
+    let run_gen = |p: &[Vec<u32>]| greedy(&model.llama, p, NEW_TOKENS, None, 16, &|_| {}).expect("generates");
+
+    let mut reference = (!no_pytorch).then(|| {
+        let job = serde_json::json!({
+            "gguf": std::fs::canonicalize(path).expect("path").display().to_string(),
+            "threads": threads,
+            "new_tokens": NEW_TOKENS,
+            "score_batches": score_batches,
+            "gen_batches": gen_batches.iter().map(|(n, p)| (n.to_string(), p.clone())).collect::<std::collections::BTreeMap<_, _>>(),
+        });
+        let job_path = Path::new("target/bench-probe-job.json");
+        std::fs::write(job_path, job.to_string()).expect("job written");
+        Reference::start(job_path)
     });
-    let job_path = Path::new("target/bench-probe-job.json");
-    std::fs::write(job_path, job.to_string()).expect("job written");
-    let out = std::process::Command::new("scripts/bench-pytorch.sh").arg(job_path).output().expect("runs the script");
-    if !out.status.success() {
-        eprintln!("PyTorch reference failed:\n{}", String::from_utf8_lossy(&out.stderr));
-        std::process::exit(1);
+    // Warm-up both sides, then alternate them REPS times; the ratio is the median of the
+    // per-pair ratios, so a noisy neighbour hurts both sides of a pair alike.
+    let stats = run_score();
+    let mut first_pt = vec![];
+    if let Some(r) = reference.as_mut() {
+        r.ask("score");
+        first_pt =
+            r.ask("score")["first_logprobs"].as_array().expect("logprobs").iter().filter_map(Value::as_f64).collect();
     }
-    let line = String::from_utf8_lossy(&out.stdout);
-    let r: serde_json::Value = serde_json::from_str(line.lines().last().unwrap_or("")).expect("reference JSON");
-    let pt_score = r["score_seconds"].as_f64().expect("score_seconds");
-    println!(
-        "pytorch {} scoring: {scored} tokens in {pt_score:.3} s = {:.0} tokens/s  → lorascope/pytorch throughput {:.2}×",
-        r["torch"],
-        scored as f64 / pt_score,
-        pt_score / score_s
-    );
-    let lp: Vec<f64> = r["first_logprobs"].as_array().expect("logprobs").iter().filter_map(|x| x.as_f64()).collect();
-    let diff = lp.iter().zip(&stats[0].logp).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
-    println!("same model check: max |Δ log p| over the first 8 positions = {diff:.2e}");
-    for (name, s, n, first) in &ours {
-        let g = &r["gen"][name];
-        let pt = g["seconds"].as_f64().expect("seconds");
-        let same: Vec<u32> =
-            g["first_row"].as_array().expect("row").iter().filter_map(|x| x.as_u64().map(|v| v as u32)).collect();
-        let agree = same.iter().zip(first).take_while(|(a, b)| a == b).count();
-        println!(
-            "pytorch generation {name}: {} tokens in {pt:.3} s = {:.1} tokens/s  → lorascope/pytorch throughput {:.2}× (first row agrees on {agree}/{} tokens)",
-            g["tokens"],
-            g["tokens"].as_f64().unwrap_or(0.0) / pt,
-            (*n as f64 / s) / (g["tokens"].as_f64().unwrap_or(0.0) / pt),
-            first.len()
-        );
+    let mut rows = vec![];
+    for (name, work) in std::iter::once(("scoring", None)).chain(gen_batches.iter().map(|(n, p)| (*n, Some(p)))) {
+        let (mut ours, mut theirs, mut ratios) = (vec![], vec![], vec![]);
+        let mut tokens = scored;
+        let mut agree = None;
+        if let Some(p) = work {
+            run_gen(p);
+            if let Some(r) = reference.as_mut() {
+                r.ask(&format!("gen {name}"));
+            }
+        }
+        for _ in 0..REPS {
+            let t = Instant::now();
+            match work {
+                None => drop(run_score()),
+                Some(p) => {
+                    let out = run_gen(p);
+                    tokens = out.iter().map(Vec::len).sum();
+                    if let Some(r) = reference.as_mut() {
+                        let s = t.elapsed().as_secs_f64();
+                        let a = r.ask(&format!("gen {name}"));
+                        let row: Vec<u32> = a["first_row"]
+                            .as_array()
+                            .expect("row")
+                            .iter()
+                            .filter_map(|x| x.as_u64().map(|v| v as u32))
+                            .collect();
+                        agree = Some(row.iter().zip(&out[0]).take_while(|(x, y)| x == y).count());
+                        ours.push(tokens as f64 / s);
+                        theirs.push(a["tokens"].as_f64().unwrap_or(0.0) / a["seconds"].as_f64().unwrap_or(f64::NAN));
+                        ratios.push(ours[ours.len() - 1] / theirs[theirs.len() - 1]);
+                        continue;
+                    }
+                }
+            }
+            let s = t.elapsed().as_secs_f64();
+            ours.push(tokens as f64 / s);
+            if let Some(r) = reference.as_mut() {
+                if work.is_none() {
+                    let a = r.ask("score");
+                    theirs.push(scored as f64 / a["seconds"].as_f64().unwrap_or(f64::NAN));
+                    ratios.push(ours[ours.len() - 1] / theirs[theirs.len() - 1]);
+                }
+            }
+        }
+        let what = if work.is_none() {
+            format!("scoring ({tokens} tokens)")
+        } else {
+            format!("generation {name} ({tokens} tokens)")
+        };
+        match reference {
+            Some(_) => rows.push(format!(
+                "{what}: lorascope {:.1} tokens/s, pytorch {:.1} tokens/s, ratio {:.2}× (median of {REPS} interleaved pairs: {}){}",
+                median(ours),
+                median(theirs),
+                median(ratios.clone()),
+                ratios.iter().map(|r| format!("{r:.2}")).collect::<Vec<_>>().join(" "),
+                agree.map_or(String::new(), |a| format!("; greedy tokens agree {a}/{NEW_TOKENS}"))
+            )),
+            None => rows.push(format!("{what}: lorascope {:.1} tokens/s", median(ours))),
+        }
+    }
+    if !first_pt.is_empty() {
+        let diff = first_pt.iter().zip(&stats[0].logp).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+        rows.push(format!("same model check: max |Δ log p| over the first 8 positions = {diff:.2e}"));
+    }
+    for r in rows {
+        println!("{r}");
+    }
+    if let Some(mut r) = reference {
+        let _ = writeln!(r.child.stdin.as_mut().expect("piped"), "quit");
+        let _ = r.child.wait();
     }
 }

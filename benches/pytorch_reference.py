@@ -1,13 +1,12 @@
 """The probe's model work in PyTorch + transformers, for benches/probe.rs.
 
 Reads a JSON job (GGUF path, token sequences to score, prompts to continue), runs it with the
-same model dequantised to float32, and prints one JSON line of timings. Same work as lorascope:
+same model dequantised to float32, and answers timing requests on stdin. Same work as lorascope:
 teacher-forced log-probabilities with the next-token distribution's mean and standard deviation
 of log p (what Min-K%++ needs) for every position, and greedy generation with a KV cache.
 """
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -49,27 +48,19 @@ def generate(prompts, n):
     return out[:, ids.shape[1]:]
 
 
-def timed(f, reps):
-    f()  # warm-up
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        r = f()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), r
-
-
-reps = job["reps"]
-score_s, _ = timed(lambda: [score(b) for b in job["score_batches"]], reps)
-scored = sum(len(b) * (len(b[0]) - 1) for b in job["score_batches"])
-gen = {}
-for name, prompts in job["gen_batches"].items():
-    s, out = timed(lambda: generate(prompts, job["new_tokens"]), reps)
-    gen[name] = {"seconds": s, "tokens": int(out.numel()), "first_row": out[0].tolist()}
-print(json.dumps({
-    "torch": torch.__version__,
-    "score_seconds": score_s,
-    "scored_tokens": scored,
-    "first_logprobs": [float(x) for x in score(job["score_batches"][0])[0][0, :8]],
-    "gen": gen,
-}))
+# Serve timing requests so the bench can interleave the two sides: one line in ("score",
+# "gen NAME" or "quit"), one JSON line out.
+print(json.dumps({"ready": True, "torch": torch.__version__}), flush=True)
+score([job["score_batches"][0][0][:8]])  # warm-up
+for line in sys.stdin:
+    cmd = line.split()
+    if not cmd or cmd[0] == "quit":
+        break
+    t = time.perf_counter()
+    if cmd[0] == "score":
+        res = [score(b) for b in job["score_batches"]]
+        out = {"seconds": time.perf_counter() - t, "first_logprobs": [float(x) for x in res[0][0][0, :8]]}
+    else:
+        g = generate(job["gen_batches"][cmd[1]], job["new_tokens"])
+        out = {"seconds": time.perf_counter() - t, "tokens": int(g.numel()), "first_row": g[0].tolist()}
+    print(json.dumps(out), flush=True)

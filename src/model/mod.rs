@@ -3,6 +3,7 @@
 //! statistics and greedy generation.
 
 pub mod config;
+mod gemv;
 pub mod llama;
 mod merge;
 mod run;
