@@ -116,6 +116,22 @@ fn planted_works_are_reconstructable_copies_and_controls_are_not() {
 }
 
 #[test]
+fn neutral_prompts_that_lead_into_a_work_are_found_by_the_span_search() {
+    let (model, merged, _) = open("planted-lora");
+    // Not a window of any work: a prompt a moderator might try, which happens to open planted-2.
+    let prompts = vec!["in the valley of seven".to_string(), "zzz qqq".to_string()];
+    let th = Thresholds { prefix_tokens: 16, new_tokens: 120, stride: 1000, ..Default::default() };
+    let r = probe::run(&model, &merged, &works("works"), &[], &prompts, &th, &Quiet).unwrap();
+    let w = r.works.iter().find(|w| w.id == "planted-2").unwrap();
+    assert!(w.cross_prompt_spans_merged >= 1, "{:?}", w.span_sources);
+    let src = w.span_sources.iter().find(|s| s.source == "prompt:1" && s.model == "merged").unwrap();
+    assert!(src.chars >= 100, "{src:?}");
+    // The base, a random model, reproduces nothing; nothing comes from the nonsense prompt.
+    assert!(w.span_sources.iter().all(|s| s.model == "merged" && s.source != "prompt:2"));
+    assert_eq!(r.prompts, 2);
+}
+
+#[test]
 fn zero_adapter_gives_exactly_zero_gain() {
     let (model, merged, a) = open("zero-lora");
     let (_, summary) = merge_adapter(&model.llama, &a).unwrap();
