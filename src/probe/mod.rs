@@ -422,8 +422,8 @@ pub fn run(
     };
     let work_stats: Vec<f64> = works_ev.iter().map(WorkEvidence::gain_per_token).collect();
     let auc = calibrate::auc_with_interval(&work_stats, &control_stats, 1000, 0x10ca);
-    for w in works_ev.iter_mut().chain(controls_ev.iter_mut()) {
-        let (v, why) = verdict(w, th);
+    for (w, control) in works_ev.iter_mut().map(|w| (w, false)).chain(controls_ev.iter_mut().map(|w| (w, true))) {
+        let (v, why) = verdict(w, th, control);
         w.verdict = v;
         w.verdict_reason = why;
     }
@@ -572,7 +572,7 @@ fn assemble(
 
 /// Cooper & Grimmelmann's test: a near-exact copy of a substantial portion reconstructable from
 /// the model, attributed to the adapter by subtracting what the base already reproduces.
-fn verdict(w: &WorkEvidence, th: &Thresholds) -> (Verdict, String) {
+fn verdict(w: &WorkEvidence, th: &Thresholds, control: bool) -> (Verdict, String) {
     let pct = |x: f64| format!("{:.1}%", 100.0 * x);
     if w.coverage_attributable >= th.substantial {
         return (
@@ -612,11 +612,12 @@ fn verdict(w: &WorkEvidence, th: &Thresholds) -> (Verdict, String) {
             ),
         );
     }
-    let why = match w.p_adjusted {
-        Some(p) => {
+    let why = match (w.p_adjusted, control) {
+        (_, true) => format!("control text: no adapter-attributable reproduction; gain {:.1} bits", w.gain_bits),
+        (Some(p), false) => {
             format!("no adapter-attributable reproduction; gain {:.1} bits, Holm-adjusted p = {p:.3}", w.gain_bits)
         }
-        None => {
+        (None, false) => {
             format!("no adapter-attributable reproduction; gain {:.1} bits (no controls to calibrate it)", w.gain_bits)
         }
     };

@@ -115,11 +115,11 @@ fn probe_section(p: &ProbeSection) -> String {
     );
     let all: Vec<&WorkEvidence> = r.works.iter().chain(&r.controls).collect();
     h += &svg_work_bars(&all);
-    h += "<table><tr><th>id</th><th>role</th><th>verdict</th><th>bits base → merged</th><th>gain</th><th>reconstructed (adapter)</th><th>longest verbatim</th><th>extraction windows E1/E2 merged (base)</th><th>p</th><th>why</th></tr>";
+    h += "<table><tr><th>id</th><th>role</th><th>verdict</th><th>bits base → merged</th><th>gain</th><th>reconstructed (adapter)</th><th>longest verbatim</th><th>extraction windows E1/E2 merged (base)</th><th>p</th></tr>";
     for (role, set) in [("work", &r.works), ("control", &r.controls)] {
         for w in set.iter() {
             h += &format!(
-                "<tr><td>{}</td><td>{role}</td><td><b>{}</b></td><td>{:.0} → {:.0}</td><td>{:.1}%</td><td>{:.1}%</td><td>{} chars</td><td>{}/{} of {} ({}/{})</td><td>{}</td><td>{}</td></tr>",
+                "<tr><td>{}</td><td>{role}</td><td><b>{}</b></td><td>{:.0} → {:.0}</td><td>{:.1}%</td><td>{:.1}%</td><td>{} chars</td><td>{}/{} of {} ({}/{})</td><td>{}</td></tr>",
                 esc(&w.id),
                 w.verdict.as_str(),
                 w.bits_base,
@@ -133,11 +133,14 @@ fn probe_section(p: &ProbeSection) -> String {
                 w.e1_windows_base,
                 w.e2_windows_base,
                 w.p_value.map_or("-".into(), |p| format!("{p:.3}")),
-                esc(&w.verdict_reason)
             );
         }
     }
-    h += "</table>";
+    h += "</table><p>Why each verdict:</p><ul>";
+    for w in r.works.iter().chain(&r.controls) {
+        h += &format!("<li><b>{}</b>: {}</li>", esc(&w.id), esc(&w.verdict_reason));
+    }
+    h += "</ul>";
     if let Some(a) = &r.auc {
         h += &format!(
             "<p>Works versus controls: ROC-AUC {:.3} (95% bootstrap interval {:.3}–{:.3}; 1 = every work gains more than every control).</p>",
