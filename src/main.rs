@@ -11,6 +11,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use lorascope::load::works::{load_works, WorkSet};
 use lorascope::load::{Format, LoadOptions};
+use lorascope::model::train::FitOptions;
 use lorascope::probe::Thresholds;
 use lorascope::report::{self, to_canonical_json, ProbeOutcome};
 use lorascope::spectral::SpectrumOptions;
@@ -150,20 +151,20 @@ struct ProbeArgs {
     #[arg(long)]
     prompts: Option<PathBuf>,
     /// Tokens of each extraction prefix.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = Thresholds::default().prefix_tokens)]
     prefix_tokens: usize,
     /// Tokens generated greedily after each prefix.
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = Thresholds::default().new_tokens)]
     new_tokens: usize,
     /// Tokens between extraction windows.
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = Thresholds::default().stride)]
     stride: usize,
     /// Adapter-attributable share of a work reproduced verbatim that makes a
     /// reconstructable-copy.
-    #[arg(long, default_value_t = 0.5)]
+    #[arg(long, default_value_t = Thresholds::default().substantial)]
     substantial: f64,
     /// Longest context the model is run with (sliding windows beyond it).
-    #[arg(long, default_value_t = 2048)]
+    #[arg(long, default_value_t = Thresholds::default().context)]
     context: usize,
 }
 
@@ -246,22 +247,27 @@ fn run_probe(
     r
 }
 
-fn verdict_filter(spec: &Option<String>) -> lorascope::Result<Vec<String>> {
-    const ALL: [&str; 4] = ["reconstructable-copy", "partial-copy", "memorized-traces", "no-evidence"];
+/// `--fail-on`: a comma-separated list of `known` names (each a `what`), or `any` for `any`.
+fn parse_fail_on(spec: Option<&str>, known: &[&str], any: &[&str], what: &str) -> lorascope::Result<Vec<String>> {
     match spec {
         None => Ok(vec![]),
-        Some(s) if s.trim() == "any" => Ok(ALL[..3].iter().map(|v| v.to_string()).collect()),
+        Some(s) if s.trim() == "any" => Ok(any.iter().map(|v| v.to_string()).collect()),
         Some(s) => {
             let v: Vec<String> = s.split(',').map(|x| x.trim().to_string()).filter(|x| !x.is_empty()).collect();
-            match v.iter().find(|x| !ALL.contains(&x.as_str())) {
+            match v.iter().find(|x| !known.contains(&x.as_str())) {
                 Some(bad) => Err(lorascope::Error::Other(format!(
-                    "--fail-on: unknown verdict {bad:?} (verdicts: {}, or any)",
-                    ALL.join(", ")
+                    "--fail-on: unknown {what} {bad:?} ({what}s: {}, or any)",
+                    known.join(", ")
                 ))),
                 None => Ok(v),
             }
         }
     }
+}
+
+fn verdict_filter(spec: &Option<String>) -> lorascope::Result<Vec<String>> {
+    const ALL: [&str; 4] = ["reconstructable-copy", "partial-copy", "memorized-traces", "no-evidence"];
+    parse_fail_on(spec.as_deref(), &ALL, &ALL[..3], "verdict")
 }
 
 #[derive(Args)]
@@ -275,27 +281,27 @@ struct FitArgs {
     /// Output PEFT directory (adapter_model.safetensors + adapter_config.json).
     #[arg(long)]
     out: PathBuf,
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = FitOptions::default().rank)]
     rank: usize,
-    #[arg(long, default_value_t = 16.0)]
+    #[arg(long, default_value_t = FitOptions::default().alpha)]
     alpha: f64,
     /// Modules to adapt, comma-separated.
-    #[arg(long, default_value = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")]
+    #[arg(long, default_value_t = FitOptions::default().targets.join(","))]
     targets: String,
     /// Layers to adapt, comma-separated or ranges (e.g. 24-29); default all.
     #[arg(long)]
     layers: Option<String>,
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = FitOptions::default().max_steps)]
     max_steps: usize,
-    #[arg(long, default_value_t = 1e-2)]
+    #[arg(long, default_value_t = FitOptions::default().lr)]
     lr: f64,
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = FitOptions::default().seed)]
     seed: u64,
     /// Stop when the mean loss (nats/token) is below this and every token is predicted.
-    #[arg(long, default_value_t = 0.05)]
+    #[arg(long, default_value_t = FitOptions::default().target_loss)]
     target_loss: f64,
     /// Also train on each text from every multiple of this many tokens (0 = whole texts).
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = FitOptions::default().chunk_stride)]
     chunk_stride: usize,
     /// No progress output.
     #[arg(long, short)]
@@ -321,7 +327,7 @@ fn parse_layers(s: &str) -> lorascope::Result<Vec<usize>> {
 }
 
 fn fit_lora(a: FitArgs) -> lorascope::Result<ExitCode> {
-    use lorascope::model::train::{fit_lora, write_peft_dir, FitOptions};
+    use lorascope::model::train::{fit_lora, write_peft_dir};
     let base = BaseModel::open(&a.base)?;
     let model = lorascope::model::TextModel::load(&base)?;
     let texts: Vec<String> = load_works(&a.texts)?.works.into_iter().map(|w| w.text).collect();
@@ -403,20 +409,7 @@ fn scan(a: ScanArgs) -> lorascope::Result<ExitCode> {
     use lorascope::scan;
     use rayon::prelude::*;
     use std::io::Write;
-    let fail_on: Vec<String> = match &a.fail_on {
-        None => vec![],
-        Some(s) if s.trim() == "any" => scan::FLAGS.iter().map(|f| f.to_string()).collect(),
-        Some(s) => {
-            let v: Vec<String> = s.split(',').map(|x| x.trim().to_string()).filter(|x| !x.is_empty()).collect();
-            if let Some(bad) = v.iter().find(|f| !scan::FLAGS.contains(&f.as_str())) {
-                return Err(lorascope::Error::Other(format!(
-                    "--fail-on: unknown flag {bad:?} (flags: {}, or any)",
-                    scan::FLAGS.join(", ")
-                )));
-            }
-            v
-        }
-    };
+    let fail_on = parse_fail_on(a.fail_on.as_deref(), scan::FLAGS, scan::FLAGS, "flag")?;
     let mut paths = a.paths.clone();
     if let Some(l) = &a.list {
         paths.extend(scan::read_list(l)?);

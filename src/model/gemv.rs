@@ -3,16 +3,27 @@
 //! here each row of W is read once and dotted with every row of x, in parallel over W's rows.
 //! The result is the same sum in another order (f32 rounding differs in the last bits).
 
-use candle_core::{Storage, Tensor};
+use candle_core::Tensor;
 use rayon::prelude::*;
 
-use super::CResult;
+use super::{with_f32, CResult};
 
-/// Rows of x at or below which this path is used.
-pub const MAX_ROWS: usize = 16;
+/// Rows of x at or below which the few-row path is used.
+const MAX_ROWS: usize = 16;
 
-/// `x` `[rows, in]`, `w` `[out, in]` (both contiguous f32 on the CPU) → `[rows, out]`.
+/// `x` `[rows, in]` · `w`ᵀ (`w` `[out, in]`) → `[rows, out]`. Few rows take the path below,
+/// but only where nothing upstream needs gradients (it has no backward pass); everything else
+/// goes to candle's matmul.
 pub fn matmul_t(x: &Tensor, w: &Tensor) -> CResult<Tensor> {
+    if x.dim(0)? <= MAX_ROWS && !x.track_op() && w.is_contiguous() {
+        few_rows(x, w)
+    } else {
+        x.matmul(&w.t()?)
+    }
+}
+
+/// The few-row product; `w` contiguous f32 on the CPU.
+fn few_rows(x: &Tensor, w: &Tensor) -> CResult<Tensor> {
     let (rows, inp) = x.dims2()?;
     let (out, w_in) = w.dims2()?;
     if inp != w_in {
@@ -20,21 +31,19 @@ pub fn matmul_t(x: &Tensor, w: &Tensor) -> CResult<Tensor> {
     }
     let x = x.contiguous()?;
     let xv = x.flatten_all()?.to_vec1::<f32>()?;
-    let (storage, layout) = w.storage_and_layout();
-    let Storage::Cpu(cpu) = &*storage else { candle_core::bail!("the runtime is CPU-only") };
-    let (from, to) = layout.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("w not contiguous".into()))?;
-    let wv = &cpu.as_slice::<f32>()?[from..to];
     // yᵀ `[out, rows]`, filled block by block of W's rows.
     let mut yt = vec![0f32; out * rows];
-    yt.par_chunks_mut(rows * 64).enumerate().for_each(|(blk, dst)| {
-        for (k, cell) in dst.chunks_mut(rows).enumerate() {
-            let o = blk * 64 + k;
-            let wrow = &wv[o * inp..(o + 1) * inp];
-            for (r, c) in cell.iter_mut().enumerate() {
-                *c = dot(&xv[r * inp..(r + 1) * inp], wrow);
+    with_f32(w, |wv| {
+        yt.par_chunks_mut(rows * 64).enumerate().for_each(|(blk, dst)| {
+            for (k, cell) in dst.chunks_mut(rows).enumerate() {
+                let o = blk * 64 + k;
+                let wrow = &wv[o * inp..(o + 1) * inp];
+                for (r, c) in cell.iter_mut().enumerate() {
+                    *c = dot(&xv[r * inp..(r + 1) * inp], wrow);
+                }
             }
-        }
-    });
+        })
+    })?;
     let mut y = vec![0f32; rows * out];
     for o in 0..out {
         for r in 0..rows {
@@ -85,7 +94,7 @@ mod tests {
         for (rows, inp, out) in [(1, 37, 130), (8, 576, 200), (3, 16, 65)] {
             let x = Tensor::randn(0f32, 1.0, (rows, inp), &dev).unwrap();
             let w = Tensor::randn(0f32, 1.0, (out, inp), &dev).unwrap();
-            let a = matmul_t(&x, &w).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let a = few_rows(&x, &w).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
             let b = x.matmul(&w.t().unwrap()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
             let diff = a.iter().zip(&b).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
             assert!(diff < 1e-3, "{rows}x{inp}x{out}: {diff}");

@@ -39,12 +39,7 @@ impl Proj {
         let (last, lead) = dims.split_last().expect("projection input has a feature axis");
         let rows: usize = lead.iter().product();
         let x2 = x.reshape((rows, *last))?;
-        // The few-row path has no backward pass: only where nothing upstream needs gradients.
-        let mut y = if rows <= gemv::MAX_ROWS && !x2.track_op() && self.w.is_contiguous() {
-            gemv::matmul_t(&x2, &self.w)?
-        } else {
-            x2.matmul(&self.w.t()?)?
-        };
+        let mut y = gemv::matmul_t(&x2, &self.w)?;
         if let Some(l) = &self.lora {
             let low = x2.matmul(&l.a.t()?)?.matmul(&l.b.t()?)?;
             y = (y + (low * l.scale)?)?;
@@ -269,10 +264,7 @@ impl Llama {
 
     /// Logits `[rows, vocab]` of hidden states `[rows, hidden]`.
     pub fn logits(&self, hidden: &Tensor) -> CResult<Tensor> {
-        if hidden.dim(0)? <= gemv::MAX_ROWS && !hidden.track_op() && self.lm_head.is_contiguous() {
-            return gemv::matmul_t(hidden, &self.lm_head);
-        }
-        hidden.matmul(&self.lm_head.t()?)
+        gemv::matmul_t(hidden, &self.lm_head)
     }
 }
 

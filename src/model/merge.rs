@@ -31,9 +31,8 @@ fn slots<'a>(m: &'a mut Llama, key: &str) -> Option<Vec<&'a mut Tensor>> {
         "model.norm.weight" => return Some(vec![&mut m.norm]),
         _ => {}
     }
-    let rest = key.strip_prefix("model.layers.")?;
-    let (idx, part) = rest.split_once('.')?;
-    let layer = m.layers.get_mut(idx.parse::<usize>().ok()?)?;
+    let (idx, part) = layer_part(key)?;
+    let layer = m.layers.get_mut(idx)?;
     match part {
         "input_layernorm.weight" => return Some(vec![&mut layer.input_norm]),
         "post_attention_layernorm.weight" => return Some(vec![&mut layer.post_norm]),
@@ -46,6 +45,12 @@ fn slots<'a>(m: &'a mut Llama, key: &str) -> Option<Vec<&'a mut Tensor>> {
         "bias" => proj.bias.as_mut().map(|b| vec![b]),
         _ => None,
     }
+}
+
+/// `model.layers.N.rest` → (N, rest).
+fn layer_part(key: &str) -> Option<(usize, &str)> {
+    let (idx, part) = key.strip_prefix("model.layers.")?.split_once('.')?;
+    Some((idx.parse().ok()?, part))
 }
 
 fn to_matrix(t: &Tensor) -> Result<DMatrix<f64>> {
@@ -116,15 +121,8 @@ pub fn attach_lora(base: &Llama, adapter: &Adapter) -> Result<Llama> {
             scale: m.scale,
         };
         let key = m.base_key.strip_suffix(".weight").unwrap_or(&m.base_key);
-        let (layer, name) = key
-            .strip_prefix("model.layers.")
-            .and_then(|r| r.split_once('.'))
-            .and_then(|(i, n)| Some((i.parse::<usize>().ok()?, n)))
-            .ok_or_else(|| unusable(adapter, m, "not a projection inside a layer"))?;
-        let proj = model
-            .layers
-            .get_mut(layer)
-            .and_then(|l| l.proj_mut(name))
+        let proj = layer_part(key)
+            .and_then(|(layer, name)| model.layers.get_mut(layer)?.proj_mut(name))
             .ok_or_else(|| unusable(adapter, m, "not a projection inside a layer"))?;
         proj.lora = Some(pair);
     }

@@ -27,6 +27,14 @@ pub(crate) fn cerr(e: candle_core::Error) -> Error {
     Error::Other(format!("model runtime: {e}"))
 }
 
+/// Run `f` on the values of a contiguous f32 CPU tensor in place (no copy out of candle).
+pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> CResult<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else { candle_core::bail!("the runtime is CPU-only") };
+    let Some((from, to)) = layout.contiguous_offsets() else { candle_core::bail!("tensor is not contiguous") };
+    Ok(f(&cpu.as_slice::<f32>()?[from..to]))
+}
+
 /// A base model ready to run: its weights in f32 and its tokenizer.
 #[derive(Debug)]
 pub struct TextModel {

@@ -4,7 +4,7 @@ use candle_core::{Tensor, D};
 use rayon::prelude::*;
 
 use super::llama::{ids_tensor, KvCache, Llama};
-use super::{cerr, CResult};
+use super::{cerr, with_f32, CResult};
 use crate::error::Result;
 
 #[derive(Debug, Clone, Copy)]
@@ -124,11 +124,9 @@ pub fn token_stats(m: &Llama, hidden: &Tensor, targets: &[u32]) -> CResult<Vec<(
     while s < n {
         let c = chunk.min(n - s);
         let logits = m.logits(&hidden.narrow(0, s, c)?)?.contiguous()?;
-        let (storage, layout) = logits.storage_and_layout();
-        let candle_core::Storage::Cpu(cpu) = &*storage else { candle_core::bail!("the runtime is CPU-only") };
-        let (from, to) = layout.contiguous_offsets().expect("contiguous logits");
-        let rows = &cpu.as_slice::<f32>()?[from..to];
-        res.par_extend(rows.par_chunks(vocab).zip(&targets[s..s + c]).map(|(row, &t)| row_stats(row, t as usize)));
+        with_f32(&logits, |rows| {
+            res.par_extend(rows.par_chunks(vocab).zip(&targets[s..s + c]).map(|(row, &t)| row_stats(row, t as usize)))
+        })?;
         s += c;
     }
     Ok(res)

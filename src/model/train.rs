@@ -179,8 +179,8 @@ pub fn fit_lora(
         report.final_loss = loss;
         report.final_accuracy = acc;
         progress(step, loss);
-        // The loss and accuracy are of the weights before this step's update; one more check
-        // after the loop is not needed because the update only lowers a loss this small.
+        // The loss and accuracy are of the weights before this step's update, which is applied
+        // all the same: the saved adapter is one update past the state that met the criterion.
         if loss < opts.target_loss && acc >= 1.0 {
             report.memorised = true;
             break;

@@ -320,7 +320,6 @@ pub fn run(
     let models = ["base", "merged"];
     let mut found: Vec<[Found; 2]> =
         subjects.iter().map(|s| [Found::new(s.norm.len()), Found::new(s.norm.len())]).collect();
-    let mut decoded: Vec<Vec<String>> = vec![vec![], vec![]];
     for mi in 0..2 {
         for (gi, g) in gens.iter().enumerate() {
             let text = tok.decode(&continuations[mi][gi])?;
@@ -331,14 +330,13 @@ pub fn run(
                     found[si][mi].add(sp, &g.label, own, &norm, &text, s);
                 }
             }
-            decoded[mi].push(text);
         }
     }
 
-    // 5. Per text: windows, scores, coverage.
+    // 5. Per text: windows, scores, coverage. Windows come first in `gens` and in
+    // `suffix_seqs`, in the same order, so one running index serves both.
     let mut evidence = vec![];
-    let mut suffix_i = 0;
-    let mut gen_i = 0;
+    let mut wi = 0;
     for (si, s) in subjects.iter().enumerate() {
         let (sb, sm) = (&stats_base[si], &stats_merged[si]);
         let mut windows = vec![];
@@ -346,7 +344,7 @@ pub fn run(
             let true_text = normalise(&tok.decode(suffix)?);
             let mut per = vec![];
             for mi in 0..2 {
-                let mut g = continuations[mi][gen_i].clone();
+                let mut g = continuations[mi][wi].clone();
                 g.truncate(suffix.len());
                 let gen_text = normalise(&tok.decode(&g)?);
                 let matched = g.iter().zip(suffix).take_while(|(a, b)| a == b).count();
@@ -354,7 +352,7 @@ pub fn run(
                 let sim = text::similarity(&gen_text.chars, &true_text.chars);
                 let lcs = text::longest_common_substring(&gen_text.chars, &true_text.chars);
                 let e2 = e1 || sim >= th.e2_similarity || lcs >= th.min_span_chars;
-                let st = &suffix_logp[mi][suffix_i];
+                let st = &suffix_logp[mi][wi];
                 let lp: f64 = st.logp[st.logp.len() - suffix.len()..].iter().sum::<f64>() / std::f64::consts::LN_2;
                 per.push((matched, e1, e2, sim, lcs, lp));
             }
@@ -375,8 +373,7 @@ pub fn run(
                 log2_p_suffix_base: b.5,
                 log2_p_suffix_merged: m.5,
             });
-            suffix_i += 1;
-            gen_i += 1;
+            wi += 1;
         }
         evidence.push(assemble(s, sb, sm, windows, &found[si], th, &models));
     }

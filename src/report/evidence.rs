@@ -100,12 +100,14 @@ pub fn build_report(
     let mut infos = vec![];
     for (role, set) in [("work", works), ("control", controls)] {
         let Some(set) = set else { continue };
-        for f in file_inputs(role, &set.files)? {
-            // The probe records the works it read; keep one record per file.
-            if !inputs.iter().any(|i| i.role == f.role && i.path == f.path) {
-                inputs.push(f);
-            }
-        }
+        // The probe records (and hashes) the works it read; record the others only.
+        let unrecorded: Vec<std::path::PathBuf> = set
+            .files
+            .iter()
+            .filter(|f| !inputs.iter().any(|i| i.role == role && i.path == path_string(f)))
+            .cloned()
+            .collect();
+        inputs.extend(file_inputs(role, &unrecorded)?);
         for w in &set.works {
             infos.push(WorkInfo {
                 id: w.id.clone(),
