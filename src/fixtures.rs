@@ -2,123 +2,14 @@
 //! `cargo run --example make-fixtures` writes them under `fixtures/`; tests call the same
 //! builders to make their own variants.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::Path;
 
-use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 
 use crate::error::{Error, Result};
-
-/// splitmix64: a tiny seeded generator, so fixtures are the same bytes on every machine.
-#[derive(Debug, Clone)]
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Self {
-        Rng(seed)
-    }
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in [-1, 1).
-    pub fn uniform(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 52) as f64 - 1.0
-    }
-    /// Standard normal (Box–Muller).
-    pub fn normal(&mut self) -> f64 {
-        let u1 = ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
-        let u2 = (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
-        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
-    }
-    pub fn values(&mut self, n: usize, scale: f64) -> Vec<f32> {
-        (0..n).map(|_| (self.uniform() * scale) as f32).collect()
-    }
-}
-
-fn encode(values: &[f32], dtype: Dtype) -> Vec<u8> {
-    match dtype {
-        Dtype::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        Dtype::F64 => values.iter().flat_map(|v| (*v as f64).to_le_bytes()).collect(),
-        Dtype::F16 => values.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect(),
-        Dtype::BF16 => values.iter().flat_map(|v| half::bf16::from_f32(*v).to_le_bytes()).collect(),
-        other => panic!("fixture dtype {other:?} not supported"),
-    }
-}
-
-/// Collects named tensors and writes one safetensors file.
-#[derive(Debug, Default, Clone)]
-pub struct SafetensorsBuilder {
-    tensors: BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)>,
-    pub metadata: BTreeMap<String, String>,
-}
-
-impl SafetensorsBuilder {
-    pub fn new() -> Self {
-        Self::default()
-    }
-    pub fn add(&mut self, name: &str, shape: &[usize], values: &[f32], dtype: Dtype) -> &mut Self {
-        assert_eq!(shape.iter().product::<usize>(), values.len(), "{name}");
-        self.tensors.insert(name.to_string(), (dtype, shape.to_vec(), encode(values, dtype)));
-        self
-    }
-    /// A random tensor with entries uniform in [-scale, scale).
-    pub fn random(&mut self, rng: &mut Rng, name: &str, shape: &[usize], scale: f64, dtype: Dtype) -> &mut Self {
-        let v = rng.values(shape.iter().product(), scale);
-        self.add(name, shape, &v, dtype)
-    }
-    pub fn meta(&mut self, k: &str, v: &str) -> &mut Self {
-        self.metadata.insert(k.to_string(), v.to_string());
-        self
-    }
-    pub fn to_bytes(&self) -> Vec<u8> {
-        let views: Vec<(String, TensorView)> = self
-            .tensors
-            .iter()
-            .map(|(k, (d, s, b))| (k.clone(), TensorView::new(*d, s.clone(), b).expect("valid view")))
-            .collect();
-        let meta: Option<HashMap<String, String>> =
-            (!self.metadata.is_empty()).then(|| self.metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect());
-        let bytes = safetensors::serialize(views, meta).expect("serialise");
-        canonical_metadata_order(bytes)
-    }
-    pub fn write(&self, path: &Path) -> Result<()> {
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| Error::input(parent, e.to_string()))?;
-        }
-        std::fs::write(path, self.to_bytes()).map_err(|e| Error::input(path, e.to_string()))
-    }
-    /// Record sd-scripts' `sshs_model_hash` (SHA-256 of the data section, which metadata
-    /// does not change) as a trainer would.
-    pub fn with_sshs_hash(&mut self) -> &mut Self {
-        let bytes = self.to_bytes();
-        let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-        let h = crate::load::hashes::sha256_bytes(&bytes[8 + n..]);
-        self.meta("sshs_model_hash", &h)
-    }
-}
-
-/// `safetensors` writes `__metadata__` from a `HashMap`, so its key order changes from run to
-/// run. Re-emit the header with sorted metadata keys (same bytes otherwise, same length), so
-/// fixtures are byte-identical across runs and machines.
-fn canonical_metadata_order(mut bytes: Vec<u8>) -> Vec<u8> {
-    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    let header = std::str::from_utf8(&bytes[8..8 + n]).expect("utf8 header");
-    let mut v: serde_json::Value = serde_json::from_str(header.trim_end()).expect("own header");
-    let Some(meta) = v.get_mut("__metadata__").and_then(|m| m.as_object_mut()) else { return bytes };
-    meta.sort_keys();
-    let mut text = serde_json::to_string(&v).expect("json");
-    assert!(text.len() <= n, "re-emitted header grew");
-    while text.len() < n {
-        text.push(' ');
-    }
-    bytes[8..8 + n].copy_from_slice(text.as_bytes());
-    bytes
-}
+pub use crate::load::write::SafetensorsBuilder;
+pub use crate::rng::Rng;
 
 /// A tiny llama: the key names and shape relations of Hugging Face `LlamaForCausalLM`.
 #[derive(Debug, Clone, Copy)]

@@ -7,15 +7,15 @@ use std::sync::Arc;
 
 use crate::linalg::svd_factors;
 use crate::load::{Adapter, BaseModel, LoadOptions, TensorFile};
-use crate::spectral::SpectrumOptions;
+use crate::spectral::{DeltaW, SpectrumOptions};
 
 /// A safetensors adapter from bytes: parse, normalise, resolve names against its own keys,
 /// inspect, and analyse every module.
 pub fn adapter_bytes(data: &[u8]) {
     let Ok(file) = TensorFile::from_bytes(Path::new("fuzz-input.safetensors"), data.to_vec()) else { return };
     let Ok(adapter) = Adapter::from_file(Arc::new(file), None, &LoadOptions::default()) else { return };
-    let _ = crate::inspect(&adapter, None);
-    let _ = crate::spectrum(&adapter, None, &SpectrumOptions::default(), &|| {});
+    let _ = crate::pipeline::inspect(&adapter, None);
+    let _ = crate::pipeline::spectrum(&adapter, None, &SpectrumOptions::default(), &|| {});
     for m in &adapter.modules {
         if let Ok(Some(f)) = m.factors() {
             let _ = svd_factors(&f, true);

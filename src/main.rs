@@ -9,11 +9,12 @@ use std::time::Instant;
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use lorascope::load::works::{load_works, WorkSet};
+use lorascope::load::works::load_works;
 use lorascope::load::{Format, LoadOptions};
 use lorascope::model::train::FitOptions;
+use lorascope::pipeline::{self, ProbeData};
 use lorascope::probe::Thresholds;
-use lorascope::report::{self, to_canonical_json, ProbeOutcome};
+use lorascope::report::{self, to_canonical_json};
 use lorascope::spectral::SpectrumOptions;
 use lorascope::{Adapter, BaseModel};
 
@@ -189,30 +190,9 @@ impl ProbeArgs {
     }
 }
 
-/// Works, controls and prompts read from the paths given.
-struct ProbeData {
-    works: WorkSet,
-    controls: Option<WorkSet>,
-    prompts: Option<(PathBuf, Vec<String>)>,
-}
-
-impl ProbeData {
-    fn load(a: &ProbeArgs, works: &Path) -> lorascope::Result<Self> {
-        Ok(ProbeData {
-            works: load_works(works)?,
-            controls: a.controls.as_deref().map(load_works).transpose()?,
-            prompts: match &a.prompts {
-                Some(p) => Some((p.clone(), lorascope::load::works::load_prompts(p)?)),
-                None => None,
-            },
-        })
-    }
-    fn inputs(&self) -> lorascope::ProbeInputs<'_> {
-        lorascope::ProbeInputs {
-            works: &self.works,
-            controls: self.controls.as_ref(),
-            prompts: self.prompts.as_ref().map(|(p, v)| (p.as_path(), v.as_slice())),
-        }
+impl ProbeArgs {
+    fn data(&self, works: &Path) -> lorascope::Result<ProbeData> {
+        ProbeData::load(works, self.controls.as_deref(), self.prompts.as_deref())
     }
 }
 
@@ -230,6 +210,15 @@ impl lorascope::probe::Progress for ProbeProgress {
     }
 }
 
+/// The probe's progress bar: tokens scored and generated, per stage.
+fn probe_progress(quiet: bool) -> ProbeProgress {
+    let progress = ProbeProgress(Progress::new(0, quiet));
+    if let Ok(style) = ProgressStyle::with_template("{spinner} {msg} [{bar:30}] {pos}/{len} tokens ({eta})") {
+        progress.0.bar.set_style(style.progress_chars("=> "));
+    }
+    progress
+}
+
 fn run_probe(
     adapter: &Adapter,
     base: &BaseModel,
@@ -238,10 +227,7 @@ fn run_probe(
     th: &Thresholds,
     quiet: bool,
 ) -> lorascope::Result<report::ProbeReport> {
-    let progress = ProbeProgress(Progress::new(0, quiet));
-    if let Ok(style) = ProgressStyle::with_template("{spinner} {msg} [{bar:30}] {pos}/{len} tokens ({eta})") {
-        progress.0.bar.set_style(style.progress_chars("=> "));
-    }
+    let progress = probe_progress(quiet);
     let r = lorascope::probe(adapter, base, s, &data.inputs(), th, &progress);
     progress.0.finish();
     r
@@ -407,7 +393,6 @@ struct ScanArgs {
 
 fn scan(a: ScanArgs) -> lorascope::Result<ExitCode> {
     use lorascope::scan;
-    use rayon::prelude::*;
     use std::io::Write;
     let fail_on = parse_fail_on(a.fail_on.as_deref(), scan::FLAGS, scan::FLAGS, "flag")?;
     let mut paths = a.paths.clone();
@@ -418,54 +403,31 @@ fn scan(a: ScanArgs) -> lorascope::Result<ExitCode> {
     if let Some((i, n)) = a.shard {
         files.retain(|p| scan::in_shard(p, i, n));
     }
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(a.jobs.max(1))
-        .build()
-        .map_err(|e| lorascope::Error::Other(format!("thread pool: {e}")))?;
     let opts = SpectrumOptions { bits_per_param: a.bits_per_param, ..Default::default() };
     let th = scan::FlagThresholds::default();
     let progress = Progress::new(files.len(), a.quiet);
     progress.bar.set_message("files");
-    let mut counts: std::collections::BTreeMap<String, usize> = std::collections::BTreeMap::new();
-    let (mut errors, mut failing) = (0usize, 0usize);
     let stdout = std::io::stdout();
-    // Chunks keep the output in path order while workers run ahead within a chunk.
-    for chunk in files.chunks(a.jobs.max(1) * 8) {
-        let records: Vec<scan::ScanRecord> = pool.install(|| {
-            chunk
-                .par_iter()
-                .map(|p| {
-                    let r = scan::scan_one(p, &opts, &th);
-                    progress.tick();
-                    r
-                })
-                .collect()
-        });
+    let mut emit = |r: &scan::ScanRecord| {
         let mut out = stdout.lock();
-        for r in &records {
-            errors += usize::from(r.error.is_some());
-            for f in &r.flags {
-                *counts.entry(f.clone()).or_default() += 1;
-            }
-            failing += usize::from(r.flags.iter().any(|f| fail_on.contains(f)));
-            let _ = writeln!(out, "{}", report::to_canonical_json_line(r));
-        }
+        let _ = writeln!(out, "{}", report::to_canonical_json_line(r));
         let _ = out.flush();
-    }
+    };
+    let sum = pipeline::scan_all(&files, a.jobs, &opts, &th, &fail_on, &|| progress.tick(), &mut emit)?;
     progress.finish();
     let mut rows = vec![
-        vec!["files".to_string(), files.len().to_string()],
-        vec!["read".to_string(), (files.len() - errors).to_string()],
-        vec!["errors".to_string(), errors.to_string()],
+        vec!["files".to_string(), sum.files.to_string()],
+        vec!["read".to_string(), (sum.files - sum.errors).to_string()],
+        vec!["errors".to_string(), sum.errors.to_string()],
     ];
     for f in scan::FLAGS {
-        rows.push(vec![format!("flag {f}"), counts.get(*f).copied().unwrap_or(0).to_string()]);
+        rows.push(vec![format!("flag {f}"), sum.flags.get(*f).copied().unwrap_or(0).to_string()]);
     }
     if !fail_on.is_empty() {
-        rows.push(vec!["failing --fail-on".to_string(), failing.to_string()]);
+        rows.push(vec!["failing --fail-on".to_string(), sum.failing.to_string()]);
     }
     eprint!("{}", report::table(&["scan", "count"], &rows));
-    Ok(if failing > 0 { ExitCode::from(1) } else { ExitCode::SUCCESS })
+    Ok(if sum.failing > 0 { ExitCode::from(1) } else { ExitCode::SUCCESS })
 }
 
 /// A progress bar on stderr that appears only once work has taken over a second, and never
@@ -526,7 +488,7 @@ fn run(cli: Cli) -> lorascope::Result<ExitCode> {
             if c.base.is_none() {
                 return Err(lorascope::Error::Other("probe needs --base: it runs the merged model".into()));
             }
-            let data = ProbeData::load(&probe, works)?;
+            let data = probe.data(works)?;
             let (adapter, base) = c.open()?;
             let base = base.expect("--base given");
             let s = run_spectrum(&adapter, Some(&base), &analysis.options(), c.quiet)?;
@@ -543,7 +505,7 @@ fn run(cli: Cli) -> lorascope::Result<ExitCode> {
         Command::Report(a) => return write_report(a),
         Command::Scan(a) => return scan(a),
         Command::Verify { dir, json } => {
-            let v = report::verify(&dir)?;
+            let v = pipeline::verify(&dir)?;
             let bad = v.iter().filter(|x| x.status != "ok").count();
             if json {
                 print!("{}", to_canonical_json(&v));
@@ -565,61 +527,38 @@ fn write_report(a: ReportArgs) -> lorascope::Result<ExitCode> {
     let mut timings = std::collections::BTreeMap::new();
     let th = a.probe.thresholds()?;
     let (adapter, base) = c.open()?;
-    let data = a.probe.works.as_deref().map(|w| ProbeData::load(&a.probe, w)).transpose()?;
+    let data = a.probe.works.as_deref().map(|w| a.probe.data(w)).transpose()?;
     timings.insert("load_s".to_string(), start.elapsed().as_secs_f64());
-    let t = Instant::now();
-    let s = run_spectrum(&adapter, base.as_ref(), &a.analysis.options(), c.quiet)?;
-    timings.insert("spectrum_s".to_string(), t.elapsed().as_secs_f64());
     let command_line: Vec<String> = std::iter::once("lorascope".to_string()).chain(std::env::args().skip(1)).collect();
-    let mut summary = report::render_spectrum(&s, 10);
-    let (s, outcome) = match (&data, &base) {
-        (None, _) => (s, ProbeOutcome::Skipped("no --works given: nothing to probe for".into())),
-        (Some(_), None) => (
-            s,
-            ProbeOutcome::Skipped(
-                "works given but no --base: the probe runs the merged model and needs the base".into(),
-            ),
-        ),
-        (Some(_), Some(b)) if !lorascope::model::is_text_base(b) => (
-            s,
-            ProbeOutcome::Skipped(
-                "the base is not a runnable text model (Hugging Face llama-family directory or GGUF); probes of \
-                 image models are not implemented yet, so the works are recorded with their hashes only"
-                    .into(),
-            ),
-        ),
-        (Some(d), Some(b)) => {
-            let t = Instant::now();
-            let p = run_probe(&adapter, b, s, d, &th, c.quiet)?;
-            timings.insert("probe_s".to_string(), t.elapsed().as_secs_f64());
-            summary += "\n";
-            summary += &report::render_probe(&p);
-            (p.spectrum, ProbeOutcome::Ran(Box::new(p.probe)))
-        }
-    };
-    let works = data.as_ref().map(|d| &d.works);
-    let controls = data.as_ref().and_then(|d| d.controls.as_ref());
-    let mut r = report::build_report(s, works, controls, outcome, command_line)?;
+    let modules = Progress::new(adapter.modules.len(), c.quiet);
+    let probe = probe_progress(c.quiet);
+    let hooks =
+        pipeline::ReportHooks { module_tick: &|| modules.tick(), spectrum_done: &|| modules.finish(), probe: &probe };
+    let run = pipeline::run_report(
+        &adapter,
+        base.as_ref(),
+        data.as_ref(),
+        &th,
+        &a.analysis.options(),
+        command_line,
+        &hooks,
+        &mut timings,
+    );
+    probe.0.finish();
+    let pipeline::ReportRun { report: mut r, summary } = run?;
     timings.insert("total_s".to_string(), start.elapsed().as_secs_f64());
     if !a.no_timings {
         r.timings = Some(timings);
     }
-    std::fs::create_dir_all(&a.out).map_err(|e| lorascope::Error::input(&a.out, format!("cannot create: {e}")))?;
-    let json = to_canonical_json(&r);
-    let write = |name: &str, text: &str| {
-        let p = a.out.join(name);
-        std::fs::write(&p, text).map_err(|e| lorascope::Error::input(&p, format!("cannot write: {e}")))
-    };
-    write("report.json", &json)?;
-    write("report.html", &report::html::render_html(&r))?;
+    let (json_path, html_path) = pipeline::write_report_dir(&r, &a.out)?;
     if c.json {
-        print!("{json}");
+        print!("{}", to_canonical_json(&r));
     } else {
         println!("{summary}");
         for s in &r.stages {
             println!("{:<9} {}  {}", s.name, if s.ran { "ran    " } else { "skipped" }, s.reason);
         }
-        println!("wrote {} and {}", a.out.join("report.json").display(), a.out.join("report.html").display());
+        println!("wrote {} and {}", json_path.display(), html_path.display());
     }
     Ok(ExitCode::SUCCESS)
 }

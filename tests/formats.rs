@@ -6,6 +6,7 @@ mod common;
 use common::*;
 
 use lorascope::load::{Format, ModuleKind};
+use lorascope::spectral::DeltaW;
 use lorascope::{Adapter, BaseModel, LoadOptions, LoraModule};
 
 fn open(name: &str, base: Option<&str>) -> (Adapter, Option<BaseModel>) {

@@ -10,7 +10,7 @@ use std::process::Command;
 use lorascope::fixtures::{Rng, SafetensorsBuilder};
 use lorascope::linalg::{randomized_svd, svd_factors, svd_low_rank, Factors};
 use lorascope::load::LoadOptions;
-use lorascope::spectral::{metrics, SpectrumOptions};
+use lorascope::spectral::{metrics, DeltaW, SpectrumOptions};
 use nalgebra::DMatrix;
 use safetensors::Dtype;
 

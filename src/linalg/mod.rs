@@ -3,7 +3,7 @@
 
 use nalgebra::DMatrix;
 
-use crate::load::NormAxis;
+use serde::{Deserialize, Serialize};
 
 mod svd;
 pub use svd::*;
@@ -50,6 +50,16 @@ pub fn face_split_rows(a: &DMatrix<f64>, b: &DMatrix<f64>) -> DMatrix<f64> {
     assert_eq!(a.nrows(), b.nrows());
     let (ka, kb) = (a.ncols(), b.ncols());
     DMatrix::from_fn(a.nrows(), ka * kb, |i, c| a[(i, c / kb)] * b[(i, c % kb)])
+}
+
+/// The axis a weight-norm is taken along.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NormAxis {
+    /// One norm per output row (PEFT DoRA, LyCORIS `wd_on_out`).
+    Row,
+    /// One norm per input column (ComfyUI / early LyCORIS `dora_scale`).
+    Column,
 }
 
 /// DoRA: scale `w` so that its norm along `axis` equals the magnitude vector `m`.

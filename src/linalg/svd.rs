@@ -235,7 +235,7 @@ impl Operator for DMatrix<f64> {
 pub fn randomized_svd(a: &dyn Operator, k: usize, oversample: usize, power_iters: usize, seed: u64) -> Result<Svd> {
     let (m, n) = a.shape();
     let l = (k + oversample).min(m.min(n));
-    let mut rng = crate::fixtures::Rng::new(seed);
+    let mut rng = crate::rng::Rng::new(seed);
     let omega = DMatrix::from_fn(n, l, |_, _| rng.normal());
     let orth = |y: DMatrix<f64>| y.qr().q();
     let mut q = orth(a.apply(&omega));

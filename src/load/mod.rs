@@ -10,6 +10,7 @@ pub mod names;
 mod tensor;
 pub mod tensorfile;
 pub mod works;
+pub mod write;
 
 pub use adapter::{Adapter, LoadOptions};
 pub use base::{BaseKind, BaseModel};

@@ -10,6 +10,7 @@ use super::cerr;
 use super::llama::{Llama, LoraPair};
 use crate::error::{Error, Result};
 use crate::load::{Adapter, Delta, LoraModule};
+use crate::spectral::DeltaW;
 
 /// What merging did, module by module (base keys, sorted as the adapter's modules are).
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]

@@ -10,7 +10,8 @@ use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
 use super::llama::{ids_tensor, LoraPair, PROJECTIONS};
 use super::{cerr, TextModel};
 use crate::error::{Error, Result};
-use crate::fixtures::{Rng, SafetensorsBuilder};
+use crate::load::write::SafetensorsBuilder;
+use crate::rng::Rng;
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct FitOptions {

@@ -1,7 +1,7 @@
 //! Calibration against controls: empirical p-values, multiple-testing corrections, ROC-AUC with
 //! a bootstrap interval, and an A/A check on the controls themselves.
 
-use crate::fixtures::Rng;
+use crate::rng::Rng;
 
 /// `(1 + #{controls ≥ s}) / (1 + n)`: the smallest reachable value is 1/(n+1).
 pub fn empirical_p(s: f64, controls: &[f64]) -> f64 {

@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::{table, SpectrumReport};
-use crate::model::{MergeSummary, TextModel};
+use crate::model::MergeSummary;
 use crate::probe::{ProbeResult, Verdict, WorkEvidence};
 
 /// The model the probe ran.
@@ -23,26 +23,6 @@ pub struct ModelInfo {
     pub tokenizer: String,
     /// Computation dtype (weights are dequantised to it).
     pub dtype: String,
-}
-
-impl ModelInfo {
-    pub fn of(m: &TextModel, context: usize) -> Self {
-        let c = &m.llama.cfg;
-        ModelInfo {
-            model_type: c.model_type.clone(),
-            layers: c.num_hidden_layers,
-            hidden_size: c.hidden_size,
-            attention_heads: c.num_attention_heads,
-            key_value_heads: c.num_key_value_heads,
-            vocab_size: c.vocab_size,
-            context: context.min(c.context()),
-            tied_embeddings: c.tie_word_embeddings,
-            bos_token_id: c.bos_token_id,
-            eos_token_id: c.eos_token_id,
-            tokenizer: super::inspect::path_string(&m.tokenizer.source),
-            dtype: "f32".into(),
-        }
-    }
 }
 
 /// Bits the adapter supplies on the claimed works against what it could store at most.

@@ -9,11 +9,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
-use crate::load::hashes::sha256_file;
 use crate::load::metadata::Tag;
-use crate::load::{Adapter, LoadOptions};
-use crate::report::{InspectReport, SpectrumReport};
-use crate::spectral::SpectrumOptions;
 
 /// File extensions a scan picks up: adapters, and pickle checkpoints (reported as errors, never
 /// read as pickle).
@@ -161,12 +157,14 @@ fn resolution_pixels(r: Option<&str>, default_side: u64) -> u64 {
     }
 }
 
-fn flags_for(rec: &ScanRecord, inspect: &InspectReport, th: &FlagThresholds) -> Vec<String> {
+/// The risk flags of a filled record. `nonfinite` and `hash_mismatch` come from the
+/// inspection (NaN/Inf in any module; recorded sshs_model_hash differs from the recomputed).
+pub fn flags_for(rec: &ScanRecord, nonfinite: bool, hash_mismatch: bool, th: &FlagThresholds) -> Vec<String> {
     let mut f = vec![];
-    if inspect.adapter.modules.iter().any(|m| m.nonfinite > 0) {
+    if nonfinite {
         f.push("nonfinite-weights");
     }
-    if inspect.adapter.hashes.sshs_model_hash.as_ref().is_some_and(|c| !c.matches) {
+    if hash_mismatch {
         f.push("hash-mismatch");
     }
     if rec.kinds.contains_key("full") {
@@ -187,65 +185,4 @@ fn flags_for(rec: &ScanRecord, inspect: &InspectReport, th: &FlagThresholds) -> 
         f.push("unsupported-algorithm");
     }
     f.into_iter().map(String::from).collect()
-}
-
-fn fill_from_inspect(rec: &mut ScanRecord, r: &InspectReport) {
-    let a = &r.adapter;
-    rec.bytes = r.inputs.first().map(|i| i.bytes);
-    rec.sha256 = Some(a.hashes.sha256.clone());
-    rec.autov2 = Some(a.hashes.autov2.clone());
-    rec.format = Some(a.format.clone());
-    rec.architecture = Some(a.architecture.clone());
-    rec.modules = Some(a.modules.len());
-    rec.kinds = a.kinds.clone();
-    rec.params = Some(a.params);
-    rec.train_images = a.metadata.training.num_train_images;
-    rec.train_steps = a.metadata.training.max_train_steps;
-    rec.resolution = a.metadata.training.resolution.clone();
-    rec.top_tags = a.metadata.training.tags.iter().take(10).cloned().collect();
-    rec.warnings = r.warnings.clone();
-}
-
-fn fill_from_spectrum(rec: &mut ScanRecord, s: &SpectrumReport) {
-    rec.effective_params = Some(s.totals.effective_params);
-    rec.capacity_bits = Some(s.totals.capacity_bits);
-    rec.capacity_bits_per_image = s.totals.capacity_bits_per_image;
-}
-
-/// Scan one path: never fails; problems become the record's `error`.
-pub fn scan_one(path: &Path, opts: &SpectrumOptions, th: &FlagThresholds) -> ScanRecord {
-    let mut rec = ScanRecord { path: path.to_string_lossy().into_owned(), ..Default::default() };
-    let result = (|| -> Result<()> {
-        let adapter = Adapter::open(path, &LoadOptions::default())?;
-        let inspect = match crate::spectrum(&adapter, None, opts, &|| {}) {
-            Ok(s) => {
-                fill_from_spectrum(&mut rec, &s);
-                s.inspect
-            }
-            // NaN/Inf in the factors stops the spectrum but not the screen.
-            Err(e) if e.is_input() => {
-                let mut r = crate::inspect(&adapter, None)?;
-                r.warnings.push(format!("spectrum not computed: {e}"));
-                r
-            }
-            Err(e) => return Err(e),
-        };
-        fill_from_inspect(&mut rec, &inspect);
-        rec.flags = flags_for(&rec, &inspect, th);
-        Ok(())
-    })();
-    if let Err(e) = result {
-        rec.error =
-            Some(ScanError { kind: if e.is_input() { "input" } else { "internal" }.into(), message: e.to_string() });
-        rec.flags = vec!["unreadable".into()];
-        // The hash of a bad file is still worth recording (a file, not a PEFT directory).
-        if path.is_file() {
-            if let Ok((h, n)) = sha256_file(path) {
-                rec.autov2 = Some(h[..10].to_string());
-                rec.sha256 = Some(h);
-                rec.bytes = Some(n);
-            }
-        }
-    }
-    rec
 }

@@ -1,5 +1,6 @@
 //! Spectral analysis: what each module adds (DESIGN §5), from its factors wherever it can.
 
+pub mod delta;
 pub mod metrics;
 
 use std::collections::BTreeMap;
@@ -11,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::linalg::{randomized_svd, svd_dense, svd_factors, Factors, Svd};
 use crate::load::{Adapter, BaseModel, Delta, LoraModule, ModuleKind};
+pub use delta::DeltaW;
 use metrics::*;
 
 #[derive(Debug, Clone)]

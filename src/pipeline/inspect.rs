@@ -1,0 +1,167 @@
+//! `inspect`: what the adapter is — the module table with NaN/Inf counts and all-zero checks,
+//! warnings about odd settings, and every input file with its SHA-256.
+
+use std::collections::BTreeMap;
+
+use rayon::prelude::*;
+
+use crate::error::Result;
+use crate::load::hashes::sha256_file;
+use crate::load::{Adapter, BaseModel, Delta, KronPart, LoraModule, TensorRef};
+use crate::report::{path_string, tool, AdapterInfo, BaseInfo, InputFile, InspectReport, ModuleRow, SCHEMA_VERSION};
+
+/// Every input file with its SHA-256. The adapter's hash was computed when it was opened.
+pub fn input_files(adapter: &Adapter, base: Option<&BaseModel>) -> Result<Vec<InputFile>> {
+    let mut inputs = vec![InputFile {
+        role: "adapter".into(),
+        path: path_string(&adapter.file.path),
+        bytes: adapter.file.bytes().len() as u64,
+        sha256: adapter.hashes().sha256.clone(),
+    }];
+    if let Some(c) = &adapter.config_path {
+        let (sha256, bytes) = sha256_file(c)?;
+        inputs.push(InputFile { role: "adapter-config".into(), path: path_string(c), bytes, sha256 });
+    }
+    if let Some(b) = base {
+        for f in &b.files {
+            let (sha256, bytes) = sha256_file(f)?;
+            inputs.push(InputFile { role: "base".into(), path: path_string(f), bytes, sha256 });
+        }
+    }
+    Ok(inputs)
+}
+
+struct TensorStats {
+    nonfinite: usize,
+    zero: bool,
+}
+
+fn stats(t: &TensorRef) -> Result<TensorStats> {
+    let (nonfinite, zero) = t.float_stats()?;
+    Ok(TensorStats { nonfinite, zero })
+}
+
+fn module_row(m: &LoraModule, known: Option<(usize, bool)>) -> Result<ModuleRow> {
+    if let Some((nonfinite, zero)) = known {
+        return Ok(row(m, nonfinite, zero));
+    }
+    let mut nonfinite = 0;
+    let mut zero_of: BTreeMap<String, bool> = BTreeMap::new();
+    for t in &m.tensors {
+        let s = stats(t)?;
+        nonfinite += s.nonfinite;
+        zero_of.insert(t.name.clone(), s.zero);
+    }
+    let z = |t: &TensorRef| zero_of.get(&t.name).copied().unwrap_or(false);
+    let kz = |p: &KronPart| match p {
+        KronPart::Full(t) => z(t),
+        KronPart::Product { a, b, t } => z(a) || z(b) || t.as_ref().is_some_and(z),
+    };
+    let zero = match &m.delta {
+        Delta::LowRank { up, down, mid, .. } => z(up) || z(down) || mid.as_ref().is_some_and(z),
+        Delta::Hadamard { w1a, w1b, w2a, w2b, .. } => z(w1a) || z(w1b) || z(w2a) || z(w2b),
+        Delta::Kronecker { w1, w2 } => kz(w1) || kz(w2),
+        Delta::Diff { diff, .. } => z(diff),
+        Delta::Ia3 { weight, .. } => z(weight),
+        Delta::Replace { .. } | Delta::Unsupported { .. } => false,
+    };
+    Ok(row(m, nonfinite, zero))
+}
+
+fn row(m: &LoraModule, nonfinite: usize, zero: bool) -> ModuleRow {
+    ModuleRow {
+        base_key: m.base_key.clone(),
+        name: m.name.clone(),
+        kind: m.kind.as_str().to_string(),
+        rank: m.rank,
+        alpha: m.alpha,
+        scale: m.scale,
+        shape: m.shape.clone(),
+        dtype: m.dtype.clone(),
+        params: m.params,
+        resolved: m.resolved,
+        tensors: m.tensors.iter().map(|t| t.name.clone()).collect(),
+        nonfinite,
+        zero: zero && m.magnitude.is_none(),
+        dora: m.magnitude.is_some(),
+    }
+}
+
+pub fn inspect(adapter: &Adapter, base: Option<&BaseModel>) -> Result<InspectReport> {
+    inspect_with(adapter, base, &|_| None)
+}
+
+/// `inspect`, taking (NaN/Inf count, ΔW is zero) from `known` for modules whose values were
+/// already read and checked elsewhere (the spectrum), so the file is not scanned twice.
+pub fn inspect_with(
+    adapter: &Adapter,
+    base: Option<&BaseModel>,
+    known: &(dyn Fn(&LoraModule) -> Option<(usize, bool)> + Sync),
+) -> Result<InspectReport> {
+    let mut warnings = adapter.warnings.clone();
+    if let Some(c) = &adapter.hashes().sshs_model_hash {
+        if !c.matches {
+            warnings.push(format!(
+                "recorded sshs_model_hash {} differs from the recomputed {}: the tensors were changed after training, or the hash was forged",
+                c.recorded, c.computed
+            ));
+        }
+    }
+    let rows: Vec<ModuleRow> = adapter.modules.par_iter().map(|m| module_row(m, known(m))).collect::<Result<_>>()?;
+    let mut modules = vec![];
+    for (m, row) in adapter.modules.iter().zip(rows) {
+        if row.nonfinite > 0 {
+            warnings.push(format!("module {}: {} NaN/Inf value(s)", m.name, row.nonfinite));
+        }
+        if row.zero {
+            warnings.push(format!("module {}: ΔW is exactly zero", m.name));
+        }
+        if let Some(a) = m.alpha {
+            if !a.is_finite() || a <= 0.0 {
+                warnings.push(format!("module {}: alpha {a} is not positive", m.name));
+            } else if m.scale > 16.0 {
+                warnings.push(format!(
+                    "module {}: alpha {a} at rank {} gives scale {:.3}, unusually large",
+                    m.name, m.rank, m.scale
+                ));
+            }
+        }
+        modules.push(row);
+    }
+    if !adapter.base_attached && modules.iter().any(|r| !r.base_key.contains('.')) {
+        warnings.push("kohya module names were not mapped to base weights: give --base to resolve them".to_string());
+    }
+    let mut kinds = BTreeMap::new();
+    for r in &modules {
+        *kinds.entry(r.kind.clone()).or_insert(0) += 1;
+    }
+    let base_info = base.map(|b| BaseInfo {
+        path: path_string(&b.path),
+        kind: b.kind,
+        tensors: b.entries.len(),
+        params: b.params(),
+        touched_params: adapter
+            .modules
+            .iter()
+            .filter_map(|m| b.shape(&m.base_key))
+            .map(|s| s.iter().product::<usize>())
+            .sum(),
+    });
+    Ok(InspectReport {
+        schema_version: SCHEMA_VERSION,
+        tool: tool(),
+        inputs: input_files(adapter, base)?,
+        adapter: AdapterInfo {
+            format: adapter.format.as_str().to_string(),
+            architecture: adapter.architecture(),
+            params: adapter.params(),
+            kinds,
+            modules,
+            metadata: adapter.metadata.clone(),
+            hashes: adapter.hashes().clone(),
+            config: adapter.config_json.clone(),
+        },
+        base: base_info,
+        warnings,
+    })
+}

@@ -1,0 +1,144 @@
+//! Orchestration of each command: open the inputs, run the stages in order, and hand typed
+//! results to `report` for rendering. The CLI (src/main.rs) only parses arguments and prints.
+
+mod evidence;
+mod inspect;
+mod scan;
+
+pub use evidence::{
+    build_report, file_inputs, run_report, verify, write_report_dir, ProbeOutcome, ReportHooks, ReportRun,
+};
+pub use inspect::{input_files, inspect, inspect_with};
+pub use scan::{scan_all, scan_one, ScanSummary};
+
+use crate::error::Result;
+use crate::load::{self, Adapter, BaseModel, LoadOptions, LoraModule};
+use crate::{model, report, spectral};
+
+use std::path::Path;
+
+/// Open an adapter and, when given, its base, resolving every module to a base weight.
+pub fn open(adapter: &Path, base: Option<&Path>, opts: &LoadOptions) -> Result<(Adapter, Option<BaseModel>)> {
+    let mut a = Adapter::open(adapter, opts)?;
+    let b = match base {
+        Some(p) => {
+            let b = BaseModel::open(p)?;
+            a.attach_base(&b, opts.allow_unmatched)?;
+            Some(b)
+        }
+        None => None,
+    };
+    Ok((a, b))
+}
+
+/// What the probe is given besides the adapter and base.
+pub struct ProbeInputs<'a> {
+    pub works: &'a load::works::WorkSet,
+    pub controls: Option<&'a load::works::WorkSet>,
+    /// Neutral prompts and the file they came from.
+    pub prompts: Option<(&'a Path, &'a [String])>,
+}
+
+/// `probe`: the spectrum report plus the merged model's evidence on each work. The base must
+/// be a runnable text model (Hugging Face directory or GGUF); the adapter must be resolved
+/// against it.
+pub fn probe(
+    adapter: &Adapter,
+    base: &BaseModel,
+    spectrum: report::SpectrumReport,
+    inputs: &ProbeInputs,
+    thresholds: &crate::probe::Thresholds,
+    progress: &dyn crate::probe::Progress,
+) -> Result<report::ProbeReport> {
+    let text_model = model::TextModel::load(base)?;
+    progress.stage("merge", 1);
+    let (merged, merge) = model::merge_adapter(&text_model.llama, adapter)?;
+    let no_controls = load::works::WorkSet { works: vec![], files: vec![] };
+    let controls = inputs.controls.unwrap_or(&no_controls);
+    let prompts = inputs.prompts.map(|(_, p)| p).unwrap_or(&[]);
+    let result =
+        crate::probe::run(&text_model, &merged, &inputs.works.works, &controls.works, prompts, thresholds, progress)?;
+    let mut spectrum = spectrum;
+    let recorded = &mut spectrum.inspect.inputs;
+    recorded.extend(file_inputs("work", &inputs.works.files)?);
+    recorded.extend(file_inputs("control", &controls.files)?);
+    if let Some((path, _)) = inputs.prompts {
+        recorded.extend(file_inputs("prompts", &[path.to_path_buf()])?);
+    }
+    let capacity_check = report::CapacityCheck::new(&result.works, spectrum.totals.capacity_bits);
+    let probe =
+        report::ProbeSection { model: model_info(&text_model, thresholds.context), merge, capacity_check, result };
+    Ok(report::ProbeReport { spectrum, probe })
+}
+
+/// `spectrum`: inspect plus the spectral analysis. The adapter file is hashed on one thread
+/// while the modules are analysed on the others.
+pub fn spectrum(
+    adapter: &Adapter,
+    base: Option<&BaseModel>,
+    opts: &spectral::SpectrumOptions,
+    tick: &(dyn Fn() + Sync),
+) -> Result<report::SpectrumReport> {
+    let (_, analysis) = rayon::join(|| adapter.hashes(), || spectral::analyse(adapter, base, opts, tick));
+    let analysis = analysis?;
+    // Factored and Kronecker routes decoded every tensor of their module and refuse NaN/Inf,
+    // so those modules need no second scan: no bad values, and ΔW is zero iff its norm is.
+    let by_name: std::collections::HashMap<&str, &spectral::ModuleSpectrum> =
+        analysis.modules.iter().map(|s| (s.name.as_str(), s)).collect();
+    let known = |m: &LoraModule| {
+        let s = by_name.get(m.name.as_str())?;
+        matches!(s.route, spectral::Route::Factored | spectral::Route::Kronecker).then_some((0, s.fro == 0.0))
+    };
+    let inspect = inspect_with(adapter, base, &known)?;
+    Ok(report::spectrum_report(inspect, analysis, opts))
+}
+
+/// What the probe ran on, for the report.
+fn model_info(m: &model::TextModel, context: usize) -> report::ModelInfo {
+    let c = &m.llama.cfg;
+    report::ModelInfo {
+        model_type: c.model_type.clone(),
+        layers: c.num_hidden_layers,
+        hidden_size: c.hidden_size,
+        attention_heads: c.num_attention_heads,
+        key_value_heads: c.num_key_value_heads,
+        vocab_size: c.vocab_size,
+        context: context.min(c.context()),
+        tied_embeddings: c.tie_word_embeddings,
+        bos_token_id: c.bos_token_id,
+        eos_token_id: c.eos_token_id,
+        tokenizer: report::path_string(&m.tokenizer.source),
+        dtype: "f32".into(),
+    }
+}
+
+/// Works, controls and prompts read from the paths given, owned for the probe's run.
+pub struct ProbeData {
+    pub works: load::works::WorkSet,
+    pub controls: Option<load::works::WorkSet>,
+    pub prompts: Option<(std::path::PathBuf, Vec<String>)>,
+}
+
+impl ProbeData {
+    /// Read the works (a directory of .txt files or JSONL), and the controls and prompts when
+    /// given.
+    pub fn load(works: &Path, controls: Option<&Path>, prompts: Option<&Path>) -> Result<Self> {
+        Ok(ProbeData {
+            works: load::works::load_works(works)?,
+            controls: controls.map(load::works::load_works).transpose()?,
+            prompts: match prompts {
+                Some(p) => Some((p.to_path_buf(), load::works::load_prompts(p)?)),
+                None => None,
+            },
+        })
+    }
+
+    /// Borrowed view for [`probe`].
+    pub fn inputs(&self) -> ProbeInputs<'_> {
+        ProbeInputs {
+            works: &self.works,
+            controls: self.controls.as_ref(),
+            prompts: self.prompts.as_ref().map(|(p, v)| (p.as_path(), v.as_slice())),
+        }
+    }
+}

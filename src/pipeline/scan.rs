@@ -1,0 +1,124 @@
+//! `scan`: one record per adapter file, errors as records, the flags of docs/scan.md.
+
+use std::path::Path;
+
+use crate::error::Result;
+use crate::load::hashes::sha256_file;
+use crate::load::{Adapter, LoadOptions};
+use crate::report::{InspectReport, SpectrumReport};
+use crate::scan::{FlagThresholds, ScanError, ScanRecord};
+use crate::spectral::SpectrumOptions;
+
+fn fill_from_inspect(rec: &mut ScanRecord, r: &InspectReport) {
+    let a = &r.adapter;
+    rec.bytes = r.inputs.first().map(|i| i.bytes);
+    rec.sha256 = Some(a.hashes.sha256.clone());
+    rec.autov2 = Some(a.hashes.autov2.clone());
+    rec.format = Some(a.format.clone());
+    rec.architecture = Some(a.architecture.clone());
+    rec.modules = Some(a.modules.len());
+    rec.kinds = a.kinds.clone();
+    rec.params = Some(a.params);
+    rec.train_images = a.metadata.training.num_train_images;
+    rec.train_steps = a.metadata.training.max_train_steps;
+    rec.resolution = a.metadata.training.resolution.clone();
+    rec.top_tags = a.metadata.training.tags.iter().take(10).cloned().collect();
+    rec.warnings = r.warnings.clone();
+}
+
+fn fill_from_spectrum(rec: &mut ScanRecord, s: &SpectrumReport) {
+    rec.effective_params = Some(s.totals.effective_params);
+    rec.capacity_bits = Some(s.totals.capacity_bits);
+    rec.capacity_bits_per_image = s.totals.capacity_bits_per_image;
+}
+
+/// Scan one path: never fails; problems become the record's `error`.
+pub fn scan_one(path: &Path, opts: &SpectrumOptions, th: &FlagThresholds) -> ScanRecord {
+    let mut rec = ScanRecord { path: path.to_string_lossy().into_owned(), ..Default::default() };
+    let result = (|| -> Result<()> {
+        let adapter = Adapter::open(path, &LoadOptions::default())?;
+        let inspect = match super::spectrum(&adapter, None, opts, &|| {}) {
+            Ok(s) => {
+                fill_from_spectrum(&mut rec, &s);
+                s.inspect
+            }
+            // NaN/Inf in the factors stops the spectrum but not the screen.
+            Err(e) if e.is_input() => {
+                let mut r = super::inspect(&adapter, None)?;
+                r.warnings.push(format!("spectrum not computed: {e}"));
+                r
+            }
+            Err(e) => return Err(e),
+        };
+        fill_from_inspect(&mut rec, &inspect);
+        let nonfinite = inspect.adapter.modules.iter().any(|m| m.nonfinite > 0);
+        let hash_mismatch = inspect.adapter.hashes.sshs_model_hash.as_ref().is_some_and(|c| !c.matches);
+        rec.flags = crate::scan::flags_for(&rec, nonfinite, hash_mismatch, th);
+        Ok(())
+    })();
+    if let Err(e) = result {
+        rec.error =
+            Some(ScanError { kind: if e.is_input() { "input" } else { "internal" }.into(), message: e.to_string() });
+        rec.flags = vec!["unreadable".into()];
+        // The hash of a bad file is still worth recording (a file, not a PEFT directory).
+        if path.is_file() {
+            if let Ok((h, n)) = sha256_file(path) {
+                rec.autov2 = Some(h[..10].to_string());
+                rec.sha256 = Some(h);
+                rec.bytes = Some(n);
+            }
+        }
+    }
+    rec
+}
+
+/// What a scan saw, for the summary.
+#[derive(Debug, Default)]
+pub struct ScanSummary {
+    pub files: usize,
+    pub errors: usize,
+    /// Files carrying each flag.
+    pub flags: std::collections::BTreeMap<String, usize>,
+    /// Files carrying a flag named in `fail_on`.
+    pub failing: usize,
+}
+
+/// Scan `files` on `jobs` threads, handing each record to `emit` in path order (workers run
+/// ahead within a chunk, so the output order never depends on timing).
+pub fn scan_all(
+    files: &[std::path::PathBuf],
+    jobs: usize,
+    opts: &SpectrumOptions,
+    th: &FlagThresholds,
+    fail_on: &[String],
+    tick: &(dyn Fn() + Sync),
+    emit: &mut dyn FnMut(&ScanRecord),
+) -> Result<ScanSummary> {
+    use rayon::prelude::*;
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(jobs.max(1))
+        .build()
+        .map_err(|e| crate::error::Error::Other(format!("thread pool: {e}")))?;
+    let mut sum = ScanSummary { files: files.len(), ..Default::default() };
+    for chunk in files.chunks(jobs.max(1) * 8) {
+        let records: Vec<ScanRecord> = pool.install(|| {
+            chunk
+                .par_iter()
+                .map(|p| {
+                    let r = scan_one(p, opts, th);
+                    tick();
+                    r
+                })
+                .collect()
+        });
+        for r in &records {
+            sum.errors += usize::from(r.error.is_some());
+            for f in &r.flags {
+                *sum.flags.entry(f.clone()).or_default() += 1;
+            }
+            sum.failing += usize::from(r.flags.iter().any(|f| fail_on.contains(f)));
+            emit(r);
+        }
+    }
+    Ok(sum)
+}
