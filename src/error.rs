@@ -1,21 +1,49 @@
 //! One error type for the library. Every variant that comes from a user's input names the file,
-//! so the CLI can print a single line and exit with code 2.
+//! so the CLI prints a single line; underlying errors (I/O, JSON, candle) are kept as sources.
+//! Exit codes (README, `lorascope --help`): 0 ok, 1 a finding (`--fail-on`, `verify`), 2 bad
+//! input or usage, 3 an internal error of lorascope.
 
 use std::path::{Path, PathBuf};
+
+/// An underlying error kept as the source of ours.
+pub type Source = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The input file is unreadable, malformed or inconsistent.
     #[error("{}: {reason}", path.display())]
     Input { path: PathBuf, reason: String },
+    /// An input file could not be read or parsed by the library that reads it (I/O, JSON,
+    /// GGUF); `what` says what was being done.
+    #[error("{}: {what}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        what: String,
+        #[source]
+        source: Source,
+    },
     /// The adapter and the base model do not fit together.
     #[error("{}: {reason}", path.display())]
     Mismatch { path: PathBuf, reason: String },
+    /// A command-line value or combination that cannot work (a usage error).
+    #[error("{0}")]
+    Usage(String),
     /// A numerical routine failed (should not happen on valid input).
     #[error("numerical failure: {0}")]
     Numeric(String),
+    /// The model runtime failed while running a valid model.
+    #[error("{what}: {source}")]
+    Runtime {
+        what: String,
+        #[source]
+        source: Source,
+    },
+    /// Not yet classified (being replaced by the variants above).
     #[error("{0}")]
     Other(String),
+    /// A failure of lorascope itself.
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 impl Error {
@@ -25,10 +53,33 @@ impl Error {
     pub fn mismatch(path: impl AsRef<Path>, reason: impl Into<String>) -> Self {
         Error::Mismatch { path: path.as_ref().to_path_buf(), reason: reason.into() }
     }
-    /// Whether the error is the user's input (exit code 2) rather than a bug.
+    /// Reading or parsing `path` failed with `source` while doing `what` ("cannot open").
+    pub fn read(path: impl AsRef<Path>, what: impl Into<String>, source: impl Into<Source>) -> Self {
+        Error::Read { path: path.as_ref().to_path_buf(), what: what.into(), source: source.into() }
+    }
+    /// Whether the error is the user's input or usage (exit code 2) rather than a failure of
+    /// lorascope (exit code 3).
     pub fn is_input(&self) -> bool {
-        matches!(self, Error::Input { .. } | Error::Mismatch { .. })
+        matches!(self, Error::Input { .. } | Error::Read { .. } | Error::Mismatch { .. } | Error::Usage(_))
+    }
+    /// The process exit code for this error: 2 bad input or usage, 3 internal.
+    pub fn exit_code(&self) -> u8 {
+        if self.is_input() {
+            2
+        } else {
+            3
+        }
     }
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
+
+/// A fault injected at a named stage when `LORASCOPE_FAULT` names it: the tests use it to check
+/// that an internal failure in the middle of a command exits with code 3 and a clear line,
+/// and becomes an `internal` error record in a scan. Costs one environment lookup per stage.
+pub fn injected_fault(stage: &str) -> Result<()> {
+    match std::env::var("LORASCOPE_FAULT") {
+        Ok(s) if s == stage => Err(Error::Internal(format!("fault injected at stage {stage} (LORASCOPE_FAULT)"))),
+        _ => Ok(()),
+    }
+}

@@ -189,8 +189,8 @@ pub fn write_tiny_llama_gguf(cfg: &TinyLlama, seed: u64, path: &Path) -> Result<
         }
         let stem = name.strip_suffix(".weight").unwrap();
         let gname = format!("{}.weight", hf_to_gguf[stem]);
-        let t = Tensor::from_vec(v, shape.as_slice(), &Device::Cpu).map_err(|e| Error::Other(e.to_string()))?;
-        let q = QTensor::quantize(&t, GgmlDType::F32).map_err(|e| Error::Other(e.to_string()))?;
+        let t = Tensor::from_vec(v, shape.as_slice(), &Device::Cpu).map_err(|e| Error::Internal(e.to_string()))?;
+        let q = QTensor::quantize(&t, GgmlDType::F32).map_err(|e| Error::Internal(e.to_string()))?;
         qtensors.push((gname, q));
     }
     let md = [

@@ -22,7 +22,9 @@ use lorascope::{Adapter, BaseModel};
 #[command(
     name = "lorascope",
     version,
-    about = "LoRA-adapter forensics: what an adapter is, how much it adds, whether it copies works"
+    about = "LoRA-adapter forensics: what an adapter is, how much it adds, whether it copies works",
+    after_help = "Exit codes: 0 ok; 1 a finding (--fail-on matched, or verify found a changed or missing input); \
+                  2 bad input or usage (the message names the file and the problem); 3 an internal error of lorascope."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -172,12 +174,12 @@ struct ProbeArgs {
 impl ProbeArgs {
     fn thresholds(&self) -> lorascope::Result<Thresholds> {
         if self.prefix_tokens == 0 || self.new_tokens == 0 || self.stride == 0 || self.context < 2 {
-            return Err(lorascope::Error::Other(
+            return Err(lorascope::Error::Usage(
                 "--prefix-tokens, --new-tokens and --stride must be at least 1, --context at least 2".into(),
             ));
         }
         if !(0.0..=1.0).contains(&self.substantial) {
-            return Err(lorascope::Error::Other("--substantial is a share between 0 and 1".into()));
+            return Err(lorascope::Error::Usage("--substantial is a share between 0 and 1".into()));
         }
         Ok(Thresholds {
             prefix_tokens: self.prefix_tokens,
@@ -241,7 +243,7 @@ fn parse_fail_on(spec: Option<&str>, known: &[&str], any: &[&str], what: &str) -
         Some(s) => {
             let v: Vec<String> = s.split(',').map(|x| x.trim().to_string()).filter(|x| !x.is_empty()).collect();
             match v.iter().find(|x| !known.contains(&x.as_str())) {
-                Some(bad) => Err(lorascope::Error::Other(format!(
+                Some(bad) => Err(lorascope::Error::Usage(format!(
                     "--fail-on: unknown {what} {bad:?} ({what}s: {}, or any)",
                     known.join(", ")
                 ))),
@@ -295,7 +297,7 @@ struct FitArgs {
 }
 
 fn parse_layers(s: &str) -> lorascope::Result<Vec<usize>> {
-    let bad = || lorascope::Error::Other(format!("--layers {s:?}: expected numbers or ranges like 0,2,24-29"));
+    let bad = || lorascope::Error::Usage(format!("--layers {s:?}: expected numbers or ranges like 0,2,24-29"));
     let mut out = vec![];
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         match part.split_once('-') {
@@ -484,9 +486,9 @@ fn run(cli: Cli) -> lorascope::Result<ExitCode> {
         Command::Probe { common: c, probe, analysis, fail_on } => {
             let fail_on = verdict_filter(&fail_on)?;
             let th = probe.thresholds()?;
-            let works = probe.works.as_deref().ok_or_else(|| lorascope::Error::Other("probe needs --works".into()))?;
+            let works = probe.works.as_deref().ok_or_else(|| lorascope::Error::Usage("probe needs --works".into()))?;
             if c.base.is_none() {
-                return Err(lorascope::Error::Other("probe needs --base: it runs the merged model".into()));
+                return Err(lorascope::Error::Usage("probe needs --base: it runs the merged model".into()));
             }
             let data = probe.data(works)?;
             let (adapter, base) = c.open()?;
@@ -569,7 +571,7 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("lorascope: error: {e}");
-            ExitCode::from(2)
+            ExitCode::from(e.exit_code())
         }
     }
 }

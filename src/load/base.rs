@@ -181,9 +181,9 @@ impl BaseModel {
     }
 
     fn open_gguf(path: &Path) -> Result<Self> {
-        let f = File::open(path).map_err(|e| Error::input(path, format!("cannot open: {e}")))?;
+        let f = File::open(path).map_err(|e| Error::read(path, "cannot open", e))?;
         let mut r = BufReader::new(f);
-        let content = gguf_file::Content::read(&mut r).map_err(|e| Error::input(path, format!("invalid GGUF: {e}")))?;
+        let content = gguf_file::Content::read(&mut r).map_err(|e| Error::read(path, "invalid GGUF", e))?;
         let arch = content
             .metadata
             .get("general.architecture")
@@ -282,15 +282,14 @@ impl BaseModel {
     fn gguf_values(&self, e: &BaseEntry) -> Result<Vec<f32>> {
         let Source::Gguf { name, heads } = &e.source else { unreachable!("gguf entry") };
         let (path, content) = self.gguf.as_ref().expect("gguf source");
-        let mut r = BufReader::new(File::open(path).map_err(|e| Error::input(path, format!("cannot open: {e}")))?);
-        let q = content
-            .tensor(&mut r, name, &Device::Cpu)
-            .map_err(|e| Error::input(path, format!("tensor {name}: {e}")))?;
+        let mut r = BufReader::new(File::open(path).map_err(|e| Error::read(path, "cannot open", e))?);
+        let q =
+            content.tensor(&mut r, name, &Device::Cpu).map_err(|e| Error::read(path, format!("tensor {name}"), e))?;
         let v = q
             .dequantize(&Device::Cpu)
             .and_then(|t| t.flatten_all())
             .and_then(|t| t.to_vec1::<f32>())
-            .map_err(|e| Error::input(path, format!("tensor {name}: {e}")))?;
+            .map_err(|e| Error::read(path, format!("tensor {name}"), e))?;
         let (rows, cols) = matrix_dims(&e.shape);
         match heads {
             Some(h) => {
@@ -306,8 +305,8 @@ fn matrix_dims(shape: &[usize]) -> (usize, usize) {
 }
 
 fn read_json(p: &Path) -> Result<Value> {
-    let s = std::fs::read_to_string(p).map_err(|e| Error::input(p, format!("cannot read: {e}")))?;
-    serde_json::from_str(&s).map_err(|e| Error::input(p, format!("invalid JSON: {e}")))
+    let s = std::fs::read_to_string(p).map_err(|e| Error::read(p, "cannot read", e))?;
+    serde_json::from_str(&s).map_err(|e| Error::read(p, "invalid JSON", e))
 }
 
 /// Undo llama.cpp's `permute(w, n_head)` (convert_hf_to_gguf.py), which interleaves the two

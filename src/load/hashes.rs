@@ -21,12 +21,12 @@ pub fn sha256_bytes(bytes: &[u8]) -> String {
 
 /// Streamed SHA-256 of a file of any size (1 MiB reads).
 pub fn sha256_file(path: &Path) -> Result<(String, u64)> {
-    let mut f = File::open(path).map_err(|e| Error::input(path, format!("cannot open: {e}")))?;
+    let mut f = File::open(path).map_err(|e| Error::read(path, "cannot open", e))?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut total = 0u64;
     loop {
-        let n = f.read(&mut buf).map_err(|e| Error::input(path, format!("read error: {e}")))?;
+        let n = f.read(&mut buf).map_err(|e| Error::read(path, "read error", e))?;
         if n == 0 {
             break;
         }

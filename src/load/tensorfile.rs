@@ -87,8 +87,8 @@ impl TensorFile {
     /// bulk fault instead of one per page).
     pub fn open_with(path: &Path, populate: bool) -> Result<Self> {
         refuse_pickle(path)?;
-        let file = File::open(path).map_err(|e| Error::input(path, format!("cannot open: {e}")))?;
-        let size = file.metadata().map_err(|e| Error::input(path, format!("cannot stat: {e}")))?.len();
+        let file = File::open(path).map_err(|e| Error::read(path, "cannot open", e))?;
+        let size = file.metadata().map_err(|e| Error::read(path, "cannot stat", e))?.len();
         // Checked before mapping: an empty file cannot be mapped.
         check_length(path, size)?;
         // SAFETY: the map is read-only; a file changed underneath us would give wrong numbers,
@@ -97,7 +97,7 @@ impl TensorFile {
         if populate {
             opts.populate();
         }
-        let mmap = unsafe { opts.map(&file) }.map_err(|e| Error::input(path, format!("cannot memory-map: {e}")))?;
+        let mmap = unsafe { opts.map(&file) }.map_err(|e| Error::read(path, "cannot memory-map", e))?;
         Self::parse(path, Storage::Map(mmap))
     }
 

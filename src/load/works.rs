@@ -32,14 +32,14 @@ pub fn load_works(path: &Path) -> Result<WorkSet> {
     let mut files = vec![];
     if path.is_dir() {
         let mut entries: Vec<PathBuf> = std::fs::read_dir(path)
-            .map_err(|e| Error::input(path, format!("cannot list directory: {e}")))?
+            .map_err(|e| Error::read(path, "cannot list directory", e))?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.is_file())
             .collect();
         entries.sort();
         let ext = |p: &Path| p.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
         for p in entries.iter().filter(|p| ext(p) == "txt") {
-            let bytes = std::fs::read(p).map_err(|e| Error::input(p, format!("cannot read: {e}")))?;
+            let bytes = std::fs::read(p).map_err(|e| Error::read(p, "cannot read", e))?;
             let text = String::from_utf8(bytes).map_err(|_| Error::input(p, "not valid UTF-8 text"))?;
             let id = p.file_stem().and_then(|s| s.to_str()).unwrap_or("work").to_string();
             works.push(Work { sha256: sha256_bytes(text.as_bytes()), id, text });
@@ -55,8 +55,7 @@ pub fn load_works(path: &Path) -> Result<WorkSet> {
             return Err(Error::input(path, why));
         }
     } else {
-        let text =
-            std::fs::read_to_string(path).map_err(|e| Error::input(path, format!("cannot read as UTF-8 text: {e}")))?;
+        let text = std::fs::read_to_string(path).map_err(|e| Error::read(path, "cannot read as UTF-8 text", e))?;
         for (i, line) in text.lines().enumerate() {
             if line.trim().is_empty() {
                 continue;
@@ -85,8 +84,7 @@ pub fn load_works(path: &Path) -> Result<WorkSet> {
 
 /// Neutral prompts for the reproduction search: one per non-empty line of a text file.
 pub fn load_prompts(path: &Path) -> Result<Vec<String>> {
-    let text =
-        std::fs::read_to_string(path).map_err(|e| Error::input(path, format!("cannot read as UTF-8 text: {e}")))?;
+    let text = std::fs::read_to_string(path).map_err(|e| Error::read(path, "cannot read as UTF-8 text", e))?;
     let prompts: Vec<String> = text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect();
     if prompts.is_empty() {
         return Err(Error::input(path, "holds no prompts (one per line)"));

@@ -111,9 +111,8 @@ pub fn build_report(
 /// Recompute the SHA-256 of every input named in `dir/report.json` (chain of custody).
 pub fn verify(dir: &Path) -> Result<Vec<Verified>> {
     let p = dir.join("report.json");
-    let text = std::fs::read_to_string(&p).map_err(|e| Error::input(&p, format!("cannot read: {e}")))?;
-    let r: Report =
-        serde_json::from_str(&text).map_err(|e| Error::input(&p, format!("not a lorascope report: {e}")))?;
+    let text = std::fs::read_to_string(&p).map_err(|e| Error::read(&p, "cannot read", e))?;
+    let r: Report = serde_json::from_str(&text).map_err(|e| Error::read(&p, "not a lorascope report", e))?;
     Ok(r.inputs
         .iter()
         .map(|i| {
@@ -200,10 +199,10 @@ pub fn run_report(
 
 /// Write report.json and report.html into `out` (created if missing); returns their paths.
 pub fn write_report_dir(r: &Report, out: &Path) -> Result<(std::path::PathBuf, std::path::PathBuf)> {
-    std::fs::create_dir_all(out).map_err(|e| Error::input(out, format!("cannot create: {e}")))?;
+    std::fs::create_dir_all(out).map_err(|e| Error::read(out, "cannot create", e))?;
     let write = |name: &str, text: &str| {
         let p = out.join(name);
-        std::fs::write(&p, text).map_err(|e| Error::input(&p, format!("cannot write: {e}")))?;
+        std::fs::write(&p, text).map_err(|e| Error::read(&p, "cannot write", e))?;
         Ok::<_, Error>(p)
     };
     let json = write("report.json", &crate::report::to_canonical_json(r))?;

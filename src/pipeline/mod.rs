@@ -50,6 +50,7 @@ pub fn probe(
     thresholds: &crate::probe::Thresholds,
     progress: &dyn crate::probe::Progress,
 ) -> Result<report::ProbeReport> {
+    crate::error::injected_fault("probe")?;
     let text_model = model::TextModel::load(base)?;
     progress.stage("merge", 1);
     let (merged, merge) = model::merge_adapter(&text_model.llama, adapter)?;
@@ -79,6 +80,7 @@ pub fn spectrum(
     opts: &spectral::SpectrumOptions,
     tick: &(dyn Fn() + Sync),
 ) -> Result<report::SpectrumReport> {
+    crate::error::injected_fault("spectrum")?;
     let (_, analysis) = rayon::join(|| adapter.hashes(), || spectral::analyse(adapter, base, opts, tick));
     let analysis = analysis?;
     // Factored and Kronecker routes decoded every tensor of their module and refuse NaN/Inf,

@@ -98,7 +98,7 @@ pub fn scan_all(
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(jobs.max(1))
         .build()
-        .map_err(|e| crate::error::Error::Other(format!("thread pool: {e}")))?;
+        .map_err(|e| crate::error::Error::Internal(format!("thread pool: {e}")))?;
     let mut sum = ScanSummary { files: files.len(), ..Default::default() };
     for chunk in files.chunks(jobs.max(1) * 8) {
         let records: Vec<ScanRecord> = pool.install(|| {

@@ -86,7 +86,7 @@ pub fn discover(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
             return Ok(());
         }
         let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
-            .map_err(|e| Error::input(dir, format!("cannot list directory: {e}")))?
+            .map_err(|e| Error::read(dir, "cannot list directory", e))?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .collect();
         entries.sort();
@@ -120,7 +120,7 @@ pub fn discover(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
 
 /// Paths listed in a file, one a line (blank lines and `#` comments skipped).
 pub fn read_list(list: &Path) -> Result<Vec<PathBuf>> {
-    let text = std::fs::read_to_string(list).map_err(|e| Error::input(list, format!("cannot read list: {e}")))?;
+    let text = std::fs::read_to_string(list).map_err(|e| Error::read(list, "cannot read list", e))?;
     Ok(text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(PathBuf::from).collect())
 }
 

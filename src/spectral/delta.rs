@@ -81,7 +81,7 @@ impl DeltaW for LoraModule {
         within_budget(self, m.saturating_mul(n))?;
         let need_base = || {
             base.ok_or_else(|| {
-                Error::Other(format!(
+                Error::Usage(format!(
                     "module {}: ΔW of a {} module depends on the base weight; give --base",
                     self.name,
                     self.kind.as_str()
@@ -90,7 +90,7 @@ impl DeltaW for LoraModule {
         };
         if let Some(w) = base {
             if w.shape() != (m, n) {
-                return Err(Error::Other(format!(
+                return Err(Error::Internal(format!(
                     "module {}: base weight is {}x{}, ΔW is {m}x{n}",
                     self.name,
                     w.nrows(),
@@ -121,7 +121,7 @@ impl DeltaW for LoraModule {
                 d
             }
             Delta::Unsupported { algo, .. } => {
-                return Err(Error::Other(format!("module {}: {algo} is recognised but not supported yet", self.name)))
+                return Err(self.error(format!("{algo} is recognised but not supported yet")))
             }
             _ => match self.factors_ignoring_magnitude()? {
                 Some(f) => f.dense(),
