@@ -18,6 +18,7 @@ pub mod fuzzing;
 pub mod linalg;
 pub mod load;
 pub mod model;
+pub(crate) mod named;
 pub mod pipeline;
 pub mod probe;
 pub mod report;

@@ -13,7 +13,7 @@ use lorascope::load::works::load_works;
 use lorascope::load::{Format, LoadOptions};
 use lorascope::model::train::FitOptions;
 use lorascope::pipeline::{self, ProbeData};
-use lorascope::probe::Thresholds;
+use lorascope::probe::{Thresholds, Verdict};
 use lorascope::report::{self, to_canonical_json};
 use lorascope::spectral::SpectrumOptions;
 use lorascope::{Adapter, BaseModel};
@@ -118,8 +118,8 @@ enum Command {
         analysis: AnalysisArgs,
         /// Exit with code 1 if any work gets one of these verdicts (comma-separated, or `any`
         /// for any verdict other than no-evidence).
-        #[arg(long)]
-        fail_on: Option<String>,
+        #[arg(long, value_parser = fail_on::<Verdict>)]
+        fail_on: Option<FailOn<Verdict>>,
     },
     /// Fit a LoRA that memorises the given texts (a positive control: would the probe catch an
     /// adapter that memorised these?). Writes a PEFT adapter directory.
@@ -235,27 +235,31 @@ fn run_probe(
     r
 }
 
-/// `--fail-on`: a comma-separated list of `known` names (each a `what`), or `any` for `any`.
-fn parse_fail_on(spec: Option<&str>, known: &[&str], any: &[&str], what: &str) -> lorascope::Result<Vec<String>> {
-    match spec {
-        None => Ok(vec![]),
-        Some(s) if s.trim() == "any" => Ok(any.iter().map(|v| v.to_string()).collect()),
-        Some(s) => {
-            let v: Vec<String> = s.split(',').map(|x| x.trim().to_string()).filter(|x| !x.is_empty()).collect();
-            match v.iter().find(|x| !known.contains(&x.as_str())) {
-                Some(bad) => Err(lorascope::Error::Usage(format!(
-                    "--fail-on: unknown {what} {bad:?} ({what}s: {}, or any)",
-                    known.join(", ")
-                ))),
-                None => Ok(v),
-            }
+/// A `--fail-on` list: names of a closed set (flags, verdicts), or `any`.
+#[derive(Clone, Debug)]
+enum FailOn<T> {
+    Any,
+    These(Vec<T>),
+}
+
+impl<T: PartialEq> FailOn<T> {
+    /// Whether `x` fails the run; `any` means every member for which `counts` holds.
+    fn matches(&self, x: &T, counts: impl Fn(&T) -> bool) -> bool {
+        match self {
+            FailOn::Any => counts(x),
+            FailOn::These(v) => v.contains(x),
         }
     }
 }
 
-fn verdict_filter(spec: &Option<String>) -> lorascope::Result<Vec<String>> {
-    const ALL: [&str; 4] = ["reconstructable-copy", "partial-copy", "memorized-traces", "no-evidence"];
-    parse_fail_on(spec.as_deref(), &ALL, &ALL[..3], "verdict")
+/// clap's parser for `--fail-on`: comma-separated names (each checked against its set's table)
+/// or `any`.
+fn fail_on<T: std::str::FromStr<Err = String>>(s: &str) -> Result<FailOn<T>, String> {
+    if s.trim() == "any" {
+        return Ok(FailOn::Any);
+    }
+    let v = s.split(',').map(str::trim).filter(|x| !x.is_empty()).map(str::parse).collect::<Result<Vec<T>, _>>()?;
+    Ok(FailOn::These(v))
 }
 
 #[derive(Args)]
@@ -383,8 +387,8 @@ struct ScanArgs {
     #[arg(long, value_parser = lorascope::scan::parse_shard)]
     shard: Option<(u64, u64)>,
     /// Exit with code 1 if any file carries one of these flags (comma-separated, or `any`).
-    #[arg(long)]
-    fail_on: Option<String>,
+    #[arg(long, value_parser = fail_on::<lorascope::scan::Flag>)]
+    fail_on: Option<FailOn<lorascope::scan::Flag>>,
     /// Bits one effective parameter can store (Morris et al. 2025: 3.6).
     #[arg(long, default_value_t = 3.6)]
     bits_per_param: f64,
@@ -396,7 +400,11 @@ struct ScanArgs {
 fn scan(a: ScanArgs) -> lorascope::Result<ExitCode> {
     use lorascope::scan;
     use std::io::Write;
-    let fail_on = parse_fail_on(a.fail_on.as_deref(), scan::FLAGS, scan::FLAGS, "flag")?;
+    let fail_on: Vec<scan::Flag> = scan::Flag::ALL
+        .iter()
+        .copied()
+        .filter(|f| a.fail_on.as_ref().is_some_and(|x| x.matches(f, |_| true)))
+        .collect();
     let mut paths = a.paths.clone();
     if let Some(l) = &a.list {
         paths.extend(scan::read_list(l)?);
@@ -422,8 +430,8 @@ fn scan(a: ScanArgs) -> lorascope::Result<ExitCode> {
         vec!["read".to_string(), (sum.files - sum.errors).to_string()],
         vec!["errors".to_string(), sum.errors.to_string()],
     ];
-    for f in scan::FLAGS {
-        rows.push(vec![format!("flag {f}"), sum.flags.get(*f).copied().unwrap_or(0).to_string()]);
+    for f in scan::Flag::ALL {
+        rows.push(vec![format!("flag {f}"), sum.flags.get(f).copied().unwrap_or(0).to_string()]);
     }
     if !fail_on.is_empty() {
         rows.push(vec!["failing --fail-on".to_string(), sum.failing.to_string()]);
@@ -484,7 +492,6 @@ fn run(cli: Cli) -> lorascope::Result<ExitCode> {
             }
         }
         Command::Probe { common: c, probe, analysis, fail_on } => {
-            let fail_on = verdict_filter(&fail_on)?;
             let th = probe.thresholds()?;
             let works = probe.works.as_deref().ok_or_else(|| lorascope::Error::Usage("probe needs --works".into()))?;
             if c.base.is_none() {
@@ -500,7 +507,12 @@ fn run(cli: Cli) -> lorascope::Result<ExitCode> {
             } else {
                 print!("{}", report::render_probe(&r));
             }
-            let failing = r.probe.result.works.iter().any(|w| fail_on.iter().any(|v| v == w.verdict.as_str()));
+            let failing = r
+                .probe
+                .result
+                .works
+                .iter()
+                .any(|w| fail_on.as_ref().is_some_and(|f| f.matches(&w.verdict, |v| *v != Verdict::NoEvidence)));
             return Ok(if failing { ExitCode::from(1) } else { ExitCode::SUCCESS });
         }
         Command::FitLora(a) => return fit_lora(a),
@@ -508,12 +520,12 @@ fn run(cli: Cli) -> lorascope::Result<ExitCode> {
         Command::Scan(a) => return scan(a),
         Command::Verify { dir, json } => {
             let v = pipeline::verify(&dir)?;
-            let bad = v.iter().filter(|x| x.status != "ok").count();
+            let bad = v.iter().filter(|x| x.status != report::VerifyStatus::Ok).count();
             if json {
                 print!("{}", to_canonical_json(&v));
             } else {
                 let rows: Vec<Vec<String>> =
-                    v.iter().map(|x| vec![x.status.clone(), x.role.clone(), x.path.clone()]).collect();
+                    v.iter().map(|x| vec![x.status.to_string(), x.role.to_string(), x.path.clone()]).collect();
                 print!("{}", report::table(&["status", "role", "file"], &rows));
                 println!("{} of {} inputs unchanged", v.len() - bad, v.len());
             }

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 const LAYERS: &[(&str, u32)] = &[
     ("error", 0),
     ("rng", 0),
+    ("named", 0),
     ("linalg", 1),
     ("load", 2),
     ("spectral", 3),

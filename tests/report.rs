@@ -40,7 +40,7 @@ fn report_json_round_trips_and_is_stable() {
     assert_eq!(to_canonical_json(&r), j1, "serde round trip gives the same bytes");
     assert!(r.timings.is_none());
     assert_eq!(r.spectrum.modules.len(), 10);
-    assert!(r.stages.iter().any(|s| s.name == "probe" && !s.ran && s.reason.contains("no --works")));
+    assert!(r.stages.iter().any(|s| s.name.as_str() == "probe" && !s.ran && s.reason.contains("no --works")));
     // With timings, only the separate timing block differs.
     let o3 = d.path().join("three");
     report(&a, Some(&b), &o3, &[]);
@@ -80,8 +80,8 @@ fn html_escapes_hostile_metadata_and_work_text() {
     }
     // The work was recorded with its hash, and the report says why it was not probed.
     let r: Report = serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
-    assert!(r.inputs.iter().any(|i| i.role == "work" && i.path.ends_with("poem.txt")));
-    assert!(r.stages.iter().any(|s| s.name == "probe" && !s.ran && s.reason.contains("--base")));
+    assert!(r.inputs.iter().any(|i| i.role.as_str() == "work" && i.path.ends_with("poem.txt")));
+    assert!(r.stages.iter().any(|s| s.name.as_str() == "probe" && !s.ran && s.reason.contains("--base")));
 }
 
 fn count(h: &str, pat: &str) -> usize {

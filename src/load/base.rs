@@ -17,13 +17,14 @@ use super::names::gguf_to_hf;
 use super::tensorfile::{dtype_name, refuse_pickle, TensorFile};
 use crate::error::{Error, Result};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum BaseKind {
-    Safetensors,
-    HfDirectory,
-    DiffusersPipeline,
-    Gguf,
+crate::named::closed_set! {
+    /// How a base model is stored.
+    pub enum BaseKind ("base kind") {
+        Safetensors = "safetensors",
+        HfDirectory = "hf-directory",
+        DiffusersPipeline = "diffusers-pipeline",
+        Gguf = "gguf",
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -1,42 +1,25 @@
 //! The normalised adapter module: every format becomes a `LoraModule` whose `Delta` says how
 //! ΔW is built from the stored factors.
 
-use serde::{Deserialize, Serialize};
+use crate::named::closed_set;
 
 use super::tensor::TensorRef;
 use crate::error::Error;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ModuleKind {
-    Lora,
-    Locon,
-    Loha,
-    Lokr,
-    Full,
-    Dora,
-    Ia3,
-    Embedding,
-    Oft,
-    Boft,
-    Glora,
-}
-
-impl ModuleKind {
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            ModuleKind::Lora => "lora",
-            ModuleKind::Locon => "locon",
-            ModuleKind::Loha => "loha",
-            ModuleKind::Lokr => "lokr",
-            ModuleKind::Full => "full",
-            ModuleKind::Dora => "dora",
-            ModuleKind::Ia3 => "ia3",
-            ModuleKind::Embedding => "embedding",
-            ModuleKind::Oft => "oft",
-            ModuleKind::Boft => "boft",
-            ModuleKind::Glora => "glora",
-        }
+closed_set! {
+    /// What kind of change a module makes (the adapter algorithm of that module).
+    pub enum ModuleKind ("module kind") {
+        Lora = "lora",
+        Locon = "locon",
+        Loha = "loha",
+        Lokr = "lokr",
+        Full = "full",
+        Dora = "dora",
+        Ia3 = "ia3",
+        Embedding = "embedding",
+        Oft = "oft",
+        Boft = "boft",
+        Glora = "glora",
     }
 }
 

@@ -7,7 +7,8 @@ use crate::error::{Error, Result};
 use crate::load::hashes::sha256_file;
 use crate::load::works::WorkSet;
 use crate::report::{
-    path_string, InputFile, ProbeSection, Report, SpectrumReport, SpectrumSection, Stage, Verified, WorkInfo,
+    path_string, InputFile, InputRole, ProbeSection, Report, SpectrumReport, SpectrumSection, Stage, StageName,
+    Verified, VerifyStatus, WorkInfo,
 };
 
 fn excerpt(text: &str) -> String {
@@ -20,12 +21,12 @@ fn excerpt(text: &str) -> String {
 }
 
 /// Input records (path, size, SHA-256) of supplied files such as works and controls.
-pub fn file_inputs(role: &str, files: &[std::path::PathBuf]) -> Result<Vec<InputFile>> {
+pub fn file_inputs(role: InputRole, files: &[std::path::PathBuf]) -> Result<Vec<InputFile>> {
     files
         .iter()
         .map(|f| {
             let (sha256, bytes) = sha256_file(f)?;
-            Ok(InputFile { role: role.into(), path: path_string(f), bytes, sha256 })
+            Ok(InputFile { role, path: path_string(f), bytes, sha256 })
         })
         .collect()
 }
@@ -47,7 +48,7 @@ pub fn build_report(
     let SpectrumReport { inspect: s, modules, layers, totals, statement, settings } = spectrum;
     let mut inputs = s.inputs;
     let mut infos = vec![];
-    for (role, set) in [("work", works), ("control", controls)] {
+    for (role, set) in [(InputRole::Work, works), (InputRole::Control, controls)] {
         let Some(set) = set else { continue };
         // The probe records (and hashes) the works it read; record the others only.
         let unrecorded: Vec<std::path::PathBuf> = set
@@ -60,7 +61,7 @@ pub fn build_report(
         for w in &set.works {
             infos.push(WorkInfo {
                 id: w.id.clone(),
-                role: role.into(),
+                role,
                 sha256: w.sha256.clone(),
                 chars: w.text.chars().count(),
                 excerpt: excerpt(&w.text),
@@ -97,10 +98,10 @@ pub fn build_report(
         works: infos,
         probe,
         stages: vec![
-            Stage { name: "inspect".into(), ran: true, reason: "always".into() },
-            Stage { name: "base".into(), ran: has_base, reason: base_reason },
-            Stage { name: "spectrum".into(), ran: true, reason: "static analysis of the adapter's factors".into() },
-            Stage { name: "probe".into(), ran: probe_ran, reason: probe_reason },
+            Stage { name: StageName::Inspect, ran: true, reason: "always".into() },
+            Stage { name: StageName::Base, ran: has_base, reason: base_reason },
+            Stage { name: StageName::Spectrum, ran: true, reason: "static analysis of the adapter's factors".into() },
+            Stage { name: StageName::Probe, ran: probe_ran, reason: probe_reason },
         ],
         settings,
         warnings: s.warnings,
@@ -118,17 +119,11 @@ pub fn verify(dir: &Path) -> Result<Vec<Verified>> {
         .map(|i| {
             let now = sha256_file(Path::new(&i.path)).ok().map(|(h, _)| h);
             let status = match &now {
-                None => "missing",
-                Some(h) if *h == i.sha256 => "ok",
-                Some(_) => "changed",
+                None => VerifyStatus::Missing,
+                Some(h) if *h == i.sha256 => VerifyStatus::Ok,
+                Some(_) => VerifyStatus::Changed,
             };
-            Verified {
-                role: i.role.clone(),
-                path: i.path.clone(),
-                status: status.into(),
-                recorded_sha256: i.sha256.clone(),
-                sha256: now,
-            }
+            Verified { role: i.role, path: i.path.clone(), status, recorded_sha256: i.sha256.clone(), sha256: now }
         })
         .collect())
 }

@@ -8,24 +8,26 @@ use rayon::prelude::*;
 use crate::error::Result;
 use crate::load::hashes::sha256_file;
 use crate::load::{Adapter, BaseModel, Delta, KronPart, LoraModule, TensorRef};
-use crate::report::{path_string, tool, AdapterInfo, BaseInfo, InputFile, InspectReport, ModuleRow, SCHEMA_VERSION};
+use crate::report::{
+    path_string, tool, AdapterInfo, BaseInfo, InputFile, InputRole, InspectReport, ModuleRow, SCHEMA_VERSION,
+};
 
 /// Every input file with its SHA-256. The adapter's hash was computed when it was opened.
 pub fn input_files(adapter: &Adapter, base: Option<&BaseModel>) -> Result<Vec<InputFile>> {
     let mut inputs = vec![InputFile {
-        role: "adapter".into(),
+        role: InputRole::Adapter,
         path: path_string(&adapter.file.path),
         bytes: adapter.file.bytes().len() as u64,
         sha256: adapter.hashes().sha256.clone(),
     }];
     if let Some(c) = &adapter.config_path {
         let (sha256, bytes) = sha256_file(c)?;
-        inputs.push(InputFile { role: "adapter-config".into(), path: path_string(c), bytes, sha256 });
+        inputs.push(InputFile { role: InputRole::AdapterConfig, path: path_string(c), bytes, sha256 });
     }
     if let Some(b) = base {
         for f in &b.files {
             let (sha256, bytes) = sha256_file(f)?;
-            inputs.push(InputFile { role: "base".into(), path: path_string(f), bytes, sha256 });
+            inputs.push(InputFile { role: InputRole::Base, path: path_string(f), bytes, sha256 });
         }
     }
     Ok(inputs)
@@ -72,7 +74,7 @@ fn row(m: &LoraModule, nonfinite: usize, zero: bool) -> ModuleRow {
     ModuleRow {
         base_key: m.base_key.clone(),
         name: m.name.clone(),
-        kind: m.kind.as_str().to_string(),
+        kind: m.kind,
         rank: m.rank,
         alpha: m.alpha,
         scale: m.scale,
@@ -133,7 +135,7 @@ pub fn inspect_with(
     }
     let mut kinds = BTreeMap::new();
     for r in &modules {
-        *kinds.entry(r.kind.clone()).or_insert(0) += 1;
+        *kinds.entry(r.kind).or_insert(0) += 1;
     }
     let base_info = base.map(|b| BaseInfo {
         path: path_string(&b.path),

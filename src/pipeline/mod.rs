@@ -61,10 +61,10 @@ pub fn probe(
         crate::probe::run(&text_model, &merged, &inputs.works.works, &controls.works, prompts, thresholds, progress)?;
     let mut spectrum = spectrum;
     let recorded = &mut spectrum.inspect.inputs;
-    recorded.extend(file_inputs("work", &inputs.works.files)?);
-    recorded.extend(file_inputs("control", &controls.files)?);
+    recorded.extend(file_inputs(report::InputRole::Work, &inputs.works.files)?);
+    recorded.extend(file_inputs(report::InputRole::Control, &controls.files)?);
     if let Some((path, _)) = inputs.prompts {
-        recorded.extend(file_inputs("prompts", &[path.to_path_buf()])?);
+        recorded.extend(file_inputs(report::InputRole::Prompts, &[path.to_path_buf()])?);
     }
     let capacity_check = report::CapacityCheck::new(&result.works, spectrum.totals.capacity_bits);
     let probe =

@@ -6,7 +6,7 @@ use crate::error::Result;
 use crate::load::hashes::sha256_file;
 use crate::load::{Adapter, LoadOptions};
 use crate::report::{InspectReport, SpectrumReport};
-use crate::scan::{FlagThresholds, ScanError, ScanRecord};
+use crate::scan::{ErrorKind, Flag, FlagThresholds, ScanError, ScanRecord};
 use crate::spectral::SpectrumOptions;
 
 fn fill_from_inspect(rec: &mut ScanRecord, r: &InspectReport) {
@@ -57,9 +57,11 @@ pub fn scan_one(path: &Path, opts: &SpectrumOptions, th: &FlagThresholds) -> Sca
         Ok(())
     })();
     if let Err(e) = result {
-        rec.error =
-            Some(ScanError { kind: if e.is_input() { "input" } else { "internal" }.into(), message: e.to_string() });
-        rec.flags = vec!["unreadable".into()];
+        rec.error = Some(ScanError {
+            kind: if e.is_input() { ErrorKind::Input } else { ErrorKind::Internal },
+            message: e.to_string(),
+        });
+        rec.flags = vec![Flag::Unreadable];
         // The hash of a bad file is still worth recording (a file, not a PEFT directory).
         if path.is_file() {
             if let Ok((h, n)) = sha256_file(path) {
@@ -78,7 +80,7 @@ pub struct ScanSummary {
     pub files: usize,
     pub errors: usize,
     /// Files carrying each flag.
-    pub flags: std::collections::BTreeMap<String, usize>,
+    pub flags: std::collections::BTreeMap<Flag, usize>,
     /// Files carrying a flag named in `fail_on`.
     pub failing: usize,
 }
@@ -90,7 +92,7 @@ pub fn scan_all(
     jobs: usize,
     opts: &SpectrumOptions,
     th: &FlagThresholds,
-    fail_on: &[String],
+    fail_on: &[Flag],
     tick: &(dyn Fn() + Sync),
     emit: &mut dyn FnMut(&ScanRecord),
 ) -> Result<ScanSummary> {
@@ -114,7 +116,7 @@ pub fn scan_all(
         for r in &records {
             sum.errors += usize::from(r.error.is_some());
             for f in &r.flags {
-                *sum.flags.entry(f.clone()).or_default() += 1;
+                *sum.flags.entry(*f).or_default() += 1;
             }
             sum.failing += usize::from(r.flags.iter().any(|f| fail_on.contains(f)));
             emit(r);

@@ -53,23 +53,13 @@ impl Default for Thresholds {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Verdict {
-    ReconstructableCopy,
-    PartialCopy,
-    MemorizedTraces,
-    NoEvidence,
-}
-
-impl Verdict {
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Verdict::ReconstructableCopy => "reconstructable-copy",
-            Verdict::PartialCopy => "partial-copy",
-            Verdict::MemorizedTraces => "memorized-traces",
-            Verdict::NoEvidence => "no-evidence",
-        }
+crate::named::closed_set! {
+    /// The probe's answer for one work (docs/probe.md: the rules and their thresholds).
+    pub enum Verdict ("verdict") {
+        ReconstructableCopy = "reconstructable-copy",
+        PartialCopy = "partial-copy",
+        MemorizedTraces = "memorized-traces",
+        NoEvidence = "no-evidence",
     }
 }
 

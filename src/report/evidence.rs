@@ -6,7 +6,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use super::inspect::{AdapterInfo, BaseInfo};
-use super::{InputFile, ProbeSection, SpectrumSettings, Tool};
+use super::{InputFile, InputRole, ProbeSection, SpectrumSettings, Tool};
+use crate::named::closed_set;
 use crate::spectral::{LayerSummary, ModuleSpectrum, Totals};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -22,7 +23,7 @@ pub struct SpectrumSection {
 pub struct WorkInfo {
     pub id: String,
     /// `work` or `control`.
-    pub role: String,
+    pub role: InputRole,
     pub sha256: String,
     pub chars: usize,
     /// The opening of the text, so a reader can tell which work this is.
@@ -31,7 +32,7 @@ pub struct WorkInfo {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Stage {
-    pub name: String,
+    pub name: StageName,
     pub ran: bool,
     pub reason: String,
 }
@@ -57,13 +58,32 @@ pub struct Report {
     pub timings: Option<BTreeMap<String, f64>>,
 }
 
+closed_set! {
+    /// The stages of `report`.
+    pub enum StageName ("stage") {
+        Inspect = "inspect",
+        Base = "base",
+        Spectrum = "spectrum",
+        Probe = "probe",
+    }
+}
+
+closed_set! {
+    /// An input's state when `verify` looked again.
+    pub enum VerifyStatus ("status") {
+        /// Same SHA-256 as recorded.
+        Ok = "ok",
+        Changed = "changed",
+        Missing = "missing",
+    }
+}
+
 /// One input's state now.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Verified {
-    pub role: String,
+    pub role: InputRole,
     pub path: String,
-    /// `ok`, `changed` or `missing`.
-    pub status: String,
+    pub status: VerifyStatus,
     pub recorded_sha256: String,
     pub sha256: Option<String>,
 }

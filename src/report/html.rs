@@ -233,7 +233,7 @@ pub fn render_html(r: &Report) -> String {
     h += &format!("<h1>LoRA adapter report</h1><p class=\"mono\">{}</p>", esc(&r.inputs[0].path));
 
     // Summary in plain words.
-    let probe = r.stages.iter().find(|s| s.name == "probe");
+    let probe = r.stages.iter().find(|s| s.name == super::StageName::Probe);
     let mut summary = format!(
         "This file is a <b>{}</b> adapter for <b>{}</b> with {} modules and {} stored values. ",
         esc(&a.format),
@@ -343,7 +343,7 @@ pub fn render_html(r: &Report) -> String {
     for i in &r.inputs {
         h += &format!(
             "<tr><td>{}</td><td class=\"mono\">{}</td><td>{}</td><td class=\"mono\">{}</td></tr>",
-            esc(&i.role),
+            esc(i.role.as_str()),
             esc(&i.path),
             i.bytes,
             esc(&i.sha256)
@@ -381,7 +381,7 @@ pub fn render_html(r: &Report) -> String {
             "<figure>{}<figcaption class=\"mono\">{} — {} · effective rank {:.2} · {} bits</figcaption></figure>",
             svg_spectrum(m),
             esc(&m.base_key),
-            esc(&m.kind),
+            esc(m.kind.as_str()),
             m.effective_rank,
             human(m.capacity_bits)
         );
@@ -391,7 +391,7 @@ pub fn render_html(r: &Report) -> String {
         h += &format!(
             "<tr><td class=\"mono\">{}</td><td>{}</td><td>{}</td><td>{:.4}</td><td>{:.4}</td><td>{:.2}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
             esc(&m.base_key),
-            esc(&m.kind),
+            esc(m.kind.as_str()),
             m.rank,
             m.spectral,
             m.fro,
@@ -416,7 +416,7 @@ pub fn render_html(r: &Report) -> String {
             h += &format!(
                 "<tr><td>{}</td><td>{}</td><td>{}</td><td class=\"mono\">{}</td><td>{}</td></tr>",
                 esc(&w.id),
-                esc(&w.role),
+                esc(w.role.as_str()),
                 w.chars,
                 esc(&w.sha256),
                 esc(&w.excerpt)
@@ -446,7 +446,7 @@ pub fn render_html(r: &Report) -> String {
     for s in &r.stages {
         h += &format!(
             "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
-            esc(&s.name),
+            esc(s.name.as_str()),
             if s.ran { "yes" } else { "no" },
             esc(&s.reason)
         );

@@ -9,13 +9,13 @@ use serde_json::Value;
 use super::{human, table, InputFile, Tool};
 use crate::load::hashes::FileHashes;
 use crate::load::metadata::Metadata;
-use crate::load::BaseKind;
+use crate::load::{BaseKind, ModuleKind};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ModuleRow {
     pub base_key: String,
     pub name: String,
-    pub kind: String,
+    pub kind: ModuleKind,
     pub rank: usize,
     pub alpha: Option<f64>,
     pub scale: f64,
@@ -37,7 +37,7 @@ pub struct AdapterInfo {
     pub architecture: String,
     pub modules: Vec<ModuleRow>,
     pub params: usize,
-    pub kinds: BTreeMap<String, usize>,
+    pub kinds: BTreeMap<ModuleKind, usize>,
     pub metadata: Metadata,
     pub hashes: FileHashes,
     pub config: Option<Value>,
@@ -85,7 +85,7 @@ pub fn render_inspect(r: &InspectReport) -> String {
     );
     if let Some(b) = &r.base {
         s += &format!(
-            "base      {} ({:?}, {} tensors, {} params; adapter changes weights holding {})\n",
+            "base      {} ({}, {} tensors, {} params; adapter changes weights holding {})\n",
             b.path,
             b.kind,
             b.tensors,
@@ -145,7 +145,7 @@ pub fn render_inspect(r: &InspectReport) -> String {
         .map(|m| {
             vec![
                 m.base_key.clone(),
-                m.kind.clone(),
+                m.kind.to_string(),
                 m.rank.to_string(),
                 m.alpha.map(|x| format!("{x}")).unwrap_or_else(|| "-".into()),
                 format!("{:.4}", m.scale),

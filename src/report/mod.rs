@@ -13,12 +13,26 @@ pub use spectrum::*;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::named::closed_set;
+
 pub const SCHEMA_VERSION: u32 = 1;
+
+closed_set! {
+    /// What an input file is to the analysis.
+    pub enum InputRole ("input role") {
+        Adapter = "adapter",
+        AdapterConfig = "adapter-config",
+        Base = "base",
+        Work = "work",
+        Control = "control",
+        Prompts = "prompts",
+    }
+}
 
 /// One input file, recorded so a third party can check they hold the same bytes.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct InputFile {
-    pub role: String,
+    pub role: InputRole,
     pub path: String,
     pub bytes: u64,
     pub sha256: String,

@@ -104,8 +104,8 @@ pub fn render_spectrum(r: &SpectrumReport, top: usize) -> String {
         .map(|m| {
             vec![
                 m.base_key.clone(),
-                m.kind.clone(),
-                format!("{:?}", m.route).to_lowercase(),
+                m.kind.to_string(),
+                m.route.to_string(),
                 format!("{:.4}", m.spectral),
                 format!("{:.4}", m.fro),
                 format!("{:.2}", m.effective_rank),

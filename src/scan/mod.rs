@@ -10,21 +10,35 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
 use crate::load::metadata::Tag;
+use crate::load::ModuleKind;
+use crate::named::closed_set;
 
 /// File extensions a scan picks up: adapters, and pickle checkpoints (reported as errors, never
 /// read as pickle).
 const CANDIDATE_EXTS: &[&str] = &["safetensors", "bin", "pt", "pth", "ckpt", "pkl"];
 
-/// Every flag a record can carry.
-pub const FLAGS: &[&str] = &[
-    "unreadable",
-    "nonfinite-weights",
-    "hash-mismatch",
-    "full-matrix",
-    "capacity-per-image",
-    "few-images-many-steps",
-    "unsupported-algorithm",
-];
+closed_set! {
+    /// The risk flags a record can carry (thresholds and reasons: docs/scan.md).
+    pub enum Flag ("flag") {
+        Unreadable = "unreadable",
+        NonfiniteWeights = "nonfinite-weights",
+        HashMismatch = "hash-mismatch",
+        FullMatrix = "full-matrix",
+        CapacityPerImage = "capacity-per-image",
+        FewImagesManySteps = "few-images-many-steps",
+        UnsupportedAlgorithm = "unsupported-algorithm",
+    }
+}
+
+closed_set! {
+    /// Whose fault a scan error is.
+    pub enum ErrorKind ("error kind") {
+        /// A bad or refused file.
+        Input = "input",
+        /// A failure of lorascope itself.
+        Internal = "internal",
+    }
+}
 
 /// Thresholds of the risk flags (documented in docs/scan.md).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -48,8 +62,7 @@ impl Default for FlagThresholds {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ScanError {
-    /// `input` for a bad or refused file, `internal` for a failure of lorascope itself.
-    pub kind: String,
+    pub kind: ErrorKind,
     pub message: String,
 }
 
@@ -63,7 +76,7 @@ pub struct ScanRecord {
     pub format: Option<String>,
     pub architecture: Option<String>,
     pub modules: Option<usize>,
-    pub kinds: BTreeMap<String, usize>,
+    pub kinds: BTreeMap<ModuleKind, usize>,
     pub params: Option<usize>,
     pub effective_params: Option<usize>,
     pub capacity_bits: Option<f64>,
@@ -73,7 +86,7 @@ pub struct ScanRecord {
     pub capacity_bits_per_image: Option<f64>,
     pub top_tags: Vec<Tag>,
     pub warnings: Vec<String>,
-    pub flags: Vec<String>,
+    pub flags: Vec<Flag>,
     pub error: Option<ScanError>,
 }
 
@@ -159,30 +172,30 @@ fn resolution_pixels(r: Option<&str>, default_side: u64) -> u64 {
 
 /// The risk flags of a filled record. `nonfinite` and `hash_mismatch` come from the
 /// inspection (NaN/Inf in any module; recorded sshs_model_hash differs from the recomputed).
-pub fn flags_for(rec: &ScanRecord, nonfinite: bool, hash_mismatch: bool, th: &FlagThresholds) -> Vec<String> {
+pub fn flags_for(rec: &ScanRecord, nonfinite: bool, hash_mismatch: bool, th: &FlagThresholds) -> Vec<Flag> {
     let mut f = vec![];
     if nonfinite {
-        f.push("nonfinite-weights");
+        f.push(Flag::NonfiniteWeights);
     }
     if hash_mismatch {
-        f.push("hash-mismatch");
+        f.push(Flag::HashMismatch);
     }
-    if rec.kinds.contains_key("full") {
-        f.push("full-matrix");
+    if rec.kinds.contains_key(&ModuleKind::Full) {
+        f.push(Flag::FullMatrix);
     }
     if let Some(per) = rec.capacity_bits_per_image {
         let reference = resolution_pixels(rec.resolution.as_deref(), th.default_resolution) as f64 * th.bytes_per_pixel;
         if per / 8.0 >= reference {
-            f.push("capacity-per-image");
+            f.push(Flag::CapacityPerImage);
         }
     }
     if let (Some(n), Some(steps)) = (rec.train_images, rec.train_steps) {
         if n > 0 && n <= th.few_images && steps as f64 / n as f64 >= th.steps_per_image {
-            f.push("few-images-many-steps");
+            f.push(Flag::FewImagesManySteps);
         }
     }
-    if ["oft", "boft", "glora"].iter().any(|k| rec.kinds.contains_key(*k)) {
-        f.push("unsupported-algorithm");
+    if [ModuleKind::Oft, ModuleKind::Boft, ModuleKind::Glora].iter().any(|k| rec.kinds.contains_key(k)) {
+        f.push(Flag::UnsupportedAlgorithm);
     }
-    f.into_iter().map(String::from).collect()
+    f
 }

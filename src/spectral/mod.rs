@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::linalg::{randomized_svd, svd_dense, svd_factors, Factors, Svd};
 use crate::load::{Adapter, BaseModel, Delta, LoraModule, ModuleKind};
+use crate::named::closed_set;
 pub use delta::DeltaW;
 use metrics::*;
 
@@ -42,31 +43,31 @@ impl Default for SpectrumOptions {
     }
 }
 
-/// How a module's spectrum was obtained.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Route {
-    /// QR of the low-rank factors and an SVD of the small core (never the dense ΔW).
-    Factored,
-    /// Singular values of a Kronecker product as products of its factors'.
-    Kronecker,
-    /// ΔW held whole (a `.diff`), or built from the base (DoRA, (IA)³, replacements).
-    Dense,
-    /// Randomized top-k SVD of a base-dependent ΔW too large for a dense SVD.
-    Randomized,
-    /// DoRA without its base: the spectrum of the LoRA part B·A only.
-    LoraPartOnly,
-    /// The delta depends on base weights that were not given.
-    NeedsBase,
-    /// Recognised algorithm whose analysis is not implemented.
-    Unsupported,
+closed_set! {
+    /// How a module's spectrum was obtained.
+    pub enum Route ("route") {
+        /// QR of the low-rank factors and an SVD of the small core (never the dense ΔW).
+        Factored = "factored",
+        /// Singular values of a Kronecker product as products of its factors'.
+        Kronecker = "kronecker",
+        /// ΔW held whole (a `.diff`), or built from the base (DoRA, (IA)³, replacements).
+        Dense = "dense",
+        /// Randomized top-k SVD of a base-dependent ΔW too large for a dense SVD.
+        Randomized = "randomized",
+        /// DoRA without its base: the spectrum of the LoRA part B·A only.
+        LoraPartOnly = "lora-part-only",
+        /// The delta depends on base weights that were not given.
+        NeedsBase = "needs-base",
+        /// Recognised algorithm whose analysis is not implemented.
+        Unsupported = "unsupported",
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ModuleSpectrum {
     pub base_key: String,
     pub name: String,
-    pub kind: String,
+    pub kind: ModuleKind,
     pub route: Route,
     pub shape: Vec<usize>,
     pub rank: usize,
@@ -287,7 +288,7 @@ fn analyse_module(m: &LoraModule, base: Option<&BaseModel>, opts: &SpectrumOptio
     Ok(ModuleSpectrum {
         base_key: m.base_key.clone(),
         name: m.name.clone(),
-        kind: m.kind.as_str().to_string(),
+        kind: m.kind,
         route,
         shape: m.shape.clone(),
         rank: m.rank,
