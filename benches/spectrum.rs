@@ -1,4 +1,4 @@
-//! Spectrum benchmark (DESIGN §8, issue #3): realistic-size adapters generated on the fly.
+//! Spectrum benchmark (issue #3; targets in docs/benchmarks.md): realistic-size adapters generated on the fly.
 //!
 //! - `lorascope spectrum` wall time (open, hash, analyse, report, in process) against
 //!   `openssl dgst -sha256` of the same file: hashing is the floor, the file is hashed anyway.

@@ -1,9 +1,10 @@
 //! lorascope: LoRA-adapter forensics.
 //!
-//! The pipeline runs one way: [`load`] reads an adapter (any format) and optionally its base
-//! model into normalised [`load::LoraModule`]s; [`linalg`] and [`spectral`] measure what each
-//! module adds without forming dense deltas; [`report`] turns the results into canonical JSON
-//! and human summaries.
+//! One-way layers (docs/architecture.md; tests/layering.rs checks them): [`pipeline`] runs each
+//! command's stages; [`report`] and [`scan`] hold their structures and rendering; [`probe`]
+//! tests the merged model on the works; [`model`] runs llama-family models; [`spectral`] builds
+//! and measures ΔW from the stored factors; [`load`] reads and validates every file; [`linalg`]
+//! is the maths; [`error`] and [`rng`] are leaves.
 
 // Numeric kernels index several arrays with one loop variable; iterators would hide that.
 #![allow(clippy::needless_range_loop)]

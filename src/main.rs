@@ -140,7 +140,7 @@ enum Command {
     },
 }
 
-/// The works to probe for and the probe's settings (DESIGN §6), shared by `probe` and `report`.
+/// The works to probe for and the probe's settings (docs/probe.md), shared by `probe` and `report`.
 #[derive(Args)]
 struct ProbeArgs {
     /// Works to probe for: a directory of .txt files or a JSONL file of {"id","text"} lines.

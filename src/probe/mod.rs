@@ -1,4 +1,4 @@
-//! Probes on the merged model (DESIGN §6): how many bits of each work the adapter supplies,
+//! Probes on the merged model (docs/probe.md): how many bits of each work the adapter supplies,
 //! whether prefixes of a work make the merged model reproduce the rest, membership scores
 //! calibrated against controls, and a verdict per work. Every number is computed for the base
 //! and the merged model from one pass each; the base is the free reference.

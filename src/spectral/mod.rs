@@ -1,4 +1,4 @@
-//! Spectral analysis: what each module adds (DESIGN §5), from its factors wherever it can.
+//! Spectral analysis: what each module adds (docs/spectrum.md), from its factors wherever it can.
 
 pub mod delta;
 pub mod metrics;
