@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 /// An underlying error kept as the source of ours.
-pub type Source = Box<dyn std::error::Error + Send + Sync + 'static>;
+pub(crate) type Source = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -47,19 +47,19 @@ pub enum Error {
 }
 
 impl Error {
-    pub fn input(path: impl AsRef<Path>, reason: impl Into<String>) -> Self {
+    pub(crate) fn input(path: impl AsRef<Path>, reason: impl Into<String>) -> Self {
         Error::Input { path: path.as_ref().to_path_buf(), reason: reason.into() }
     }
-    pub fn mismatch(path: impl AsRef<Path>, reason: impl Into<String>) -> Self {
+    pub(crate) fn mismatch(path: impl AsRef<Path>, reason: impl Into<String>) -> Self {
         Error::Mismatch { path: path.as_ref().to_path_buf(), reason: reason.into() }
     }
     /// Reading or parsing `path` failed with `source` while doing `what` ("cannot open").
-    pub fn read(path: impl AsRef<Path>, what: impl Into<String>, source: impl Into<Source>) -> Self {
+    pub(crate) fn read(path: impl AsRef<Path>, what: impl Into<String>, source: impl Into<Source>) -> Self {
         Error::Read { path: path.as_ref().to_path_buf(), what: what.into(), source: source.into() }
     }
     /// Whether the error is the user's input or usage (exit code 2) rather than a failure of
     /// lorascope (exit code 3).
-    pub fn is_input(&self) -> bool {
+    pub(crate) fn is_input(&self) -> bool {
         matches!(self, Error::Input { .. } | Error::Read { .. } | Error::Mismatch { .. } | Error::Usage(_))
     }
     /// The process exit code for this error: 2 bad input or usage, 3 internal.
@@ -77,7 +77,7 @@ pub type Result<T> = std::result::Result<T, Error>;
 /// A fault injected at a named stage when `LORASCOPE_FAULT` names it: the tests use it to check
 /// that an internal failure in the middle of a command exits with code 3 and a clear line,
 /// and becomes an `internal` error record in a scan. Costs one environment lookup per stage.
-pub fn injected_fault(stage: &str) -> Result<()> {
+pub(crate) fn injected_fault(stage: &str) -> Result<()> {
     match std::env::var("LORASCOPE_FAULT") {
         Ok(s) if s == stage => Err(Error::Internal(format!("fault injected at stage {stage} (LORASCOPE_FAULT)"))),
         _ => Ok(()),

@@ -19,6 +19,7 @@ macro_rules! closed_set {
 
         impl $name {
             /// Every member, in declaration order.
+            #[allow(dead_code)]
             pub const ALL: &'static [$name] = &[$($name::$variant),+];
 
             /// The member's one name.

@@ -34,7 +34,7 @@ impl Factors {
     }
 
     /// Form the dense matrix (tests, merging; never on the spectrum path).
-    pub fn dense(&self) -> DMatrix<f64> {
+    pub(crate) fn dense(&self) -> DMatrix<f64> {
         match self {
             Factors::LowRank(u, dt) => u * dt.transpose(),
             Factors::Kron(a, b, s) => a.dense().kronecker(&b.dense()) * *s,
@@ -46,7 +46,7 @@ impl Factors {
 /// Row-wise Kronecker (face-splitting) product: row i of the result is kron(a[i,:], b[i,:]).
 /// (A1·B1ᵀ) ⊙ (A2·B2ᵀ) = face_split_rows(A1, A2) · face_split_rows(B1, B2)ᵀ, so a Hadamard
 /// product of two low-rank products is a low-rank product of rank ≤ r1·r2.
-pub fn face_split_rows(a: &DMatrix<f64>, b: &DMatrix<f64>) -> DMatrix<f64> {
+pub(crate) fn face_split_rows(a: &DMatrix<f64>, b: &DMatrix<f64>) -> DMatrix<f64> {
     assert_eq!(a.nrows(), b.nrows());
     let (ka, kb) = (a.ncols(), b.ncols());
     DMatrix::from_fn(a.nrows(), ka * kb, |i, c| a[(i, c / kb)] * b[(i, c % kb)])
@@ -63,7 +63,7 @@ pub enum NormAxis {
 }
 
 /// DoRA: scale `w` so that its norm along `axis` equals the magnitude vector `m`.
-pub fn dora_rescale(w: &DMatrix<f64>, m: &[f64], axis: NormAxis) -> std::result::Result<DMatrix<f64>, String> {
+pub(crate) fn dora_rescale(w: &DMatrix<f64>, m: &[f64], axis: NormAxis) -> std::result::Result<DMatrix<f64>, String> {
     let mut out = w.clone();
     match axis {
         NormAxis::Row => {

@@ -28,7 +28,7 @@ fn sorted(values: DVector<f64>, u: Option<DMatrix<f64>>, v_t: Option<DMatrix<f64
 /// Dense SVD (for small cores, small Kronecker factors and tests). Refuses non-finite input
 /// and gives up after a bounded number of sweeps: nalgebra's plain `svd` iterates without
 /// limit, and values that overflow (a hostile file can store 3e38) would never converge.
-pub fn svd_dense(a: &DMatrix<f64>, vectors: bool) -> Result<Svd> {
+pub(crate) fn svd_dense(a: &DMatrix<f64>, vectors: bool) -> Result<Svd> {
     if a.nrows() == 0 || a.ncols() == 0 {
         return Ok(Svd {
             values: vec![],
@@ -77,7 +77,7 @@ fn xtx_into(g: &mut DMatrix<f64>, x: &[f64], m: usize, k: usize, rs: usize, cs: 
 }
 
 /// xᵀx of a column-major matrix.
-pub fn gram(x: &DMatrix<f64>) -> DMatrix<f64> {
+pub(crate) fn gram(x: &DMatrix<f64>) -> DMatrix<f64> {
     let (m, k) = x.shape();
     let mut g = DMatrix::zeros(k, k);
     xtx_into(&mut g, x.as_slice(), m, k, 1, m, 0.0);
@@ -90,7 +90,7 @@ const GRAM_BLOCK: usize = 1024;
 
 /// xᵀx of a row-major `rows × k` matrix decoded block by block by `fill(row0, block)`, which
 /// returns false to abandon (non-finite value). Never holds the whole factor in f64.
-pub fn gram_streamed_rows(
+pub(crate) fn gram_streamed_rows(
     rows: usize,
     k: usize,
     mut fill: impl FnMut(usize, &mut [f64]) -> bool,
@@ -112,7 +112,7 @@ pub fn gram_streamed_rows(
 
 /// x·xᵀ of a row-major `k × cols` matrix decoded in column blocks by `fill(col0, ncols, block)`
 /// (the block row-major `k × ncols`).
-pub fn gram_streamed_cols(
+pub(crate) fn gram_streamed_cols(
     k: usize,
     cols: usize,
     mut fill: impl FnMut(usize, usize, &mut [f64]) -> bool,
@@ -133,7 +133,7 @@ pub fn gram_streamed_cols(
 }
 
 /// Upper-triangular R with RᵀR = g, if g is safely positive definite (see `cholesky_r`).
-pub fn cholesky_upper(g: DMatrix<f64>) -> Option<DMatrix<f64>> {
+pub(crate) fn cholesky_upper(g: DMatrix<f64>) -> Option<DMatrix<f64>> {
     let l = g.cholesky()?.unpack();
     let d: Vec<f64> = l.diagonal().iter().map(|v| v.abs()).collect();
     let (lo, hi) = d.iter().fold((f64::INFINITY, 0.0f64), |(a, b), &v| (a.min(v), b.max(v)));

@@ -238,17 +238,17 @@ impl BaseModel {
         self.entries.keys().map(String::as_str)
     }
 
-    pub fn shape(&self, key: &str) -> Option<&[usize]> {
+    pub(crate) fn shape(&self, key: &str) -> Option<&[usize]> {
         self.entries.get(key).map(|e| e.shape.as_slice())
     }
 
     /// Total number of parameters (all tensors).
-    pub fn params(&self) -> usize {
+    pub(crate) fn params(&self) -> usize {
         self.entries.values().map(|e| e.shape.iter().product::<usize>()).sum()
     }
 
     /// The parsed GGUF header (metadata and tensor index) when the base is a GGUF file.
-    pub fn gguf(&self) -> Option<&gguf_file::Content> {
+    pub(crate) fn gguf(&self) -> Option<&gguf_file::Content> {
         self.gguf.as_ref().map(|(_, c)| c)
     }
 
@@ -269,7 +269,7 @@ impl BaseModel {
 
     /// The weight's values as f32, row-major in its stored shape (for the model runtime, which
     /// computes in f32; f64 sources are rounded).
-    pub fn values_f32(&self, key: &str) -> Result<Vec<f32>> {
+    pub(crate) fn values_f32(&self, key: &str) -> Result<Vec<f32>> {
         let e = self.entry(key)?;
         match &e.source {
             Source::St { file, name } => {

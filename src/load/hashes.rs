@@ -11,16 +11,16 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
 
-pub fn hex(bytes: &[u8]) -> String {
+pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-pub fn sha256_bytes(bytes: &[u8]) -> String {
+pub(crate) fn sha256_bytes(bytes: &[u8]) -> String {
     hex(&Sha256::digest(bytes))
 }
 
 /// Streamed SHA-256 of a file of any size (1 MiB reads).
-pub fn sha256_file(path: &Path) -> Result<(String, u64)> {
+pub(crate) fn sha256_file(path: &Path) -> Result<(String, u64)> {
     let mut f = File::open(path).map_err(|e| Error::read(path, "cannot open", e))?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
@@ -59,7 +59,7 @@ pub struct FileHashes {
 
 /// Hashes of an in-memory (memory-mapped) file; `data_section` is the bytes after the header
 /// for safetensors files, hashed for AutoV3 only when given (a second full pass over the file).
-pub fn file_hashes(bytes: &[u8], data_section: Option<&[u8]>, recorded_sshs: Option<&str>) -> FileHashes {
+pub(crate) fn file_hashes(bytes: &[u8], data_section: Option<&[u8]>, recorded_sshs: Option<&str>) -> FileHashes {
     let sha256 = sha256_bytes(bytes);
     let autov1 =
         (bytes.len() >= 2 << 20).then(|| sha256_bytes(&bytes[1 << 20..(1 << 20) + (64 << 10)])[..8].to_string());

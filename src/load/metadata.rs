@@ -54,7 +54,7 @@ fn text(v: Option<&String>) -> Option<String> {
     v.map(|s| s.trim().to_string()).filter(|s| !s.is_empty() && s != "None")
 }
 
-pub fn parse(meta: &BTreeMap<String, String>) -> Metadata {
+pub(crate) fn parse(meta: &BTreeMap<String, String>) -> Metadata {
     let raw = meta
         .iter()
         .map(|(k, v)| {

@@ -3,14 +3,14 @@
 mod adapter;
 pub mod base;
 mod formats;
-pub mod hashes;
-pub mod metadata;
+pub(crate) mod hashes;
+pub(crate) mod metadata;
 mod module;
 pub mod names;
 mod tensor;
-pub mod tensorfile;
+pub(crate) mod tensorfile;
 pub mod works;
-pub mod write;
+pub(crate) mod write;
 
 pub use adapter::{Adapter, LoadOptions};
 pub use base::{BaseKind, BaseModel};

@@ -92,18 +92,18 @@ pub struct LoraModule {
 
 impl LoraModule {
     /// ΔW's matrix shape: rows = out, cols = in·kh·kw.
-    pub fn matrix_shape(&self) -> (usize, usize) {
+    pub(crate) fn matrix_shape(&self) -> (usize, usize) {
         let out = self.shape.first().copied().unwrap_or(0);
         (out, self.shape.iter().skip(1).product())
     }
 
     /// Whether ΔW can be built without the base weights.
-    pub fn needs_base(&self) -> bool {
+    pub(crate) fn needs_base(&self) -> bool {
         self.magnitude.is_some() || matches!(self.delta, Delta::Replace { .. } | Delta::Ia3 { .. })
     }
 
     /// An input error about this module, naming its file.
-    pub fn error(&self, reason: impl std::fmt::Display) -> Error {
+    pub(crate) fn error(&self, reason: impl std::fmt::Display) -> Error {
         let path = self.tensors.first().map(|t| t.file.path.clone()).unwrap_or_default();
         Error::input(path, format!("module {}: {reason}", self.name))
     }

@@ -21,31 +21,31 @@ impl std::fmt::Debug for TensorRef {
 }
 
 impl TensorRef {
-    pub fn new(file: &Arc<TensorFile>, name: &str) -> Self {
+    pub(crate) fn new(file: &Arc<TensorFile>, name: &str) -> Self {
         TensorRef { file: file.clone(), name: name.to_string() }
     }
-    pub fn shape(&self) -> &[usize] {
+    pub(crate) fn shape(&self) -> &[usize] {
         &self.file.tensors[&self.name].shape
     }
-    pub fn dtype(&self) -> Dtype {
+    pub(crate) fn dtype(&self) -> Dtype {
         self.file.tensors[&self.name].dtype
     }
-    pub fn dtype_name(&self) -> String {
+    pub(crate) fn dtype_name(&self) -> String {
         dtype_name(self.dtype())
     }
-    pub fn numel(&self) -> usize {
+    pub(crate) fn numel(&self) -> usize {
         self.shape().iter().product()
     }
     /// (NaN/Inf count, all zero) without converting the values.
-    pub fn float_stats(&self) -> Result<(usize, bool)> {
+    pub(crate) fn float_stats(&self) -> Result<(usize, bool)> {
         super::tensorfile::float_stats(self.file.raw(&self.name)?, self.dtype())
             .ok_or_else(|| self.err(format!("has dtype {}, not a float type", self.dtype_name())))
     }
-    pub fn values(&self) -> Result<Vec<f64>> {
+    pub(crate) fn values(&self) -> Result<Vec<f64>> {
         self.file.read_f64(&self.name)
     }
     /// Row-major data viewed as `[shape[0], prod(shape[1..])]`.
-    pub fn as_2d(&self) -> Result<DMatrix<f64>> {
+    pub(crate) fn as_2d(&self) -> Result<DMatrix<f64>> {
         let (rows, cols) = self.dims_2d();
         self.matrix(rows, cols)
     }
@@ -64,22 +64,22 @@ impl TensorRef {
     }
     /// The transpose of `as_2d`, `[prod(shape[1..]), shape[0]]`: row-major data read as
     /// column-major, so no copy.
-    pub fn as_2d_t(&self) -> Result<DMatrix<f64>> {
+    pub(crate) fn as_2d_t(&self) -> Result<DMatrix<f64>> {
         let (rows, cols) = self.dims_2d();
         Ok(DMatrix::from_vec(cols, rows, self.values_for(rows, cols)?))
     }
-    pub fn matrix(&self, rows: usize, cols: usize) -> Result<DMatrix<f64>> {
+    pub(crate) fn matrix(&self, rows: usize, cols: usize) -> Result<DMatrix<f64>> {
         Ok(DMatrix::from_row_slice(rows, cols, &self.values_for(rows, cols)?))
     }
     /// A scalar stored as a 0-d or 1-element tensor (kohya `.alpha`).
-    pub fn scalar(&self) -> Result<f64> {
+    pub(crate) fn scalar(&self) -> Result<f64> {
         let v = self.values()?;
         match v.as_slice() {
             [x] => Ok(*x),
             _ => Err(self.err(format!("should be a scalar but has {} values", v.len()))),
         }
     }
-    pub fn err(&self, reason: impl AsRef<str>) -> Error {
+    pub(crate) fn err(&self, reason: impl AsRef<str>) -> Error {
         Error::input(&self.file.path, format!("tensor {} {}", self.name, reason.as_ref()))
     }
 }

@@ -11,11 +11,11 @@ use safetensors::{Dtype, SafeTensorError, SafeTensors};
 use crate::error::{Error, Result};
 
 /// Header limit we accept (the crate allows 100 MB; real adapters have headers of a few MB).
-pub const MAX_HEADER_BYTES: usize = 100_000_000;
+pub(crate) const MAX_HEADER_BYTES: usize = 100_000_000;
 /// Most tensors we accept in one file (real adapters have thousands).
-pub const MAX_TENSORS: usize = 200_000;
+pub(crate) const MAX_TENSORS: usize = 200_000;
 /// Largest file we read (64 GiB: full fine-tunes of 30B models fit; adapters are far smaller).
-pub const MAX_FILE_BYTES: u64 = 64 << 30;
+pub(crate) const MAX_FILE_BYTES: u64 = 64 << 30;
 
 #[derive(Debug, Clone)]
 pub struct TensorEntry {
@@ -63,7 +63,7 @@ impl std::fmt::Debug for TensorFile {
 }
 
 /// Refuse pickle-based checkpoints before touching their bytes: unpickling runs arbitrary code.
-pub fn refuse_pickle(path: &Path) -> Result<()> {
+pub(crate) fn refuse_pickle(path: &Path) -> Result<()> {
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
     if matches!(ext.as_str(), "bin" | "pt" | "pth" | "ckpt" | "pkl" | "pickle") {
         return Err(Error::input(
@@ -85,7 +85,7 @@ impl TensorFile {
 
     /// Open, prefaulting the whole map when `populate` (an adapter that will be read whole: one
     /// bulk fault instead of one per page).
-    pub fn open_with(path: &Path, populate: bool) -> Result<Self> {
+    pub(crate) fn open_with(path: &Path, populate: bool) -> Result<Self> {
         refuse_pickle(path)?;
         let file = File::open(path).map_err(|e| Error::read(path, "cannot open", e))?;
         let size = file.metadata().map_err(|e| Error::read(path, "cannot stat", e))?.len();
@@ -102,7 +102,7 @@ impl TensorFile {
     }
 
     /// Parse a safetensors file held in memory (fuzzing, tests); `path` names it in errors.
-    pub fn from_bytes(path: &Path, bytes: Vec<u8>) -> Result<Self> {
+    pub(crate) fn from_bytes(path: &Path, bytes: Vec<u8>) -> Result<Self> {
         check_length(path, bytes.len() as u64)?;
         Self::parse(path, Storage::Owned(bytes))
     }
@@ -164,26 +164,26 @@ impl TensorFile {
         Ok(TensorFile { path: path.to_path_buf(), mmap: data, header_len, tensors, metadata })
     }
 
-    pub fn bytes(&self) -> &[u8] {
+    pub(crate) fn bytes(&self) -> &[u8] {
         &self.mmap
     }
 
     /// The tensor data section: everything after the 8-byte length and the JSON header.
-    pub fn data_section(&self) -> &[u8] {
+    pub(crate) fn data_section(&self) -> &[u8] {
         &self.mmap[8 + self.header_len..]
     }
 
-    pub fn entry(&self, name: &str) -> Result<&TensorEntry> {
+    pub(crate) fn entry(&self, name: &str) -> Result<&TensorEntry> {
         self.tensors.get(name).ok_or_else(|| Error::input(&self.path, format!("tensor {name} not found")))
     }
 
-    pub fn raw(&self, name: &str) -> Result<&[u8]> {
+    pub(crate) fn raw(&self, name: &str) -> Result<&[u8]> {
         let e = self.entry(name)?;
         Ok(&self.data_section()[e.start..e.end])
     }
 
     /// The tensor's values as f64, row-major, from any float dtype.
-    pub fn read_f64(&self, name: &str) -> Result<Vec<f64>> {
+    pub(crate) fn read_f64(&self, name: &str) -> Result<Vec<f64>> {
         let e = self.entry(name)?;
         decode_f64(self.raw(name)?, e.dtype)
             .ok_or_else(|| Error::input(&self.path, format!("tensor {name} has dtype {:?}, not a float type", e.dtype)))
@@ -203,7 +203,7 @@ fn check_length(path: &Path, size: u64) -> Result<()> {
 }
 
 /// Little-endian bytes of a float dtype to f64. `None` for non-float dtypes.
-pub fn decode_f64(bytes: &[u8], dtype: Dtype) -> Option<Vec<f64>> {
+pub(crate) fn decode_f64(bytes: &[u8], dtype: Dtype) -> Option<Vec<f64>> {
     // Refuse before allocating: a hostile file may hold a huge integer tensor.
     if !matches!(dtype, Dtype::F16 | Dtype::BF16 | Dtype::F32 | Dtype::F64) {
         return None;
@@ -215,7 +215,7 @@ pub fn decode_f64(bytes: &[u8], dtype: Dtype) -> Option<Vec<f64>> {
 
 /// Decode little-endian floats into `out` (as many as fit), using `scratch` for aligned half
 /// bits. Returns false for a non-float dtype or a non-finite value.
-pub fn decode_into(bytes: &[u8], dtype: Dtype, out: &mut [f64], scratch: &mut Vec<u16>) -> bool {
+pub(crate) fn decode_into(bytes: &[u8], dtype: Dtype, out: &mut [f64], scratch: &mut Vec<u16>) -> bool {
     decode_values(bytes, dtype, out, scratch) && out.iter().all(|x| x.is_finite())
 }
 
@@ -252,7 +252,7 @@ fn decode_values(bytes: &[u8], dtype: Dtype, out: &mut [f64], scratch: &mut Vec<
 
 /// Count of NaN/±Inf values, and whether every value is ±0, read straight from the bits
 /// (no conversion). `None` for non-float dtypes.
-pub fn float_stats(bytes: &[u8], dtype: Dtype) -> Option<(usize, bool)> {
+pub(crate) fn float_stats(bytes: &[u8], dtype: Dtype) -> Option<(usize, bool)> {
     fn scan<const N: usize>(bytes: &[u8], exp: u64, mag: u64) -> (usize, bool) {
         let mut nonfinite = 0;
         let mut zero = true;
@@ -274,7 +274,7 @@ pub fn float_stats(bytes: &[u8], dtype: Dtype) -> Option<(usize, bool)> {
     })
 }
 
-pub fn dtype_name(d: Dtype) -> String {
+pub(crate) fn dtype_name(d: Dtype) -> String {
     format!("{d:?}").to_ascii_lowercase()
 }
 

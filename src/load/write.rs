@@ -65,7 +65,7 @@ impl SafetensorsBuilder {
     }
     /// Record sd-scripts' `sshs_model_hash` (SHA-256 of the data section, which metadata
     /// does not change) as a trainer would.
-    pub fn with_sshs_hash(&mut self) -> &mut Self {
+    pub(crate) fn with_sshs_hash(&mut self) -> &mut Self {
         let bytes = self.to_bytes();
         let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
         let h = super::hashes::sha256_bytes(&bytes[8 + n..]);

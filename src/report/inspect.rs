@@ -63,7 +63,7 @@ pub struct InspectReport {
     pub warnings: Vec<String>,
 }
 
-pub fn path_string(p: &Path) -> String {
+pub(crate) fn path_string(p: &Path) -> String {
     p.to_string_lossy().into_owned()
 }
 

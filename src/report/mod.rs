@@ -1,7 +1,7 @@
 //! Report structures (serde), canonical JSON and terminal summaries.
 
 mod evidence;
-pub mod html;
+pub(crate) mod html;
 mod inspect;
 mod probe;
 mod spectrum;
@@ -15,7 +15,7 @@ use serde_json::Value;
 
 use crate::named::closed_set;
 
-pub const SCHEMA_VERSION: u32 = 1;
+pub(crate) const SCHEMA_VERSION: u32 = 1;
 
 closed_set! {
     /// What an input file is to the analysis.
@@ -44,7 +44,7 @@ pub struct Tool {
     pub version: String,
 }
 
-pub fn tool() -> Tool {
+pub(crate) fn tool() -> Tool {
     Tool { name: "lorascope".into(), version: env!("CARGO_PKG_VERSION").into() }
 }
 
@@ -103,7 +103,7 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
 }
 
 /// Short, human form of a number of values or bytes.
-pub fn human(n: f64) -> String {
+pub(crate) fn human(n: f64) -> String {
     let a = n.abs();
     if a >= 1e9 {
         format!("{:.2}G", n / 1e9)

@@ -35,7 +35,7 @@ pub struct CapacityCheck {
 }
 
 impl CapacityCheck {
-    pub fn new(works: &[WorkEvidence], capacity_bits: f64) -> Option<Self> {
+    pub(crate) fn new(works: &[WorkEvidence], capacity_bits: f64) -> Option<Self> {
         if capacity_bits <= 0.0 || works.is_empty() {
             return None;
         }
@@ -120,7 +120,7 @@ pub fn render_probe(r: &ProbeReport) -> String {
     render_probe_section(&r.probe, &r.spectrum.inspect.adapter.format)
 }
 
-pub fn render_probe_section(r: &ProbeSection, format: &str) -> String {
+pub(crate) fn render_probe_section(r: &ProbeSection, format: &str) -> String {
     let p = &r.result;
     let mut out = format!(
         "adapter {}  ({} modules merged, {} zero)\nmodel {} · {} layers · hidden {} · vocab {} · context {}\n\n",

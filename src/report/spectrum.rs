@@ -39,7 +39,11 @@ pub struct SpectrumReport {
     pub settings: SpectrumSettings,
 }
 
-pub fn spectrum_report(inspect: InspectReport, analysis: SpectrumAnalysis, opts: &SpectrumOptions) -> SpectrumReport {
+pub(crate) fn spectrum_report(
+    inspect: InspectReport,
+    analysis: SpectrumAnalysis,
+    opts: &SpectrumOptions,
+) -> SpectrumReport {
     SpectrumReport {
         inspect,
         modules: analysis.modules,

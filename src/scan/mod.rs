@@ -172,7 +172,7 @@ fn resolution_pixels(r: Option<&str>, default_side: u64) -> u64 {
 
 /// The risk flags of a filled record. `nonfinite` and `hash_mismatch` come from the
 /// inspection (NaN/Inf in any module; recorded sshs_model_hash differs from the recomputed).
-pub fn flags_for(rec: &ScanRecord, nonfinite: bool, hash_mismatch: bool, th: &FlagThresholds) -> Vec<Flag> {
+pub(crate) fn flags_for(rec: &ScanRecord, nonfinite: bool, hash_mismatch: bool, th: &FlagThresholds) -> Vec<Flag> {
     let mut f = vec![];
     if nonfinite {
         f.push(Flag::NonfiniteWeights);

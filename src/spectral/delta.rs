@@ -192,10 +192,10 @@ fn within_budget(m: &LoraModule, values: usize) -> Result<()> {
 
 /// Largest intermediate matrix (in values) an analysis may build: 2²⁵ f64 = 256 MiB, several
 /// times what the largest real modules need (an SDXL LoHa at rank 64 builds ≈ 2²⁴).
-pub const MAX_WORK_VALUES: usize = 1 << 25;
+pub(crate) const MAX_WORK_VALUES: usize = 1 << 25;
 /// Largest rank of a factored ΔW (the side of the core matrix whose dense SVD is taken); a
 /// LoHa of rank 64 reaches 64² = 4096.
-pub const MAX_CORE_RANK: usize = 4096;
+pub(crate) const MAX_CORE_RANK: usize = 4096;
 
 /// up `[out, r]` and downᵀ `[in·kh·kw, r]` of a (possibly Tucker, possibly conv) LoRA.
 fn low_rank_pair(up: &TensorRef, down: &TensorRef, mid: Option<&TensorRef>) -> Result<(DMatrix<f64>, DMatrix<f64>)> {

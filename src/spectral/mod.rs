@@ -1,6 +1,6 @@
 //! Spectral analysis: what each module adds (docs/spectrum.md), from its factors wherever it can.
 
-pub mod delta;
+pub(crate) mod delta;
 pub mod metrics;
 
 use std::collections::BTreeMap;
@@ -116,21 +116,21 @@ pub struct Totals {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SpectrumAnalysis {
+pub(crate) struct SpectrumAnalysis {
     pub modules: Vec<ModuleSpectrum>,
     pub layers: Vec<LayerSummary>,
     pub totals: Totals,
     pub statement: String,
 }
 
-pub const STATEMENT: &str = "capacity_bits is an upper bound on the information this adapter could store: \
+pub(crate) const STATEMENT: &str = "capacity_bits is an upper bound on the information this adapter could store: \
 effective parameters (degrees of freedom of each ΔW at the rank holding 99% of its energy) times bits_per_param \
 (3.6 by default, the capacity Morris et al. 2025 measured for GPT-style models). It says nothing about what the \
 adapter does store, or whether it stores any particular work: that is what the merged-model probe measures.";
 
 /// The layer a weight belongs to: its key up to the first numeric path element
 /// (`model.layers.3`, `…input_blocks.4`, `lora_te_text_model_encoder_layers_0`).
-pub fn layer_of(key: &str) -> String {
+pub(crate) fn layer_of(key: &str) -> String {
     let key = key.strip_suffix(".weight").unwrap_or(key);
     let sep = if key.contains('.') { '.' } else { '_' };
     let mut out = vec![];
@@ -189,7 +189,7 @@ fn amplification(svd: &Svd, w: &DMatrix<f64>) -> Option<f64> {
 
 /// Count of the top-k left singular vectors of W+ΔW whose largest |cosine| with every left
 /// singular vector of W is below ε (Shuttleworth et al. 2024; PEFT `intruders.py`).
-pub fn intruder_count(w: &DMatrix<f64>, merged: &DMatrix<f64>, top_k: usize, eps: f64) -> Result<usize> {
+pub(crate) fn intruder_count(w: &DMatrix<f64>, merged: &DMatrix<f64>, top_k: usize, eps: f64) -> Result<usize> {
     let ub = svd_dense(w, true)?.u.expect("vectors");
     let um = svd_dense(merged, true)?.u.expect("vectors");
     let k = top_k.min(um.ncols());
@@ -316,7 +316,7 @@ fn analyse_module(m: &LoraModule, base: Option<&BaseModel>, opts: &SpectrumOptio
 }
 
 /// Analyse every module (in parallel). `tick` is called once per finished module.
-pub fn analyse(
+pub(crate) fn analyse(
     adapter: &Adapter,
     base: Option<&BaseModel>,
     opts: &SpectrumOptions,
