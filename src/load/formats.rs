@@ -725,13 +725,13 @@ fn loha(m: &ModuleTensors) -> Result<Built> {
 fn loha_half(m: &ModuleTensors, a: &TensorRef, b: &TensorRef, core: Option<&TensorRef>) -> Result<(usize, Vec<usize>)> {
     let (sa, sb) = (a.shape(), b.shape());
     let Some(core) = core else {
-        if sa.len() != 2 || sa[1] != sb[0] {
+        if sa.len() != 2 || sb.first() != Some(&sa[1]) {
             return Err(m.err(format!("A/B rank mismatch: {} {sa:?} x {} {sb:?}", a.name, b.name)));
         }
         return Ok((sb[0], vec![sa[0], numel(&sb[1..])]));
     };
     let st = core.shape();
-    if st.len() < 2 || sa[0] != st[0] || sb[0] != st[1] {
+    if st.len() < 2 || sa.len() < 2 || sb.len() < 2 || sa[0] != st[0] || sb[0] != st[1] {
         return Err(m.err(format!("Tucker core {st:?} does not fit {} {sa:?} and {} {sb:?}", a.name, b.name)));
     }
     let mut sh = vec![sa[1], sb[1]];
@@ -756,7 +756,11 @@ fn lokr(m: &ModuleTensors) -> Result<Built> {
         return Err(m.err("lokr_w1 must be 2-D"));
     }
     // LyCORIS: the rank comes from w2_b, else w1_b; with both factors whole the scale is 1.
-    let r = m.get("lokr_w2_b").or_else(|| m.get("lokr_w1_b")).map(|x| x.shape()[0]);
+    let r = match ["lokr_w2_b", "lokr_w1_b"].into_iter().find_map(|role| m.get(role).map(|t| (role, t))) {
+        // Beside a whole factor a `_b` tensor is not checked as a factor, so it may have no axes.
+        Some((role, t)) => Some(*t.shape().first().ok_or_else(|| m.err(format!("{role} has shape []")))?),
+        None => None,
+    };
     // With both factors whole, report the largest rank a Kronecker product of them can have.
     let rank = r.unwrap_or(w1.rows.min(w1.cols) * w2.rows.min(w2.cols));
     let mut shape = vec![w1.rows * w2.rows, w1.cols * w2.cols];
@@ -791,7 +795,7 @@ fn kron_factor(m: &ModuleTensors, full: &str, a: &str, b: &str, core: Option<&st
     match core.and_then(|c| m.get(c)) {
         Some(tt) => {
             let st = tt.shape().to_vec();
-            if st.len() < 2 || sa.len() != 2 || st[0] != sa[0] || st[1] != sb[0] {
+            if st.len() < 2 || sa.len() != 2 || sb.len() < 2 || st[0] != sa[0] || st[1] != sb[0] {
                 return Err(m.err(format!("Tucker core {st:?} does not fit {a} {sa:?} and {b} {sb:?}")));
             }
             let part = KronPart::Product { a: ta, b: tb, t: Some(tt) };
@@ -930,8 +934,50 @@ fn dora_magnitude(m: &ModuleTensors, shape: &[usize]) -> Option<Magnitude> {
 
 #[cfg(test)]
 mod tests {
-    use super::LoraConfig;
+    use std::path::Path;
+    use std::sync::Arc;
+
+    use safetensors::Dtype;
     use serde_json::json;
+
+    use super::super::tensorfile::TensorFile;
+    use super::super::write::SafetensorsBuilder;
+    use super::{parse, LoraConfig};
+
+    /// The error `parse` gives for a LyCORIS module `x` made of these tensors.
+    fn parse_error(tensors: &[(&str, &[usize])]) -> String {
+        let mut b = SafetensorsBuilder::new();
+        for (role, shape) in tensors {
+            b.add(&format!("lycoris_x.{role}"), shape, &vec![0.5; shape.iter().product()], Dtype::F32);
+        }
+        let file = Arc::new(TensorFile::from_bytes(Path::new("bad.safetensors"), b.to_bytes()).unwrap());
+        parse(&file, None, None).err().expect("malformed factors are an error").to_string()
+    }
+
+    #[test]
+    fn factors_with_too_few_axes_are_errors() {
+        let loha_b =
+            parse_error(&[("hada_w1_a", &[4, 2]), ("hada_w1_b", &[]), ("hada_w2_a", &[4, 2]), ("hada_w2_b", &[2, 4])]);
+        assert!(loha_b.contains("bad.safetensors"), "{loha_b}");
+        assert!(loha_b.ends_with("A/B rank mismatch: lycoris_x.hada_w1_a [4, 2] x lycoris_x.hada_w1_b []"), "{loha_b}");
+        let loha_tucker = parse_error(&[
+            ("hada_w1_a", &[2]),
+            ("hada_w1_b", &[2, 4]),
+            ("hada_t1", &[2, 2, 3, 3]),
+            ("hada_w2_a", &[4, 2]),
+            ("hada_w2_b", &[2, 4]),
+        ]);
+        assert!(loha_tucker.contains("Tucker core [2, 2, 3, 3] does not fit"), "{loha_tucker}");
+        let lokr_stray = parse_error(&[("lokr_w1", &[2, 2]), ("lokr_w2", &[4, 4]), ("lokr_w2_b", &[])]);
+        assert!(lokr_stray.ends_with("module lycoris_x: lokr_w2_b has shape []"), "{lokr_stray}");
+        let lokr_tucker = parse_error(&[
+            ("lokr_w1", &[2, 2]),
+            ("lokr_w2_a", &[2, 4]),
+            ("lokr_w2_b", &[]),
+            ("lokr_t2", &[2, 2, 3, 3]),
+        ]);
+        assert!(lokr_tucker.ends_with("does not fit lokr_w2_a [2, 4] and lokr_w2_b []"), "{lokr_tucker}");
+    }
 
     #[test]
     fn config_fields_of_another_type_read_as_missing() {
