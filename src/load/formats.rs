@@ -10,7 +10,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::Value;
 
 use super::module::{Delta, KronPart, LoraModule, Magnitude, ModuleKind, NormAxis};
@@ -51,71 +52,129 @@ impl Format {
     }
 }
 
-/// The settings of a PEFT `adapter_config.json` (or a diffusers component config) that change
-/// how ΔW is built.
-#[derive(Debug, Clone, Default)]
+/// The settings of a PEFT `adapter_config.json` (or of one component in diffusers'
+/// `lora_adapter_metadata`) that change how ΔW is built, with the names PEFT's `LoraConfig`
+/// gives them (peft `tuners/lora/config.py`). Unknown fields are ignored, missing ones take
+/// these defaults, and a field of another type than PEFT writes reads as missing, so that a
+/// hand-edited config is read as far as it can be rather than refused.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
 pub struct LoraConfig {
+    #[serde(deserialize_with = "lenient")]
     pub r: Option<usize>,
-    pub alpha: Option<f64>,
+    /// `Some` whenever the key is present, even with a value of the wrong type: only an absent
+    /// `lora_alpha` lets `alpha` stand in.
+    #[serde(deserialize_with = "present")]
+    lora_alpha: Option<Option<f64>>,
+    /// PEFT's LoHa and LoKr configs name it `alpha` (peft `tuners/loha/config.py`).
+    #[serde(rename = "alpha", deserialize_with = "lenient")]
+    other_alpha: Option<f64>,
+    #[serde(deserialize_with = "lenient")]
     pub use_rslora: bool,
-    /// Ordered as in the file: PEFT takes the first matching pattern.
-    pub rank_pattern: Vec<(String, usize)>,
-    pub alpha_pattern: Vec<(String, f64)>,
+    pub rank_pattern: Patterns<usize>,
+    pub alpha_pattern: Patterns<f64>,
+    #[serde(deserialize_with = "lenient")]
     pub fan_in_fan_out: bool,
+    #[serde(deserialize_with = "lenient")]
     pub use_dora: bool,
+    #[serde(deserialize_with = "strings")]
     pub modules_to_save: Vec<String>,
+    #[serde(rename = "base_model_name_or_path", deserialize_with = "lenient")]
     pub base_model: Option<String>,
+    #[serde(deserialize_with = "lenient")]
     pub peft_type: Option<String>,
 }
 
+/// The value if it has the type PEFT writes, else the type's default.
+fn lenient<'de, D: Deserializer<'de>, T: DeserializeOwned + Default>(d: D) -> std::result::Result<T, D::Error> {
+    Ok(serde_json::from_value(Value::deserialize(d)?).unwrap_or_default())
+}
+
+/// For a field whose mere presence matters: `Some` of the lenient value.
+fn present<'de, D: Deserializer<'de>, T: DeserializeOwned + Default>(d: D) -> std::result::Result<Option<T>, D::Error> {
+    lenient(d).map(Some)
+}
+
+/// A list of names, keeping the strings of a list that mixes in other values.
+fn strings<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Vec<String>, D::Error> {
+    let v = Value::deserialize(d)?;
+    let items = v.as_array().map(Vec::as_slice).unwrap_or_default();
+    Ok(items.iter().filter_map(|s| s.as_str().map(String::from)).collect())
+}
+
 impl LoraConfig {
+    /// A config that is not a JSON object holds no settings.
     pub fn from_json(v: &Value) -> Self {
-        let obj_pairs = |k: &str| -> Vec<(String, Value)> {
-            v.get(k)
-                .and_then(Value::as_object)
-                .map(|o| o.iter().map(|(a, b)| (a.clone(), b.clone())).collect())
-                .unwrap_or_default()
-        };
-        LoraConfig {
-            r: v.get("r").and_then(Value::as_u64).map(|x| x as usize),
-            alpha: v.get("lora_alpha").or_else(|| v.get("alpha")).and_then(Value::as_f64),
-            use_rslora: v.get("use_rslora").and_then(Value::as_bool).unwrap_or(false),
-            rank_pattern: obj_pairs("rank_pattern")
-                .into_iter()
-                .filter_map(|(k, x)| Some((k, x.as_u64()? as usize)))
-                .collect(),
-            alpha_pattern: obj_pairs("alpha_pattern").into_iter().filter_map(|(k, x)| Some((k, x.as_f64()?))).collect(),
-            fan_in_fan_out: v.get("fan_in_fan_out").and_then(Value::as_bool).unwrap_or(false),
-            use_dora: v.get("use_dora").and_then(Value::as_bool).unwrap_or(false),
-            modules_to_save: v
-                .get("modules_to_save")
-                .and_then(Value::as_array)
-                .map(|a| a.iter().filter_map(|s| s.as_str().map(String::from)).collect())
-                .unwrap_or_default(),
-            base_model: v.get("base_model_name_or_path").and_then(Value::as_str).map(String::from),
-            peft_type: v.get("peft_type").and_then(Value::as_str).map(String::from),
+        if !v.is_object() {
+            return Self::default();
         }
+        // Every field is read leniently, so an object always deserializes.
+        Self::deserialize(v).unwrap_or_default()
     }
 
-    /// PEFT `get_pattern_key`: an exact key wins, else the first key `k` with
-    /// `re.match(rf"(.*\.)?({k})$", module_name)`.
-    fn pattern<'a, T>(pairs: &'a [(String, T)], module: &str) -> Option<&'a T> {
-        if let Some((_, v)) = pairs.iter().find(|(k, _)| k == module) {
-            return Some(v);
+    pub fn alpha(&self) -> Option<f64> {
+        match self.lora_alpha {
+            Some(a) => a,
+            None => self.other_alpha,
         }
-        pairs
-            .iter()
-            .find(|(k, _)| {
-                regex::Regex::new(&format!(r"^(?:.*\.)?(?:{k})$")).map(|re| re.is_match(module)).unwrap_or(false)
-            })
-            .map(|(_, v)| v)
     }
-
     pub fn rank_for(&self, module: &str) -> Option<usize> {
-        Self::pattern(&self.rank_pattern, module).copied().or(self.r)
+        self.rank_pattern.get(module).copied().or(self.r)
     }
     pub fn alpha_for(&self, module: &str) -> Option<f64> {
-        Self::pattern(&self.alpha_pattern, module).copied().or(self.alpha)
+        self.alpha_pattern.get(module).copied().or(self.alpha())
+    }
+}
+
+/// PEFT's `rank_pattern` or `alpha_pattern`: module-name patterns in file order, each compiled
+/// once when the config is read. Entries whose value has the wrong type are dropped.
+#[derive(Debug, Clone)]
+pub struct Patterns<T> {
+    entries: Vec<Pattern<T>>,
+}
+
+#[derive(Debug, Clone)]
+struct Pattern<T> {
+    key: String,
+    /// PEFT's `re.match(rf"(.*\.)?({key})$", name)`; `None` when the key is no valid regular
+    /// expression here, and such a key then matches only a module of exactly its name.
+    re: Option<regex::Regex>,
+    value: T,
+}
+
+impl<T> Default for Patterns<T> {
+    fn default() -> Self {
+        Patterns { entries: vec![] }
+    }
+}
+
+impl<'de, T: DeserializeOwned> Deserialize<'de> for Patterns<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let Value::Object(map) = Value::deserialize(d)? else {
+            return Ok(Patterns::default());
+        };
+        let entries = map
+            .into_iter()
+            .filter_map(|(key, v)| {
+                let value = serde_json::from_value(v).ok()?;
+                let re = regex::Regex::new(&format!(r"^(?:.*\.)?(?:{key})$")).ok();
+                Some(Pattern { key, re, value })
+            })
+            .collect();
+        Ok(Patterns { entries })
+    }
+}
+
+impl<T> Patterns<T> {
+    /// The value for a module: an exact key first, then the first key in file order whose
+    /// pattern matches the whole name or a dotted suffix of it. PEFT's `get_pattern_key`
+    /// (peft `utils/other.py`) takes the first matching pattern and looks the name up exactly
+    /// only when none matches; the two differ only when a module has an exact key and another
+    /// key's pattern matches it too.
+    pub fn get(&self, module: &str) -> Option<&T> {
+        let exact = self.entries.iter().find(|p| p.key == module);
+        let matched = || self.entries.iter().find(|p| p.re.as_ref().is_some_and(|re| re.is_match(module)));
+        exact.or_else(matched).map(|p| &p.value)
     }
 }
 
@@ -341,27 +400,51 @@ pub fn parse(file: &Arc<TensorFile>, forced: Option<Format>, config_json: Option
     if keys.is_empty() {
         return Err(Error::input(&file.path, "file holds no tensors, so no adapter"));
     }
-    let format = match forced.or_else(|| detect_format(&keys)) {
-        Some(f) => f,
-        None => {
-            let sample: Vec<&str> = keys.iter().take(3).copied().collect();
-            return Err(Error::input(&file.path, format!("no adapter tensors recognised (keys such as {sample:?}); is this a base model rather than an adapter?")));
-        }
-    };
+    let format = choose_format(file, &keys, forced)?;
     let mut warnings = vec![];
-    let config = match format {
-        Format::Peft => config_json.map(LoraConfig::from_json),
-        Format::Diffusers => diffusers_config(file),
-        _ => None,
-    };
-    if format == Format::Peft && config.is_none() {
+    let configs = ModuleConfigs::read(format, file, config_json);
+    if format == Format::Peft && configs.whole.is_none() {
         warnings.push(
             "no adapter_config.json beside the PEFT weights: alpha unknown, assuming alpha = r (scale 1)".to_string(),
         );
     }
+    let groups = group_by_module(file, format, &keys, &mut warnings)?;
+    let mut modules = vec![];
+    for (name, roles) in &groups {
+        let s = Settings { config: configs.for_module(name), is_peft: format == Format::Peft };
+        if let Some(m) = build_module(file, name, roles, &s, &mut warnings)? {
+            modules.push(m);
+        }
+    }
+    if modules.is_empty() {
+        return Err(Error::input(&file.path, "no adapter modules found in the file"));
+    }
+    Ok(Parsed { format, modules, warnings, config: configs.whole })
+}
+
+/// The format the user forced, else the one the key names show.
+fn choose_format(file: &TensorFile, keys: &[&str], forced: Option<Format>) -> Result<Format> {
+    forced.or_else(|| detect_format(keys)).ok_or_else(|| {
+        let sample: Vec<&str> = keys.iter().take(3).copied().collect();
+        Error::input(
+            &file.path,
+            format!(
+                "no adapter tensors recognised (keys such as {sample:?}); is this a base model rather than an adapter?"
+            ),
+        )
+    })
+}
+
+/// Each module's tensors by role; keys that belong to no module are counted in a warning.
+fn group_by_module(
+    file: &TensorFile,
+    format: Format,
+    keys: &[&str],
+    warnings: &mut Vec<String>,
+) -> Result<BTreeMap<String, BTreeMap<&'static str, String>>> {
     let mut groups: BTreeMap<String, BTreeMap<&'static str, String>> = BTreeMap::new();
     let mut unknown = vec![];
-    for k in &keys {
+    for k in keys {
         match split_key(format, k) {
             Some((module, role)) => {
                 let slot = groups.entry(module.clone()).or_default();
@@ -382,47 +465,51 @@ pub fn parse(file: &Arc<TensorFile>, forced: Option<Format>, config_json: Option
             unknown[0]
         ));
     }
-    let mut modules = vec![];
-    for (name, roles) in &groups {
-        // Diffusers component configs are keyed by component; PEFT patterns by module name.
-        let component_cfg;
-        let cfg = match (format, &config) {
-            (Format::Diffusers, Some(_)) => {
-                component_cfg = diffusers_component_config(file, name);
-                component_cfg.as_ref()
+    Ok(groups)
+}
+
+/// The configs an adapter's modules read, parsed once per adapter: PEFT's `adapter_config.json`,
+/// or diffusers' `lora_adapter_metadata` with its per-component parts.
+struct ModuleConfigs {
+    /// The whole config, as the adapter reports it.
+    whole: Option<LoraConfig>,
+    /// diffusers packs each component's LoraConfig under a `unet.`/`text_encoder.` prefix
+    /// (diffusers `loaders/lora_base.py`, `_pack_dict_with_prefix`); a module of a component
+    /// with no such keys reads the whole config.
+    components: BTreeMap<String, LoraConfig>,
+}
+
+impl ModuleConfigs {
+    fn read(format: Format, file: &TensorFile, config_json: Option<&Value>) -> Self {
+        let none = ModuleConfigs { whole: None, components: BTreeMap::new() };
+        match format {
+            Format::Peft => ModuleConfigs { whole: config_json.map(LoraConfig::from_json), ..none },
+            Format::Diffusers => {
+                // Metadata that is not valid JSON gives no config, as an absent one does.
+                let meta = file.metadata.get("lora_adapter_metadata");
+                match meta.and_then(|raw| serde_json::from_str::<Value>(raw).ok()) {
+                    Some(v) => Self::diffusers(&v),
+                    None => none,
+                }
             }
-            (_, c) => c.as_ref(),
-        };
-        let s = Settings { config: cfg, is_peft: format == Format::Peft };
-        if let Some(m) = build_module(file, name, roles, &s, &mut warnings)? {
-            modules.push(m);
+            Format::Kohya | Format::Lycoris => none,
         }
     }
-    if modules.is_empty() {
-        return Err(Error::input(&file.path, "no adapter modules found in the file"));
+
+    fn diffusers(v: &Value) -> Self {
+        let mut parts: BTreeMap<String, serde_json::Map<String, Value>> = BTreeMap::new();
+        for (k, x) in v.as_object().into_iter().flatten() {
+            if let Some((component, key)) = k.split_once('.') {
+                parts.entry(component.to_string()).or_default().insert(key.to_string(), x.clone());
+            }
+        }
+        let components = parts.into_iter().map(|(c, m)| (c, LoraConfig::from_json(&Value::Object(m)))).collect();
+        ModuleConfigs { whole: Some(LoraConfig::from_json(v)), components }
     }
-    Ok(Parsed { format, modules, warnings, config })
-}
 
-fn diffusers_config(file: &TensorFile) -> Option<LoraConfig> {
-    let raw = file.metadata.get("lora_adapter_metadata")?;
-    let v: Value = serde_json::from_str(raw).ok()?;
-    Some(LoraConfig::from_json(&v))
-}
-
-/// diffusers packs each component's LoraConfig with a `unet.`/`text_encoder.` prefix.
-fn diffusers_component_config(file: &TensorFile, module: &str) -> Option<LoraConfig> {
-    let raw = file.metadata.get("lora_adapter_metadata")?;
-    let v: Value = serde_json::from_str(raw).ok()?;
-    let obj = v.as_object()?;
-    let comp = module.split('.').next()?;
-    let prefix = format!("{comp}.");
-    let sub: serde_json::Map<String, Value> =
-        obj.iter().filter_map(|(k, x)| k.strip_prefix(&prefix).map(|k| (k.to_string(), x.clone()))).collect();
-    if sub.is_empty() {
-        Some(LoraConfig::from_json(&v))
-    } else {
-        Some(LoraConfig::from_json(&Value::Object(sub)))
+    fn for_module(&self, name: &str) -> Option<&LoraConfig> {
+        let component = name.split('.').next().unwrap_or(name);
+        self.components.get(component).or(self.whole.as_ref())
     }
 }
 
@@ -430,6 +517,40 @@ fn numel(s: &[usize]) -> usize {
     s.iter().product()
 }
 
+/// One module's tensors by role, with the file they live in.
+struct ModuleTensors<'a> {
+    file: &'a Arc<TensorFile>,
+    name: &'a str,
+    roles: &'a BTreeMap<&'static str, String>,
+}
+
+impl ModuleTensors<'_> {
+    fn get(&self, role: &str) -> Option<TensorRef> {
+        self.roles.get(role).map(|k| TensorRef::new(self.file, k))
+    }
+    fn has_prefix(&self, prefix: &str) -> bool {
+        self.roles.keys().any(|r| r.starts_with(prefix))
+    }
+    fn err(&self, reason: impl std::fmt::Display) -> Error {
+        Error::input(&self.file.path, format!("module {}: {reason}", self.name))
+    }
+}
+
+/// What a module's tensors make before alpha and DoRA are applied.
+struct Built {
+    kind: ModuleKind,
+    delta: Delta,
+    rank: usize,
+    shape: Vec<usize>,
+    /// The tensor whose dtype the module reports.
+    main: TensorRef,
+    /// Whether ΔW is scaled by alpha/r. LyCORIS scales whole LoKr factors, `.diff`, (IA)³ and
+    /// the rest by 1, as PEFT does a `modules_to_save` replacement.
+    scaled: bool,
+}
+
+/// One module from its tensors, in phases: the delta its roles make, the config's rank check,
+/// alpha and scale, DoRA's magnitude.
 fn build_module(
     file: &Arc<TensorFile>,
     name: &str,
@@ -437,265 +558,462 @@ fn build_module(
     s: &Settings,
     warnings: &mut Vec<String>,
 ) -> Result<Option<LoraModule>> {
-    let t = |r: &str| roles.get(r).map(|k| TensorRef::new(file, k));
-    let err = |reason: String| Error::input(&file.path, format!("module {name}: {reason}"));
-    let has = |prefix: &str| roles.keys().any(|r| r.starts_with(prefix));
-    let alpha_tensor = match t("alpha") {
-        Some(a) => Some(a.scalar()?),
-        None => None,
-    };
-    let cfg_alpha = s.config.and_then(|c| c.alpha_for(name));
-    let rslora = s.config.is_some_and(|c| c.use_rslora);
-
-    let (kind, delta, rank, shape, main): (ModuleKind, Delta, usize, Vec<usize>, TensorRef);
-    let mut scale_rule_full = false;
-    if let (Some(up), Some(down)) = (t("up"), t("down")) {
-        let (us, ds) = (up.shape().to_vec(), down.shape().to_vec());
-        if !(us.len() == 2 || (us.len() >= 3 && us[2..].iter().all(|&d| d == 1))) || ds.len() < 2 {
-            return Err(err(format!("up {us:?} / down {ds:?} are not LoRA factor shapes")));
-        }
-        if us[1] != ds[0] {
-            return Err(err(format!(
-                "A/B rank mismatch: up ({}) has rank {}, down ({}) has rank {}",
-                up.name, us[1], down.name, ds[0]
-            )));
-        }
-        if up.dtype() != down.dtype() {
-            return Err(err(format!("A/B dtype mismatch: up is {}, down is {}", up.dtype_name(), down.dtype_name())));
-        }
-        let mid = t("mid");
-        let spatial: Vec<usize> = match &mid {
-            Some(m) => {
-                let ms = m.shape();
-                if ms.len() < 2 || ms[0] != us[1] || ms[1] != ds[0] {
-                    return Err(err(format!("Tucker core shape {ms:?} does not fit rank {}", us[1])));
-                }
-                if numel(&ds[2..]) != 1 {
-                    return Err(err(format!("with a Tucker core the down factor must be 1x1, got {ds:?}")));
-                }
-                ms[2..].to_vec()
-            }
-            None => ds[2..].to_vec(),
-        };
-        let transposed = s.is_peft && s.config.is_some_and(|c| c.fan_in_fan_out);
-        let mut sh = if transposed { vec![ds[1], us[0]] } else { vec![us[0], ds[1]] };
-        sh.extend(&spatial);
-        rank = us[1];
-        kind = if sh.len() > 2 { ModuleKind::Locon } else { ModuleKind::Lora };
-        shape = sh;
-        main = up.clone();
-        delta = Delta::LowRank { up, down, mid, transposed };
-    } else if let (Some(a), Some(b)) = (t("emb_a"), t("emb_b")) {
-        let (as_, bs) = (a.shape().to_vec(), b.shape().to_vec());
-        if as_.len() != 2 || bs.len() != 2 || bs[1] != as_[0] {
-            return Err(err(format!("A/B rank mismatch: lora_embedding_A {as_:?}, lora_embedding_B {bs:?}")));
-        }
-        rank = as_[0];
-        kind = ModuleKind::Embedding;
-        shape = vec![as_[1], bs[0]];
-        main = a.clone();
-        delta = Delta::LowRank { up: b, down: a, mid: None, transposed: true };
-    } else if has("hada_") {
-        let need = |r: &str| t(r).ok_or_else(|| err(format!("LoHa module lacks {r}")));
-        let (w1a, w1b, w2a, w2b) = (need("hada_w1_a")?, need("hada_w1_b")?, need("hada_w2_a")?, need("hada_w2_b")?);
-        let (t1, t2) = (t("hada_t1"), t("hada_t2"));
-        let side = |a: &TensorRef, b: &TensorRef, tc: &Option<TensorRef>| -> Result<(usize, Vec<usize>)> {
-            let (sa, sb) = (a.shape(), b.shape());
-            match tc {
-                None => {
-                    if sa.len() != 2 || sa[1] != sb[0] {
-                        return Err(err(format!("A/B rank mismatch: {} {sa:?} x {} {sb:?}", a.name, b.name)));
-                    }
-                    Ok((sb[0], vec![sa[0], numel(&sb[1..])]))
-                }
-                Some(tc) => {
-                    let st = tc.shape();
-                    if st.len() < 2 || sa[0] != st[0] || sb[0] != st[1] {
-                        return Err(err(format!(
-                            "Tucker core {st:?} does not fit {} {sa:?} and {} {sb:?}",
-                            a.name, b.name
-                        )));
-                    }
-                    let mut sh = vec![sa[1], sb[1]];
-                    sh.extend(&st[2..]);
-                    Ok((sb[0], sh))
-                }
-            }
-        };
-        let (r1, sh1) = side(&w1a, &w1b, &t1)?;
-        let (_, sh2) = side(&w2a, &w2b, &t2)?;
-        if sh1[0] != sh2[0] || numel(&sh1) != numel(&sh2) {
-            return Err(err(format!("LoHa halves have different shapes {sh1:?} and {sh2:?}")));
-        }
-        rank = r1;
-        kind = ModuleKind::Loha;
-        shape = sh1;
-        main = w1a.clone();
-        delta = Delta::Hadamard { w1a, w1b, w2a, w2b, t1, t2 };
-    } else if has("lokr_") {
-        let part = |full: &str, a: &str, b: &str, tc: Option<&str>| -> Result<(KronPart, usize, usize, Vec<usize>)> {
-            if let Some(f) = t(full) {
-                let sh = f.shape().to_vec();
-                if sh.len() < 2 {
-                    return Err(err(format!("{full} has shape {sh:?}")));
-                }
-                return Ok((KronPart::Full(f), sh[0], sh[1], sh[2..].to_vec()));
-            }
-            let (Some(ta), Some(tb)) = (t(a), t(b)) else {
-                return Err(err(format!("LoKr module has neither {full} nor {a}+{b}")));
-            };
-            let (sa, sb) = (ta.shape().to_vec(), tb.shape().to_vec());
-            let tcore = tc.and_then(t);
-            match &tcore {
-                Some(tt) => {
-                    let st = tt.shape().to_vec();
-                    if st.len() < 2 || sa.len() != 2 || st[0] != sa[0] || st[1] != sb[0] {
-                        return Err(err(format!("Tucker core {st:?} does not fit {a} {sa:?} and {b} {sb:?}")));
-                    }
-                    Ok((KronPart::Product { a: ta, b: tb, t: tcore.clone() }, sa[1], sb[1], st[2..].to_vec()))
-                }
-                None => {
-                    if sa.len() != 2 || sb.len() < 2 || sa[1] != sb[0] {
-                        return Err(err(format!("A/B rank mismatch: {a} {sa:?} x {b} {sb:?}")));
-                    }
-                    Ok((KronPart::Product { a: ta, b: tb, t: None }, sa[0], sb[1], sb[2..].to_vec()))
-                }
-            }
-        };
-        let (w1, a, c, sp1) = part("lokr_w1", "lokr_w1_a", "lokr_w1_b", None)?;
-        let (w2, b, d, sp2) = part("lokr_w2", "lokr_w2_a", "lokr_w2_b", Some("lokr_t2"))?;
-        if !sp1.is_empty() {
-            return Err(err("lokr_w1 must be 2-D".to_string()));
-        }
-        // LyCORIS: the rank comes from w2_b, else w1_b; with both factors whole the scale is 1.
-        let r = t("lokr_w2_b").or_else(|| t("lokr_w1_b")).map(|x| x.shape()[0]);
-        scale_rule_full = r.is_none();
-        // With both factors whole, report the largest rank a Kronecker product of them can have.
-        rank = r.unwrap_or(a.min(c) * b.min(d));
-        kind = ModuleKind::Lokr;
-        let mut sh = vec![a * b, c * d];
-        sh.extend(sp2);
-        shape = sh;
-        main = roles.get("lokr_w1").or(roles.get("lokr_w1_a")).map(|k| TensorRef::new(file, k)).expect("checked");
-        delta = Delta::Kronecker { w1, w2 };
-    } else if let Some(diff) = t("diff") {
-        shape = diff.shape().to_vec();
-        if shape.len() < 2 {
-            return Err(err(format!("diff has shape {shape:?}")));
-        }
-        rank = shape[0].min(numel(&shape[1..]));
-        kind = ModuleKind::Full;
-        main = diff.clone();
-        delta = Delta::Diff { diff, bias: t("diff_b") };
-        scale_rule_full = true;
-    } else if let Some(w) = t("replace") {
-        shape = w.shape().to_vec();
-        rank = shape.first().copied().unwrap_or(0).min(numel(shape.get(1..).unwrap_or(&[])));
-        kind = ModuleKind::Full;
-        main = w.clone();
-        delta = Delta::Replace { weight: w };
-        scale_rule_full = true;
-    } else if let Some(w) = t("ia3") {
-        let on_input = match t("on_input") {
-            Some(o) => o.scalar()? != 0.0,
-            None => false,
-        };
-        shape = vec![];
-        rank = 0;
-        kind = ModuleKind::Ia3;
-        main = w.clone();
-        delta = Delta::Ia3 { weight: w, on_input };
-        scale_rule_full = true;
-    } else if let Some(algo) = ["oft", "boft", "glora_a1"].iter().find(|r| roles.contains_key(*r)) {
-        let tensors: Vec<TensorRef> = roles.values().map(|k| TensorRef::new(file, k)).collect();
-        let (k, label) = match *algo {
-            "oft" => (ModuleKind::Oft, "OFT"),
-            "boft" => (ModuleKind::Boft, "BOFT"),
-            _ => (ModuleKind::Glora, "GLoRA"),
-        };
-        warnings.push(format!("module {name}: {label} is recognised but its analysis is not supported yet"));
-        shape = vec![];
-        rank = 0;
-        kind = k;
-        main = tensors[0].clone();
-        delta = Delta::Unsupported { algo: label.to_string(), tensors };
-        scale_rule_full = true;
-    } else if roles.contains_key("bias")
-        || roles.contains_key("lora_bias")
-        || roles.keys().all(|r| *r == "alpha" || *r == "scalar")
-    {
-        // A trained bias alone, or a stray alpha: no weight delta to analyse.
-        warnings.push(format!("module {name}: only {:?} stored, no weight delta", roles.keys().collect::<Vec<_>>()));
+    let m = ModuleTensors { file, name, roles };
+    let alpha_tensor = m.get("alpha").map(|a| a.scalar()).transpose()?;
+    let Some(b) = build_delta(&m, s, warnings)? else {
         return Ok(None);
-    } else {
-        let present: Vec<&str> = roles.keys().copied().collect();
-        return Err(err(format!("incomplete module: has {present:?} but no factor pair")));
-    }
-
-    // Rank and alpha from the config must agree with the tensors (PEFT would refuse to load).
-    if s.is_peft && matches!(kind, ModuleKind::Lora | ModuleKind::Locon | ModuleKind::Embedding) {
-        if let Some(r_cfg) = s.config.and_then(|c| c.rank_for(name)) {
-            if r_cfg != rank {
-                return Err(err(format!(
-                    "rank mismatch with adapter_config.json: config gives r={r_cfg}, tensors have rank {rank}"
-                )));
-            }
-        }
-    }
-    let alpha = if scale_rule_full {
-        alpha_tensor
-    } else {
-        Some(alpha_tensor.or(cfg_alpha).filter(|a| *a != 0.0).unwrap_or(rank as f64))
     };
-    let scale = if scale_rule_full || rank == 0 {
-        1.0
-    } else {
-        let a = alpha.unwrap_or(rank as f64);
-        if rslora {
-            a / (rank as f64).sqrt()
-        } else {
-            a / rank as f64
-        }
-    };
-
-    let magnitude = if let Some(m) = t("magnitude") {
-        Some(Magnitude { tensor: m, axis: NormAxis::Row })
-    } else if let Some(m) = t("dora_scale") {
-        let ms = m.shape().to_vec();
-        let axis = if ms.first() == Some(&1) && ms.get(1).is_some_and(|&d| d != 1 || shape.get(1) == Some(&1)) {
-            NormAxis::Column
-        } else {
-            NormAxis::Row
-        };
-        Some(Magnitude { tensor: m, axis })
-    } else {
-        None
-    };
-    let kind = if magnitude.is_some() && matches!(kind, ModuleKind::Lora | ModuleKind::Locon) {
+    check_config_rank(&m, s, &b)?;
+    let (alpha, scale) = alpha_and_scale(&m, s, &b, alpha_tensor);
+    let magnitude = dora_magnitude(&m, &b.shape);
+    let kind = if magnitude.is_some() && matches!(b.kind, ModuleKind::Lora | ModuleKind::Locon) {
         ModuleKind::Dora
     } else {
-        kind
+        b.kind
     };
-    let tensors: Vec<TensorRef> = roles
-        .iter()
-        .filter(|(r, _)| !matches!(**r, "alpha" | "on_input" | "scalar"))
-        .map(|(_, k)| TensorRef::new(file, k))
-        .collect();
+    let tensors = stored_tensors(&m);
     let params = tensors.iter().map(|t| t.numel()).sum();
-    let dtype = main.dtype_name();
     Ok(Some(LoraModule {
         name: name.to_string(),
         base_key: String::new(),
         resolved: false,
         kind,
-        delta,
+        delta: b.delta,
         magnitude,
         alpha,
-        rank,
+        rank: b.rank,
         scale,
-        shape,
-        dtype,
+        shape: b.shape,
+        dtype: b.main.dtype_name(),
         params,
         tensors,
     }))
+}
+
+/// The module's tensors less the scalars that only set its scale or its (IA)³ axis.
+fn stored_tensors(m: &ModuleTensors) -> Vec<TensorRef> {
+    let kept = m.roles.iter().filter(|(r, _)| !matches!(**r, "alpha" | "on_input" | "scalar"));
+    kept.map(|(_, k)| TensorRef::new(m.file, k)).collect()
+}
+
+/// The kind the module's roles say, built; `None` (with a warning) for a module that stores
+/// no weight delta.
+fn build_delta(m: &ModuleTensors, s: &Settings, warnings: &mut Vec<String>) -> Result<Option<Built>> {
+    if let (Some(up), Some(down)) = (m.get("up"), m.get("down")) {
+        return low_rank(m, s, up, down).map(Some);
+    }
+    if let (Some(a), Some(b)) = (m.get("emb_a"), m.get("emb_b")) {
+        return embedding(m, a, b).map(Some);
+    }
+    if m.has_prefix("hada_") {
+        return loha(m).map(Some);
+    }
+    if m.has_prefix("lokr_") {
+        return lokr(m).map(Some);
+    }
+    if let Some(diff) = m.get("diff") {
+        return full_diff(m, diff).map(Some);
+    }
+    if let Some(w) = m.get("replace") {
+        return Ok(Some(replacement(w)));
+    }
+    if let Some(w) = m.get("ia3") {
+        return ia3(m, w).map(Some);
+    }
+    if let Some(algo) = ["oft", "boft", "glora_a1"].into_iter().find(|r| m.roles.contains_key(r)) {
+        return Ok(Some(unsupported(m, algo, warnings)));
+    }
+    let roles = m.roles;
+    if roles.contains_key("bias")
+        || roles.contains_key("lora_bias")
+        || roles.keys().all(|r| *r == "alpha" || *r == "scalar")
+    {
+        // A trained bias alone, or a stray alpha: no weight delta to analyse.
+        warnings.push(format!(
+            "module {}: only {:?} stored, no weight delta",
+            m.name,
+            roles.keys().collect::<Vec<_>>()
+        ));
+        return Ok(None);
+    }
+    let present: Vec<&str> = roles.keys().copied().collect();
+    Err(m.err(format!("incomplete module: has {present:?} but no factor pair")))
+}
+
+/// LoRA/LoCon: up `[out, r]` (trailing 1×1 for conv), down `[r, in, …]`, and kohya's optional
+/// Tucker core `lora_mid` `[r, r, kh, kw]`, which takes the kernel from a 1×1 down.
+fn low_rank(m: &ModuleTensors, s: &Settings, up: TensorRef, down: TensorRef) -> Result<Built> {
+    let (us, ds) = (up.shape().to_vec(), down.shape().to_vec());
+    if !(us.len() == 2 || (us.len() >= 3 && us[2..].iter().all(|&d| d == 1))) || ds.len() < 2 {
+        return Err(m.err(format!("up {us:?} / down {ds:?} are not LoRA factor shapes")));
+    }
+    if us[1] != ds[0] {
+        return Err(m.err(format!(
+            "A/B rank mismatch: up ({}) has rank {}, down ({}) has rank {}",
+            up.name, us[1], down.name, ds[0]
+        )));
+    }
+    if up.dtype() != down.dtype() {
+        return Err(m.err(format!("A/B dtype mismatch: up is {}, down is {}", up.dtype_name(), down.dtype_name())));
+    }
+    let mid = m.get("mid");
+    let spatial = match &mid {
+        Some(t) => tucker_kernel(m, t, &us, &ds)?,
+        None => ds[2..].to_vec(),
+    };
+    // PEFT's `fan_in_fan_out` stores the layer's weight as [in, out] (GPT-2's Conv1D).
+    let transposed = s.is_peft && s.config.is_some_and(|c| c.fan_in_fan_out);
+    let mut shape = if transposed { vec![ds[1], us[0]] } else { vec![us[0], ds[1]] };
+    shape.extend(&spatial);
+    let kind = if shape.len() > 2 { ModuleKind::Locon } else { ModuleKind::Lora };
+    let main = up.clone();
+    Ok(Built { kind, delta: Delta::LowRank { up, down, mid, transposed }, rank: us[1], shape, main, scaled: true })
+}
+
+/// The kernel size a `lora_mid` core gives ΔW, once it is checked to fit the factors.
+fn tucker_kernel(m: &ModuleTensors, mid: &TensorRef, us: &[usize], ds: &[usize]) -> Result<Vec<usize>> {
+    let ms = mid.shape();
+    if ms.len() < 2 || ms[0] != us[1] || ms[1] != ds[0] {
+        return Err(m.err(format!("Tucker core shape {ms:?} does not fit rank {}", us[1])));
+    }
+    if numel(&ds[2..]) != 1 {
+        return Err(m.err(format!("with a Tucker core the down factor must be 1x1, got {ds:?}")));
+    }
+    Ok(ms[2..].to_vec())
+}
+
+/// PEFT embedding LoRA: `lora_embedding_A` `[r, vocab]`, `lora_embedding_B` `[dim, r]`; the
+/// product B·A is ΔWᵀ of the `[vocab, dim]` table.
+fn embedding(m: &ModuleTensors, a: TensorRef, b: TensorRef) -> Result<Built> {
+    let (as_, bs) = (a.shape().to_vec(), b.shape().to_vec());
+    if as_.len() != 2 || bs.len() != 2 || bs[1] != as_[0] {
+        return Err(m.err(format!("A/B rank mismatch: lora_embedding_A {as_:?}, lora_embedding_B {bs:?}")));
+    }
+    Ok(Built {
+        kind: ModuleKind::Embedding,
+        rank: as_[0],
+        shape: vec![as_[1], bs[0]],
+        main: a.clone(),
+        delta: Delta::LowRank { up: b, down: a, mid: None, transposed: true },
+        scaled: true,
+    })
+}
+
+/// LoHa: ΔW = (w1_a·w1_b) ⊙ (w2_a·w2_b), each half optionally through a Tucker core.
+fn loha(m: &ModuleTensors) -> Result<Built> {
+    let need = |r: &str| m.get(r).ok_or_else(|| m.err(format!("LoHa module lacks {r}")));
+    let (w1a, w1b, w2a, w2b) = (need("hada_w1_a")?, need("hada_w1_b")?, need("hada_w2_a")?, need("hada_w2_b")?);
+    let (t1, t2) = (m.get("hada_t1"), m.get("hada_t2"));
+    let (r1, sh1) = loha_half(m, &w1a, &w1b, t1.as_ref())?;
+    let (_, sh2) = loha_half(m, &w2a, &w2b, t2.as_ref())?;
+    if sh1[0] != sh2[0] || numel(&sh1) != numel(&sh2) {
+        return Err(m.err(format!("LoHa halves have different shapes {sh1:?} and {sh2:?}")));
+    }
+    let main = w1a.clone();
+    Ok(Built {
+        kind: ModuleKind::Loha,
+        rank: r1,
+        shape: sh1,
+        main,
+        delta: Delta::Hadamard { w1a, w1b, w2a, w2b, t1, t2 },
+        scaled: true,
+    })
+}
+
+/// One LoHa half's rank and ΔW shape. Without a core, a `[out, r]` and b `[r, in, …]`; with
+/// core t `[r, r, kh, kw]` (LyCORIS `functional/loha.py`), a `[r, out]` and b `[r, in]`.
+fn loha_half(m: &ModuleTensors, a: &TensorRef, b: &TensorRef, core: Option<&TensorRef>) -> Result<(usize, Vec<usize>)> {
+    let (sa, sb) = (a.shape(), b.shape());
+    let Some(core) = core else {
+        if sa.len() != 2 || sb.first() != Some(&sa[1]) {
+            return Err(m.err(format!("A/B rank mismatch: {} {sa:?} x {} {sb:?}", a.name, b.name)));
+        }
+        return Ok((sb[0], vec![sa[0], numel(&sb[1..])]));
+    };
+    let st = core.shape();
+    if st.len() < 2 || sa.len() < 2 || sb.len() < 2 || sa[0] != st[0] || sb[0] != st[1] {
+        return Err(m.err(format!("Tucker core {st:?} does not fit {} {sa:?} and {} {sb:?}", a.name, b.name)));
+    }
+    let mut sh = vec![sa[1], sb[1]];
+    sh.extend(&st[2..]);
+    Ok((sb[0], sh))
+}
+
+/// One Kronecker factor of LoKr and the part of ΔW's shape it gives.
+struct KronFactor {
+    part: KronPart,
+    rows: usize,
+    cols: usize,
+    /// Kernel dimensions (conv), empty for linear layers.
+    spatial: Vec<usize>,
+}
+
+/// LoKr: ΔW = kron(w1, w2), each factor stored whole or as a product (LyCORIS `modules/lokr.py`).
+fn lokr(m: &ModuleTensors) -> Result<Built> {
+    let w1 = kron_factor(m, "lokr_w1", "lokr_w1_a", "lokr_w1_b", None)?;
+    let w2 = kron_factor(m, "lokr_w2", "lokr_w2_a", "lokr_w2_b", Some("lokr_t2"))?;
+    if !w1.spatial.is_empty() {
+        return Err(m.err("lokr_w1 must be 2-D"));
+    }
+    // LyCORIS: the rank comes from w2_b, else w1_b; with both factors whole the scale is 1.
+    let r = match ["lokr_w2_b", "lokr_w1_b"].into_iter().find_map(|role| m.get(role).map(|t| (role, t))) {
+        // Beside a whole factor a `_b` tensor is not checked as a factor, so it may have no axes.
+        Some((role, t)) => Some(*t.shape().first().ok_or_else(|| m.err(format!("{role} has shape []")))?),
+        None => None,
+    };
+    // With both factors whole, report the largest rank a Kronecker product of them can have.
+    let rank = r.unwrap_or(w1.rows.min(w1.cols) * w2.rows.min(w2.cols));
+    let mut shape = vec![w1.rows * w2.rows, w1.cols * w2.cols];
+    shape.extend(w2.spatial);
+    let main = match &w1.part {
+        KronPart::Full(t) | KronPart::Product { a: t, .. } => t.clone(),
+    };
+    Ok(Built {
+        kind: ModuleKind::Lokr,
+        rank,
+        shape,
+        main,
+        delta: Delta::Kronecker { w1: w1.part, w2: w2.part },
+        scaled: r.is_some(),
+    })
+}
+
+/// A LoKr factor from its whole tensor `full`, else from `a`·`b`: a `[rows, r]` and b
+/// `[r, cols, …]`, or with Tucker core `core` `[r, r, kh, kw]` a `[r, rows]` and b `[r, cols]`.
+fn kron_factor(m: &ModuleTensors, full: &str, a: &str, b: &str, core: Option<&str>) -> Result<KronFactor> {
+    if let Some(f) = m.get(full) {
+        let sh = f.shape().to_vec();
+        if sh.len() < 2 {
+            return Err(m.err(format!("{full} has shape {sh:?}")));
+        }
+        return Ok(KronFactor { part: KronPart::Full(f), rows: sh[0], cols: sh[1], spatial: sh[2..].to_vec() });
+    }
+    let (Some(ta), Some(tb)) = (m.get(a), m.get(b)) else {
+        return Err(m.err(format!("LoKr module has neither {full} nor {a}+{b}")));
+    };
+    let (sa, sb) = (ta.shape().to_vec(), tb.shape().to_vec());
+    match core.and_then(|c| m.get(c)) {
+        Some(tt) => {
+            let st = tt.shape().to_vec();
+            if st.len() < 2 || sa.len() != 2 || sb.len() < 2 || st[0] != sa[0] || st[1] != sb[0] {
+                return Err(m.err(format!("Tucker core {st:?} does not fit {a} {sa:?} and {b} {sb:?}")));
+            }
+            let part = KronPart::Product { a: ta, b: tb, t: Some(tt) };
+            Ok(KronFactor { part, rows: sa[1], cols: sb[1], spatial: st[2..].to_vec() })
+        }
+        None => {
+            if sa.len() != 2 || sb.len() < 2 || sa[1] != sb[0] {
+                return Err(m.err(format!("A/B rank mismatch: {a} {sa:?} x {b} {sb:?}")));
+            }
+            let part = KronPart::Product { a: ta, b: tb, t: None };
+            Ok(KronFactor { part, rows: sa[0], cols: sb[1], spatial: sb[2..].to_vec() })
+        }
+    }
+}
+
+/// The rank a whole matrix can have: min(rows, cols) of its `[out, in·kh·kw]` view.
+fn full_rank(shape: &[usize]) -> usize {
+    shape.first().copied().unwrap_or(0).min(numel(shape.get(1..).unwrap_or(&[])))
+}
+
+/// LyCORIS `full`: ΔW stored whole as `.diff` (with an optional bias `.diff_b`).
+fn full_diff(m: &ModuleTensors, diff: TensorRef) -> Result<Built> {
+    let shape = diff.shape().to_vec();
+    if shape.len() < 2 {
+        return Err(m.err(format!("diff has shape {shape:?}")));
+    }
+    Ok(Built {
+        kind: ModuleKind::Full,
+        rank: full_rank(&shape),
+        shape,
+        main: diff.clone(),
+        delta: Delta::Diff { diff, bias: m.get("diff_b") },
+        scaled: false,
+    })
+}
+
+/// PEFT `modules_to_save`: a whole new weight.
+fn replacement(w: TensorRef) -> Built {
+    let shape = w.shape().to_vec();
+    Built {
+        kind: ModuleKind::Full,
+        rank: full_rank(&shape),
+        shape,
+        main: w.clone(),
+        delta: Delta::Replace { weight: w },
+        scaled: false,
+    }
+}
+
+/// (IA)³: a vector along the output axis, or the input axis when `on_input` is set.
+fn ia3(m: &ModuleTensors, w: TensorRef) -> Result<Built> {
+    let on_input = match m.get("on_input") {
+        Some(o) => o.scalar()? != 0.0,
+        None => false,
+    };
+    Ok(Built {
+        kind: ModuleKind::Ia3,
+        rank: 0,
+        shape: vec![],
+        main: w.clone(),
+        delta: Delta::Ia3 { weight: w, on_input },
+        scaled: false,
+    })
+}
+
+/// OFT, BOFT and GLoRA: recognised, kept with all their tensors, not analysed.
+fn unsupported(m: &ModuleTensors, algo: &str, warnings: &mut Vec<String>) -> Built {
+    let tensors: Vec<TensorRef> = m.roles.values().map(|k| TensorRef::new(m.file, k)).collect();
+    let (kind, label) = match algo {
+        "oft" => (ModuleKind::Oft, "OFT"),
+        "boft" => (ModuleKind::Boft, "BOFT"),
+        _ => (ModuleKind::Glora, "GLoRA"),
+    };
+    warnings.push(format!("module {}: {label} is recognised but its analysis is not supported yet", m.name));
+    // `algo` is one of the module's roles, so there is a first tensor.
+    let main = tensors[0].clone();
+    Built {
+        kind,
+        rank: 0,
+        shape: vec![],
+        main,
+        delta: Delta::Unsupported { algo: label.to_string(), tensors },
+        scaled: false,
+    }
+}
+
+/// The config's rank must agree with the factors' (PEFT would refuse to load the adapter).
+fn check_config_rank(m: &ModuleTensors, s: &Settings, b: &Built) -> Result<()> {
+    if !s.is_peft || !matches!(b.kind, ModuleKind::Lora | ModuleKind::Locon | ModuleKind::Embedding) {
+        return Ok(());
+    }
+    match s.config.and_then(|c| c.rank_for(m.name)) {
+        Some(r_cfg) if r_cfg != b.rank => Err(m.err(format!(
+            "rank mismatch with adapter_config.json: config gives r={r_cfg}, tensors have rank {}",
+            b.rank
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// The reported alpha and the scale ΔW is multiplied by. A stored `.alpha` wins over the
+/// config's; a missing or zero alpha means alpha = rank (sd-scripts `networks/lora.py`);
+/// rsLoRA divides by √r instead of r (PEFT `use_rslora`). Kinds scaled by 1 report only a
+/// stored alpha.
+fn alpha_and_scale(m: &ModuleTensors, s: &Settings, b: &Built, alpha_tensor: Option<f64>) -> (Option<f64>, f64) {
+    if !b.scaled {
+        return (alpha_tensor, 1.0);
+    }
+    let cfg_alpha = s.config.and_then(|c| c.alpha_for(m.name));
+    let rank = b.rank as f64;
+    let alpha = alpha_tensor.or(cfg_alpha).filter(|a| *a != 0.0).unwrap_or(rank);
+    let scale = match (b.rank, s.config.is_some_and(|c| c.use_rslora)) {
+        (0, _) => 1.0,
+        (_, true) => alpha / rank.sqrt(),
+        (_, false) => alpha / rank,
+    };
+    (Some(alpha), scale)
+}
+
+/// DoRA's magnitude and the axis its norm runs along. PEFT's `lora_magnitude_vector` holds one
+/// value per output row. A kohya/LyCORIS `dora_scale` is `[1, in]` for a norm over each input
+/// column and `[out, 1]` for one per output row; a `[1, 1]` scale is read by the layer's width.
+fn dora_magnitude(m: &ModuleTensors, shape: &[usize]) -> Option<Magnitude> {
+    if let Some(t) = m.get("magnitude") {
+        return Some(Magnitude { tensor: t, axis: NormAxis::Row });
+    }
+    let t = m.get("dora_scale")?;
+    let ms = t.shape();
+    let axis = if ms.first() == Some(&1) && ms.get(1).is_some_and(|&d| d != 1 || shape.get(1) == Some(&1)) {
+        NormAxis::Column
+    } else {
+        NormAxis::Row
+    };
+    Some(Magnitude { tensor: t, axis })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::sync::Arc;
+
+    use safetensors::Dtype;
+    use serde_json::json;
+
+    use super::super::tensorfile::TensorFile;
+    use super::super::write::SafetensorsBuilder;
+    use super::{parse, LoraConfig};
+
+    /// The error `parse` gives for a LyCORIS module `x` made of these tensors.
+    fn parse_error(tensors: &[(&str, &[usize])]) -> String {
+        let mut b = SafetensorsBuilder::new();
+        for (role, shape) in tensors {
+            b.add(&format!("lycoris_x.{role}"), shape, &vec![0.5; shape.iter().product()], Dtype::F32);
+        }
+        let file = Arc::new(TensorFile::from_bytes(Path::new("bad.safetensors"), b.to_bytes()).unwrap());
+        parse(&file, None, None).err().expect("malformed factors are an error").to_string()
+    }
+
+    #[test]
+    fn factors_with_too_few_axes_are_errors() {
+        let loha_b =
+            parse_error(&[("hada_w1_a", &[4, 2]), ("hada_w1_b", &[]), ("hada_w2_a", &[4, 2]), ("hada_w2_b", &[2, 4])]);
+        assert!(loha_b.contains("bad.safetensors"), "{loha_b}");
+        assert!(loha_b.ends_with("A/B rank mismatch: lycoris_x.hada_w1_a [4, 2] x lycoris_x.hada_w1_b []"), "{loha_b}");
+        let loha_tucker = parse_error(&[
+            ("hada_w1_a", &[2]),
+            ("hada_w1_b", &[2, 4]),
+            ("hada_t1", &[2, 2, 3, 3]),
+            ("hada_w2_a", &[4, 2]),
+            ("hada_w2_b", &[2, 4]),
+        ]);
+        assert!(loha_tucker.contains("Tucker core [2, 2, 3, 3] does not fit"), "{loha_tucker}");
+        let lokr_stray = parse_error(&[("lokr_w1", &[2, 2]), ("lokr_w2", &[4, 4]), ("lokr_w2_b", &[])]);
+        assert!(lokr_stray.ends_with("module lycoris_x: lokr_w2_b has shape []"), "{lokr_stray}");
+        let lokr_tucker = parse_error(&[
+            ("lokr_w1", &[2, 2]),
+            ("lokr_w2_a", &[2, 4]),
+            ("lokr_w2_b", &[]),
+            ("lokr_t2", &[2, 2, 3, 3]),
+        ]);
+        assert!(lokr_tucker.ends_with("does not fit lokr_w2_a [2, 4] and lokr_w2_b []"), "{lokr_tucker}");
+    }
+
+    #[test]
+    fn config_fields_of_another_type_read_as_missing() {
+        let cfg = LoraConfig::from_json(&json!({
+            "r": "8", "use_rslora": 1, "fan_in_fan_out": true,
+            "modules_to_save": ["lm_head", 3, "embed_tokens"], "peft_type": "LORA", "target_modules": ["q_proj"]
+        }));
+        assert_eq!(cfg.r, None);
+        assert!(!cfg.use_rslora);
+        assert!(cfg.fan_in_fan_out);
+        assert_eq!(cfg.modules_to_save, ["lm_head", "embed_tokens"]);
+        assert_eq!(cfg.peft_type.as_deref(), Some("LORA"));
+        assert!(LoraConfig::from_json(&json!([8, 16])).r.is_none(), "a list is no config");
+    }
+
+    #[test]
+    fn alpha_stands_in_only_for_an_absent_lora_alpha() {
+        assert_eq!(LoraConfig::from_json(&json!({"alpha": 4})).alpha(), Some(4.0));
+        assert_eq!(LoraConfig::from_json(&json!({"lora_alpha": 32, "alpha": 4})).alpha(), Some(32.0));
+        assert_eq!(LoraConfig::from_json(&json!({"lora_alpha": null, "alpha": 4})).alpha(), None);
+    }
+
+    #[test]
+    fn patterns_keep_file_order_and_invalid_regexes_match_exactly() {
+        let cfg = LoraConfig::from_json(&json!({
+            "r": 8,
+            "rank_pattern": {"q_proj": 2, ".*_proj": 1, "k_proj": 2.5, "up_proj(": 6}
+        }));
+        // File order, not key order: "q_proj" comes before ".*_proj".
+        assert_eq!(cfg.rank_for("model.layers.0.self_attn.q_proj"), Some(2));
+        assert_eq!(cfg.rank_for("model.layers.0.self_attn.v_proj"), Some(1));
+        // A non-integer rank is dropped, so the wider pattern applies.
+        assert_eq!(cfg.rank_for("model.layers.0.self_attn.k_proj"), Some(1));
+        // "up_proj(" is no regular expression: only a module of exactly that name takes it.
+        assert_eq!(cfg.rank_for("up_proj("), Some(6));
+        assert_eq!(cfg.rank_for("mlp.up_proj("), Some(8));
+        assert_eq!(cfg.rank_for("model.layers.0.mlp.gate"), Some(8));
+    }
 }
