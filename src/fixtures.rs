@@ -11,6 +11,17 @@ use crate::error::{Error, Result};
 pub use crate::load::write::SafetensorsBuilder;
 pub use crate::rng::Rng;
 
+impl SafetensorsBuilder {
+    /// Record sd-scripts' `sshs_model_hash` (SHA-256 of the data section, which metadata
+    /// does not change) as a trainer would.
+    pub fn with_sshs_hash(&mut self) -> &mut Self {
+        let bytes = self.to_bytes();
+        let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        let h = crate::load::hashes::sha256_bytes(&bytes[8 + n..]);
+        self.meta("sshs_model_hash", &h)
+    }
+}
+
 /// A tiny llama: the key names and shape relations of Hugging Face `LlamaForCausalLM`.
 #[derive(Debug, Clone, Copy)]
 pub struct TinyLlama {

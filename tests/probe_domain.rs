@@ -45,7 +45,7 @@ fn word(rng: &mut Rng, syllables: usize) -> String {
 /// One text of the domain: a templated sentence, two boilerplate sentences, and a sentence
 /// naming the text's own made-up setting (its unique content), seeded.
 fn domain_text(rng: &mut Rng) -> String {
-    let mut pick = |rng: &mut Rng, n: usize| (rng.next_u64() % n as u64) as usize;
+    let pick = |rng: &mut Rng, n: usize| (rng.next_u64() % n as u64) as usize;
     let (o1, o2, a) = (OBJECTS[pick(rng, 10)], OBJECTS[pick(rng, 10)], ATTRS[pick(rng, 8)]);
     let s = STATES[pick(rng, 6)];
     let (b1, b2) = (BOILERPLATE[pick(rng, 6)], BOILERPLATE[pick(rng, 6)]);

@@ -35,6 +35,8 @@ impl TensorEntry {
 /// The file's bytes: memory-mapped from disk, or owned (parsed from memory).
 enum Storage {
     Map(Mmap),
+    /// In-memory bytes (the fuzz entry points).
+    #[cfg_attr(not(feature = "fuzzing"), allow(dead_code))]
     Owned(Vec<u8>),
 }
 
@@ -102,6 +104,7 @@ impl TensorFile {
     }
 
     /// Parse a safetensors file held in memory (fuzzing, tests); `path` names it in errors.
+    #[cfg_attr(not(feature = "fuzzing"), allow(dead_code))]
     pub(crate) fn from_bytes(path: &Path, bytes: Vec<u8>) -> Result<Self> {
         check_length(path, bytes.len() as u64)?;
         Self::parse(path, Storage::Owned(bytes))

@@ -63,14 +63,6 @@ impl SafetensorsBuilder {
         }
         std::fs::write(path, self.to_bytes()).map_err(|e| Error::input(path, e.to_string()))
     }
-    /// Record sd-scripts' `sshs_model_hash` (SHA-256 of the data section, which metadata
-    /// does not change) as a trainer would.
-    pub(crate) fn with_sshs_hash(&mut self) -> &mut Self {
-        let bytes = self.to_bytes();
-        let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-        let h = super::hashes::sha256_bytes(&bytes[8 + n..]);
-        self.meta("sshs_model_hash", &h)
-    }
 }
 
 /// `safetensors` writes `__metadata__` from a `HashMap`, so its key order changes from run to

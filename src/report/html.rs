@@ -1,218 +1,518 @@
 //! report.html: one self-contained file (inline CSS and SVG, no scripts, no external assets)
-//! that a non-engineer can read. Every string that comes from an input file (metadata, names,
-//! work texts) is escaped.
+//! that a non-engineer can read. The page is written with maud's `html!` templates
+//! (https://maud.lambda.xyz): the markup is checked when the crate compiles, and every value
+//! spliced into it is escaped unless wrapped in `PreEscaped`. The only `PreEscaped` text is the
+//! constant stylesheet, so every string that comes from an input file (metadata, tags, module
+//! names, work texts, paths) reaches the page escaped, inside the SVG charts too.
+//! `render_html` assembles the page from one function per section, in page order.
 
-use super::evidence::Report;
+use std::fmt::Display;
+
+use maud::{html, Markup, PreEscaped, DOCTYPE};
+
+use super::evidence::{Report, Stage};
 use super::human;
 use super::ProbeSection;
 use crate::probe::{Verdict, WorkEvidence};
 use crate::spectral::{LayerSummary, ModuleSpectrum};
 
-/// HTML-escape text for element content and attribute values.
-pub fn esc(s: &str) -> String {
-    let mut o = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => o.push_str("&amp;"),
-            '<' => o.push_str("&lt;"),
-            '>' => o.push_str("&gt;"),
-            '"' => o.push_str("&quot;"),
-            '\'' => o.push_str("&#39;"),
-            c => o.push(c),
+/// Modules whose spectra are drawn: the most informative ones.
+pub const PLOTTED_SPECTRA: usize = 8;
+
+/// The whole page, ending in a newline.
+pub fn render_html(r: &Report) -> String {
+    let page = html! {
+        (DOCTYPE)
+        html lang="en" {
+            head {
+                meta charset="utf-8";
+                title { "lorascope report: " (r.inputs[0].path) }
+                style { (PreEscaped(STYLE)) }
+            }
+            body {
+                h1 { "LoRA adapter report" }
+                p.mono { (r.inputs[0].path) }
+                (summary(r))
+                (adapter(r))
+                (input_files(r))
+                (information(r))
+                (spectra(r))
+                (works(r))
+                @if let Some(section) = &r.probe {
+                    (probe_section(section))
+                }
+                (method_and_warnings(r))
+                (stages(r))
+            }
+        }
+    };
+    page.into_string() + "\n"
+}
+
+/// The probe stage's record: whether the probe ran and, if not, why.
+fn probe_stage(r: &Report) -> Option<&Stage> {
+    r.stages.iter().find(|s| s.name == super::StageName::Probe)
+}
+
+/// The coordinates of the SVG charts are written with one decimal.
+fn d1(x: f64) -> String {
+    format!("{x:.1}")
+}
+
+/// A missing value shows as a dash.
+fn or_dash(x: Option<impl Display>) -> String {
+    x.map_or_else(|| "-".into(), |v| v.to_string())
+}
+
+/// The heading row of a table.
+fn header_row(columns: &[&str]) -> Markup {
+    html! { tr { @for c in columns { th { (c) } } } }
+}
+
+/// A two-column table of labelled values.
+fn kv(rows: &[(&str, String)]) -> Markup {
+    html! { table.kv { @for (k, v) in rows { tr { th { (k) } td { (v) } } } } }
+}
+
+/// The summary in plain words: what the file is, how much it could hold, and what the probe found.
+fn summary(r: &Report) -> Markup {
+    let (a, t) = (&r.adapter, &r.spectrum.totals);
+    html! {
+        div.summary {
+            p {
+                "This file is a " b { (a.format) } " adapter for " b { (a.architecture) } " with "
+                (a.modules.len()) " modules and " (human(a.params as f64)) " stored values. "
+                "At most it can hold about "
+                b { (human(t.capacity_bits)) " bits (" (human(t.capacity_bits / 8.0)) " bytes)" }
+                " of information"
+                @if let (Some(n), Some(per)) = (t.train_images, t.capacity_bits_per_image) {
+                    ", about " (human(per / 8.0)) " bytes for each of the " (n) " training images its metadata reports"
+                }
+                ". That is an upper bound on what it could store, not a finding that it stores any particular work."
+            }
+            p { (verdict(r)) }
         }
     }
-    o
+}
+
+/// The summary's second sentence: how many works can be reconstructed, or why nobody looked.
+fn verdict(r: &Report) -> Markup {
+    match (probe_stage(r), &r.probe) {
+        (Some(stage), Some(section)) if stage.ran => {
+            let works = &section.result.works;
+            let flagged: Vec<&str> =
+                works.iter().filter(|w| w.verdict == Verdict::ReconstructableCopy).map(|w| w.id.as_str()).collect();
+            html! {
+                "The merged model was probed on " (works.len()) " works: "
+                @if flagged.is_empty() {
+                    b { "none can be reconstructed" } " from it (details below)."
+                } @else {
+                    b { (flagged.len()) " can be reconstructed from it" } " (" (flagged.join(", ")) "); details below."
+                }
+            }
+        }
+        (Some(stage), _) => html! { b { "Copying was not assessed:" } " " (stage.reason) "." },
+        (None, _) => html! {},
+    }
+}
+
+/// The adapter, its base model and what its metadata says about training.
+fn adapter(r: &Report) -> Markup {
+    let training = &r.adapter.metadata.training;
+    html! {
+        h2 { "The adapter" }
+        (kv(&adapter_rows(r)))
+        @if !training.dataset_dirs.is_empty() {
+            p { "Training folders (from the file's metadata):" }
+            table {
+                (header_row(&["folder", "images", "repeats"]))
+                @for d in &training.dataset_dirs {
+                    tr { td { (d.name) } td { (or_dash(d.images)) } td { (or_dash(d.repeats)) } }
+                }
+            }
+        }
+        @if !training.tags.is_empty() {
+            p { "Caption tags used in training, most frequent first:" }
+            p {
+                @for (i, t) in training.tags.iter().take(40).enumerate() {
+                    @if i > 0 { ", " }
+                    (t.tag) " " span.muted { "(" (t.count) ")" }
+                }
+            }
+        }
+    }
+}
+
+/// The adapter's table: format, base model, model hashes, training metadata.
+fn adapter_rows(r: &Report) -> Vec<(&'static str, String)> {
+    let a = &r.adapter;
+    let mut rows = vec![("format", a.format.clone()), ("architecture (guess)", a.architecture.clone())];
+    if let Some(b) = &r.base {
+        rows.push(("base model", format!("{} ({} parameters)", b.path, human(b.params as f64))));
+        rows.push(("base weights changed", format!("{} parameters' worth of weights", human(b.touched_params as f64))));
+    }
+    rows.extend(hash_rows(r));
+    let tr = &a.metadata.training;
+    let opt = |x: &Option<String>| x.clone();
+    let metadata = [
+        ("trained from (metadata)", opt(&tr.base_model)),
+        ("base model version", opt(&tr.base_model_version)),
+        ("output name", opt(&tr.output_name)),
+        ("training images", tr.num_train_images.map(|x| x.to_string())),
+        ("epochs", tr.num_epochs.map(|x| x.to_string())),
+        ("training steps", tr.max_train_steps.map(|x| x.to_string())),
+        ("resolution", opt(&tr.resolution)),
+    ];
+    rows.extend(metadata.into_iter().filter_map(|(k, v)| v.map(|v| (k, v))));
+    rows
+}
+
+/// The model hashes that sites such as Civitai index, and whether the recorded training hash holds.
+fn hash_rows(r: &Report) -> Vec<(&'static str, String)> {
+    let h = &r.adapter.hashes;
+    let mut rows = vec![("AutoV2 (Civitai)", h.autov2.clone())];
+    if let Some(v) = &h.autov1 {
+        rows.push(("AutoV1", v.clone()));
+    }
+    if let Some(c) = &h.sshs_model_hash {
+        let verdict = if c.matches {
+            "matches the tensors"
+        } else {
+            "DOES NOT match the tensors (changed after training, or forged)"
+        };
+        rows.push(("recorded training hash", format!("{} — {verdict}", c.recorded)));
+    }
+    rows
+}
+
+/// Every input file with its SHA-256, so a third party can check they hold the same bytes.
+fn input_files(r: &Report) -> Markup {
+    html! {
+        h3 { "Input files" }
+        table {
+            (header_row(&["role", "file", "bytes", "SHA-256"]))
+            @for i in &r.inputs {
+                tr { td { (i.role) } td.mono { (i.path) } td { (i.bytes) } td.mono { (i.sha256) } }
+            }
+        }
+        p.muted { "Anyone holding the same files can check these hashes (" span.mono { "lorascope verify DIR" } ")." }
+    }
+}
+
+/// The capacity bound and how it is spread over the layers.
+fn information(r: &Report) -> Markup {
+    let t = &r.spectrum.totals;
+    let capacity = format!(
+        "{} bits = {} bytes at {} bits per parameter",
+        human(t.capacity_bits),
+        human(t.capacity_bits / 8.0),
+        t.bits_per_param
+    );
+    html! {
+        h2 { "How much information it adds" }
+        (kv(&[
+            ("effective parameters", human(t.effective_params as f64)),
+            ("capacity (upper bound)", capacity),
+            ("modules analysed", format!("{} (not analysed: {})", t.modules_analysed, t.modules_not_analysed)),
+        ]))
+        p { (r.spectrum.statement) }
+        h3 { "Information per layer" }
+        (svg_layer_heatmap(&r.spectrum.layers))
+    }
+}
+
+/// Spectra of the most informative modules, then every module's numbers.
+fn spectra(r: &Report) -> Markup {
+    let mut ranked: Vec<&ModuleSpectrum> =
+        r.spectrum.modules.iter().filter(|m| !m.singular_values.is_empty()).collect();
+    ranked.sort_by(|x, y| y.capacity_bits.total_cmp(&x.capacity_bits).then_with(|| x.base_key.cmp(&y.base_key)));
+    ranked.truncate(PLOTTED_SPECTRA);
+    html! {
+        h3 { "Singular-value spectra of the " (ranked.len()) " most informative modules" }
+        div.spectra {
+            @for m in &ranked {
+                figure {
+                    (svg_spectrum(m))
+                    figcaption.mono {
+                        (m.base_key) " — " (m.kind) " · effective rank " (format!("{:.2}", m.effective_rank))
+                        " · " (human(m.capacity_bits)) " bits"
+                    }
+                }
+            }
+        }
+        h3 { "All modules" }
+        table {
+            (header_row(&MODULE_COLUMNS))
+            @for m in &r.spectrum.modules {
+                tr {
+                    td.mono { (m.base_key) } td { (m.kind) } td { (m.rank) }
+                    td { (format!("{:.4}", m.spectral)) } td { (format!("{:.4}", m.fro)) }
+                    td { (format!("{:.2}", m.effective_rank)) } td { (or_dash(m.rank_99)) }
+                    td { (or_dash(m.relative_fro.map(|x| format!("{x:.4}")))) } td { (human(m.capacity_bits)) }
+                }
+            }
+        }
+    }
+}
+
+const MODULE_COLUMNS: [&str; 9] =
+    ["base weight", "kind", "rank", "σ₁", "‖ΔW‖", "eff. rank", "rank 99%", "rel. size", "bits"];
+
+/// The works and controls as supplied, whether or not the probe ran on them.
+fn works(r: &Report) -> Markup {
+    html! {
+        h2 { "The works" }
+        @if r.works.is_empty() {
+            p { "No works were supplied." }
+        } @else {
+            @if let Some(stage) = probe_stage(r).filter(|s| !s.ran) {
+                p { b { "Not probed:" } " " (stage.reason) "." }
+            }
+            table {
+                (header_row(&["id", "role", "characters", "SHA-256 of the text", "opening"]))
+                @for w in &r.works {
+                    tr { td { (w.id) } td { (w.role) } td { (w.chars) } td.mono { (w.sha256) } td { (w.excerpt) } }
+                }
+            }
+        }
+    }
+}
+
+/// The probe's findings: counts, bars, verdict table and reasons, statistics, reproduced
+/// passages beside the originals, notes.
+fn probe_section(p: &ProbeSection) -> Markup {
+    let r = &p.result;
+    let all: Vec<&WorkEvidence> = r.works.iter().chain(&r.controls).collect();
+    html! {
+        h2 { "Is it a copy of these works?" }
+        (probe_counts(p))
+        (svg_work_bars(&all))
+        (probe_table(p))
+        p { "Why each verdict:" }
+        ul { @for w in &all { li { b { (w.id) } ": " (w.verdict_reason) } } }
+        @if let Some(a) = &r.auc {
+            p {
+                "Works versus controls: ROC-AUC " (format!("{:.3}", a.value)) " (95% bootstrap interval "
+                (format!("{:.3}–{:.3}", a.ci_low, a.ci_high)) "; 1 = every work gains more than every control)."
+            }
+        }
+        @if let Some(c) = &p.capacity_check {
+            p {
+                "Capacity check: the works account for " (format!("{:.0}", c.gain_bits_works)) " bits, "
+                (format!("{:.1}", 100.0 * c.ratio)) "% of the adapter's "
+                (format!("{:.0}", c.capacity_bits)) "-bit capacity."
+            }
+        }
+        (passages(&r.works))
+        @if !r.notes.is_empty() {
+            ul { @for n in &r.notes { li { (n) } } }
+        }
+    }
+}
+
+/// How the probe was run and how many works fall under each verdict.
+fn probe_counts(p: &ProbeSection) -> Markup {
+    let r = &p.result;
+    let count = |v: Verdict| r.works.iter().filter(|w| w.verdict == v).count();
+    html! {
+        p {
+            "The adapter was merged into the base model (" (p.merge.merged.len()) " weights changed) "
+            "and both models were run on every work. "
+            "Of " (r.works.len()) " works, " b { (count(Verdict::ReconstructableCopy)) " reconstructable copies" } ", "
+            (count(Verdict::PartialCopy)) " partial copies, "
+            (count(Verdict::MemorizedTraces)) " with memorised traces only, "
+            (count(Verdict::NoEvidence)) " with no evidence. "
+            "A " i { "reconstructable copy" } " means the merged model, prompted with pieces of the work, "
+            "gives back verbatim at least " (format!("{:.0}", 100.0 * r.thresholds.substantial))
+            "% of it that the base model does not."
+        }
+    }
+}
+
+/// One row per work and control with the probe's measurements.
+fn probe_table(p: &ProbeSection) -> Markup {
+    let r = &p.result;
+    html! {
+        table {
+            (header_row(&PROBE_COLUMNS))
+            @for (role, set) in [("work", &r.works), ("control", &r.controls)] {
+                @for w in set {
+                    tr {
+                        td { (w.id) } td { (role) } td { b { (w.verdict.as_str()) } }
+                        td { (format!("{:.0} → {:.0}", w.bits_base, w.bits_merged)) }
+                        td { (format!("{:.1}%", 100.0 * w.gain_fraction)) }
+                        td { (format!("{:.1}%", 100.0 * w.coverage_attributable)) }
+                        td { (w.longest_span_chars) " chars" }
+                        td {
+                            (format!("{}/{} of {} ({}/{})", w.e1_windows_merged, w.e2_windows_merged, w.windows,
+                                w.e1_windows_base, w.e2_windows_base))
+                        }
+                        td { (or_dash(w.p_value.map(|p| format!("{p:.3}")))) }
+                    }
+                }
+            }
+        }
+    }
+}
+
+const PROBE_COLUMNS: [&str; 9] = [
+    "id",
+    "role",
+    "verdict",
+    "bits base → merged",
+    "gain",
+    "reconstructed (adapter)",
+    "longest verbatim",
+    "extraction windows E1/E2 merged (base)",
+    "p",
+];
+
+/// For each copied work, the longest reproduced passage beside the original text.
+fn passages(works: &[WorkEvidence]) -> Markup {
+    let copied = works.iter().filter(|w| matches!(w.verdict, Verdict::ReconstructableCopy | Verdict::PartialCopy));
+    html! {
+        @for w in copied {
+            @if let Some(ps) = &w.longest_passage {
+                h3 { (w.id) ": longest reproduced passage (" (ps.chars) " characters, prompted by " (ps.source) ")" }
+                table {
+                    (header_row(&["generated by the merged model", "the original work"]))
+                    tr { td { (ps.generated) } td { (ps.original) } }
+                }
+            }
+        }
+    }
+}
+
+/// What the numbers mean and what they cannot show, then the run's warnings.
+fn method_and_warnings(r: &Report) -> Markup {
+    html! {
+        h2 { "Method and limits" }
+        ul { @for item in METHOD { li { (item) } } }
+        @if !r.warnings.is_empty() {
+            h2 { "Warnings" }
+            ul { @for w in &r.warnings { li { (w) } } }
+        }
+    }
+}
+
+/// Which stages ran and why, and the tool and command that wrote the page.
+fn stages(r: &Report) -> Markup {
+    html! {
+        h2 { "What ran" }
+        table {
+            (header_row(&["stage", "ran", "why"]))
+            @for s in &r.stages {
+                tr { td { (s.name) } td { (if s.ran { "yes" } else { "no" }) } td { (s.reason) } }
+            }
+        }
+        p.muted {
+            (r.tool.name) " " (r.tool.version) " · report schema " (r.schema_version) " · command: "
+            span.mono { (r.command_line.join(" ")) }
+        }
+    }
 }
 
 /// Bar chart of σᵢ/σ₁ with the cumulative energy as a line: one `<svg class="spectrum">`.
-pub fn svg_spectrum(m: &ModuleSpectrum) -> String {
+pub fn svg_spectrum(m: &ModuleSpectrum) -> Markup {
     let (w, h, pad) = (360.0, 140.0, 24.0);
     let s = &m.singular_values;
     let n = s.len().clamp(1, 64);
     let s1 = s.first().copied().filter(|x| *x > 0.0).unwrap_or(1.0);
     let total: f64 = s.iter().map(|x| x * x).sum::<f64>().max(f64::MIN_POSITIVE);
     let bw = (w - 2.0 * pad) / n as f64;
-    let mut out = format!(
-        r#"<svg class="spectrum" xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" role="img"><title>{}</title>"#,
-        esc(&format!("singular values of {}", m.base_key))
-    );
-    out += &format!(r##"<rect x="0" y="0" width="{w}" height="{h}" fill="#fafafa" stroke="#ccc"/>"##);
+    // Bars as (x, height); the line's points at each bar's centre.
+    let mut bars = Vec::with_capacity(n);
+    let mut points = Vec::with_capacity(n);
     let mut acc = 0.0;
-    let mut line = String::new();
     for (i, v) in s.iter().take(n).enumerate() {
-        let bh = (v / s1) * (h - 2.0 * pad);
         let x = pad + i as f64 * bw;
-        out += &format!(
-            r##"<rect x="{x:.1}" y="{:.1}" width="{:.1}" height="{bh:.1}" fill="#4a78b5"/>"##,
-            h - pad - bh,
-            (bw * 0.8).max(0.5)
-        );
+        bars.push((x, (v / s1) * (h - 2.0 * pad)));
         acc += v * v;
-        let y = h - pad - (acc / total) * (h - 2.0 * pad);
-        line += &format!("{:.1},{y:.1} ", x + bw * 0.4);
+        points.push(format!("{},{}", d1(x + bw * 0.4), d1(h - pad - (acc / total) * (h - 2.0 * pad))));
     }
-    out += &format!(r##"<polyline points="{}" fill="none" stroke="#d2691e" stroke-width="1.5"/>"##, line.trim_end());
-    out += &format!(
-        r##"<text x="{pad}" y="14" font-size="11" fill="#333">σᵢ/σ₁ (bars), cumulative energy (line); {} of {} values</text></svg>"##,
-        n,
-        s.len()
-    );
-    out
+    let body = html! {
+        rect x="0" y="0" width=(w) height=(h) fill="#fafafa" stroke="#ccc" {}
+        @for (x, bh) in bars {
+            rect x=(d1(x)) y=(d1(h - pad - bh)) width=(d1((bw * 0.8).max(0.5))) height=(d1(bh)) fill="#4a78b5" {}
+        }
+        polyline points=(points.join(" ")) fill="none" stroke="#d2691e" stroke-width="1.5" {}
+        text x=(pad) y="14" font-size="11" fill="#333" {
+            "σᵢ/σ₁ (bars), cumulative energy (line); " (n) " of " (s.len()) " values"
+        }
+    };
+    svg_chart("spectrum", (w, h), &format!("singular values of {}", m.base_key), body)
 }
 
 /// Per work: bits gained (left bar, scaled to the largest gain) and the share reproduced
 /// verbatim by the merged model and not by the base (right bar, 0–100%).
-pub fn svg_work_bars(works: &[&WorkEvidence]) -> String {
+pub fn svg_work_bars(works: &[&WorkEvidence]) -> Markup {
     let (row, label_w, bar_w) = (22.0, 180.0, 300.0);
     let h = 30.0 + row * works.len() as f64;
     let w = label_w + 2.0 * bar_w + 40.0;
     let max_gain = works.iter().map(|x| x.gain_bits.abs()).fold(1.0, f64::max);
-    let mut out = format!(
-        r#"<svg class="works" xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" role="img"><title>bits gained and share reconstructed per work</title>"#
-    );
-    let x1 = label_w;
-    let x2 = label_w + bar_w + 20.0;
-    out += &format!(
-        r##"<text x="{x1}" y="14" font-size="11" fill="#333">bits the adapter supplies (max {max_gain:.0})</text><text x="{x2}" y="14" font-size="11" fill="#333">reconstructed by merged, not base (0–100%)</text>"##
-    );
-    for (i, e) in works.iter().enumerate() {
-        let y = 22.0 + row * i as f64;
-        let colour = match e.verdict {
-            Verdict::ReconstructableCopy => "#b22222",
-            Verdict::PartialCopy => "#d2691e",
-            Verdict::MemorizedTraces => "#c9a227",
-            Verdict::NoEvidence => "#4a78b5",
-        };
-        let gw = (e.gain_bits.max(0.0) / max_gain) * bar_w;
-        let cw = e.coverage_attributable.clamp(0.0, 1.0) * bar_w;
-        let name: String = e.id.chars().take(26).collect();
-        out += &format!(
-            r##"<text x="4" y="{:.1}" font-size="11" fill="#222">{}</text><rect x="{x1}" y="{y:.1}" width="{bar_w}" height="14" fill="#f0f0f0"/><rect x="{x1}" y="{y:.1}" width="{gw:.1}" height="14" fill="{colour}"/><rect x="{x2}" y="{y:.1}" width="{bar_w}" height="14" fill="#f0f0f0"/><rect x="{x2}" y="{y:.1}" width="{cw:.1}" height="14" fill="{colour}"/>"##,
-            y + 11.0,
-            esc(&name)
-        );
-    }
-    out + "</svg>"
+    let (x1, x2) = (label_w, label_w + bar_w + 20.0);
+    let body = html! {
+        text x=(x1) y="14" font-size="11" fill="#333" {
+            "bits the adapter supplies (max " (format!("{max_gain:.0}")) ")"
+        }
+        text x=(x2) y="14" font-size="11" fill="#333" { "reconstructed by merged, not base (0–100%)" }
+        @for (i, e) in works.iter().enumerate() {
+            @let y = 22.0 + row * i as f64;
+            @let colour = verdict_colour(e.verdict);
+            @let gain_w = (e.gain_bits.max(0.0) / max_gain) * bar_w;
+            @let copied_w = e.coverage_attributable.clamp(0.0, 1.0) * bar_w;
+            text x="4" y=(d1(y + 11.0)) font-size="11" fill="#222" { (e.id.chars().take(26).collect::<String>()) }
+            rect x=(x1) y=(d1(y)) width=(bar_w) height="14" fill="#f0f0f0" {}
+            rect x=(x1) y=(d1(y)) width=(d1(gain_w)) height="14" fill=(colour) {}
+            rect x=(x2) y=(d1(y)) width=(bar_w) height="14" fill="#f0f0f0" {}
+            rect x=(x2) y=(d1(y)) width=(d1(copied_w)) height="14" fill=(colour) {}
+        }
+    };
+    svg_chart("works", (w, h), "bits gained and share reconstructed per work", body)
 }
 
-/// The probe's findings: verdict table, bars, reproduced passages beside the originals.
-fn probe_section(p: &ProbeSection) -> String {
-    let r = &p.result;
-    let mut h = String::from("<h2>Is it a copy of these works?</h2>");
-    let count = |v: Verdict| r.works.iter().filter(|w| w.verdict == v).count();
-    h += &format!(
-        "<p>The adapter was merged into the base model ({} weights changed) and both models were run on every work. \
-         Of {} works, <b>{} reconstructable copies</b>, {} partial copies, {} with memorised traces only, {} with no evidence. \
-         A <i>reconstructable copy</i> means the merged model, prompted with pieces of the work, gives back verbatim \
-         at least {:.0}% of it that the base model does not.</p>",
-        p.merge.merged.len(),
-        r.works.len(),
-        count(Verdict::ReconstructableCopy),
-        count(Verdict::PartialCopy),
-        count(Verdict::MemorizedTraces),
-        count(Verdict::NoEvidence),
-        100.0 * r.thresholds.substantial
-    );
-    let all: Vec<&WorkEvidence> = r.works.iter().chain(&r.controls).collect();
-    h += &svg_work_bars(&all);
-    h += "<table><tr><th>id</th><th>role</th><th>verdict</th><th>bits base → merged</th><th>gain</th><th>reconstructed (adapter)</th><th>longest verbatim</th><th>extraction windows E1/E2 merged (base)</th><th>p</th></tr>";
-    for (role, set) in [("work", &r.works), ("control", &r.controls)] {
-        for w in set.iter() {
-            h += &format!(
-                "<tr><td>{}</td><td>{role}</td><td><b>{}</b></td><td>{:.0} → {:.0}</td><td>{:.1}%</td><td>{:.1}%</td><td>{} chars</td><td>{}/{} of {} ({}/{})</td><td>{}</td></tr>",
-                esc(&w.id),
-                w.verdict.as_str(),
-                w.bits_base,
-                w.bits_merged,
-                100.0 * w.gain_fraction,
-                100.0 * w.coverage_attributable,
-                w.longest_span_chars,
-                w.e1_windows_merged,
-                w.e2_windows_merged,
-                w.windows,
-                w.e1_windows_base,
-                w.e2_windows_base,
-                w.p_value.map_or("-".into(), |p| format!("{p:.3}")),
-            );
-        }
+/// Red for a copy, through orange and ochre, to blue for no evidence.
+fn verdict_colour(v: Verdict) -> &'static str {
+    match v {
+        Verdict::ReconstructableCopy => "#b22222",
+        Verdict::PartialCopy => "#d2691e",
+        Verdict::MemorizedTraces => "#c9a227",
+        Verdict::NoEvidence => "#4a78b5",
     }
-    h += "</table><p>Why each verdict:</p><ul>";
-    for w in r.works.iter().chain(&r.controls) {
-        h += &format!("<li><b>{}</b>: {}</li>", esc(&w.id), esc(&w.verdict_reason));
-    }
-    h += "</ul>";
-    if let Some(a) = &r.auc {
-        h += &format!(
-            "<p>Works versus controls: ROC-AUC {:.3} (95% bootstrap interval {:.3}–{:.3}; 1 = every work gains more than every control).</p>",
-            a.value, a.ci_low, a.ci_high
-        );
-    }
-    if let Some(c) = &p.capacity_check {
-        h += &format!(
-            "<p>Capacity check: the works account for {:.0} bits, {:.1}% of the adapter's {:.0}-bit capacity.</p>",
-            c.gain_bits_works,
-            100.0 * c.ratio,
-            c.capacity_bits
-        );
-    }
-    for w in r.works.iter().filter(|w| matches!(w.verdict, Verdict::ReconstructableCopy | Verdict::PartialCopy)) {
-        if let Some(ps) = &w.longest_passage {
-            h += &format!(
-                "<h3>{}: longest reproduced passage ({} characters, prompted by {})</h3><table><tr><th>generated by the merged model</th><th>the original work</th></tr><tr><td>{}</td><td>{}</td></tr></table>",
-                esc(&w.id),
-                ps.chars,
-                esc(&ps.source),
-                esc(&ps.generated),
-                esc(&ps.original)
-            );
-        }
-    }
-    if !r.notes.is_empty() {
-        h += "<ul>";
-        for n in &r.notes {
-            h += &format!("<li>{}</li>", esc(n));
-        }
-        h += "</ul>";
-    }
-    h
 }
 
 /// One row per layer, colour by share of the adapter's capacity.
-pub fn svg_layer_heatmap(layers: &[LayerSummary]) -> String {
+pub fn svg_layer_heatmap(layers: &[LayerSummary]) -> Markup {
     let row = 16.0;
     let (w, label) = (640.0, 360.0);
     let h = row * layers.len().max(1) as f64 + 8.0;
     let max = layers.iter().map(|l| l.capacity_bits).fold(0.0, f64::max).max(f64::MIN_POSITIVE);
-    let mut out = format!(
-        r#"<svg class="heatmap" xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" role="img"><title>information per layer</title>"#
-    );
-    for (i, l) in layers.iter().enumerate() {
-        let y = 4.0 + i as f64 * row;
-        let f = l.capacity_bits / max;
-        // White to deep red.
-        let (r, g, b) = (255.0 - 55.0 * f, 255.0 - 215.0 * f, 255.0 - 215.0 * f);
-        out += &format!(r##"<text x="4" y="{:.1}" font-size="11" fill="#222">{}</text>"##, y + 12.0, esc(&l.layer));
-        out += &format!(
-            r##"<rect x="{label}" y="{y:.1}" width="{:.1}" height="{:.1}" fill="rgb({r:.0},{g:.0},{b:.0})" stroke="#bbb"/>"##,
-            w - label - 90.0,
-            row - 2.0
-        );
-        out += &format!(
-            r##"<text x="{:.1}" y="{:.1}" font-size="11" fill="#222">{} bits</text>"##,
-            w - 86.0,
-            y + 12.0,
-            human(l.capacity_bits)
-        );
-    }
-    out + "</svg>"
+    let body = html! {
+        @for (i, l) in layers.iter().enumerate() {
+            @let y = 4.0 + i as f64 * row;
+            @let f = l.capacity_bits / max;
+            // White to deep red.
+            @let fill = format!("rgb({:.0},{:.0},{:.0})", 255.0 - 55.0 * f, 255.0 - 215.0 * f, 255.0 - 215.0 * f);
+            text x="4" y=(d1(y + 12.0)) font-size="11" fill="#222" { (l.layer) }
+            rect x=(label) y=(d1(y)) width=(d1(w - label - 90.0)) height=(d1(row - 2.0)) fill=(fill) stroke="#bbb" {}
+            text x=(d1(w - 86.0)) y=(d1(y + 12.0)) font-size="11" fill="#222" { (human(l.capacity_bits)) " bits" }
+        }
+    };
+    svg_chart("heatmap", (w, h), "information per layer", body)
 }
 
-fn kv(rows: &[(&str, String)]) -> String {
-    let mut s = String::from("<table class=\"kv\">");
-    for (k, v) in rows {
-        s += &format!("<tr><th>{}</th><td>{}</td></tr>", esc(k), esc(v));
+/// The frame every chart shares: an inline SVG of the given size whose `<title>` names it for
+/// screen readers; `class` is what the stylesheet and the tests select on. Shapes inside are
+/// written `rect … {}`, with an end tag: maud writes `rect …;` as an HTML void tag without `/>`,
+/// and inside inline SVG the HTML parser would then nest the next shape in it, unseen.
+fn svg_chart(class: &str, (w, h): (f64, f64), title: &str, body: Markup) -> Markup {
+    html! {
+        svg class=(class) xmlns="http://www.w3.org/2000/svg" width=(w) height=(h)
+            viewBox=(format!("0 0 {w} {h}")) role="img" {
+            title { (title) }
+            (body)
+        }
     }
-    s + "</table>"
 }
 
 const STYLE: &str = "body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:980px;margin:2em auto;padding:0 1em;color:#222;line-height:1.45}\
@@ -221,245 +521,6 @@ table{border-collapse:collapse;margin:.6em 0;font-size:.92em}td,th{border:1px so
 th{background:#f4f4f4}table.kv th{width:14em}.summary{background:#f3f7fc;border-left:5px solid #4a78b5;padding:.8em 1.2em}\
 .mono{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:.85em;word-break:break-all}.muted{color:#666}\
 .spectra{display:flex;flex-wrap:wrap;gap:12px}.spectra figure{margin:0}figcaption{font-size:.8em;max-width:360px;word-break:break-all}";
-
-/// Modules whose spectra are drawn: the most informative ones.
-pub const PLOTTED_SPECTRA: usize = 8;
-
-pub fn render_html(r: &Report) -> String {
-    let a = &r.adapter;
-    let t = &r.spectrum.totals;
-    let mut h = String::from("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">");
-    h += &format!("<title>lorascope report: {}</title><style>{STYLE}</style></head><body>", esc(&r.inputs[0].path));
-    h += &format!("<h1>LoRA adapter report</h1><p class=\"mono\">{}</p>", esc(&r.inputs[0].path));
-
-    // Summary in plain words.
-    let probe = r.stages.iter().find(|s| s.name == super::StageName::Probe);
-    let mut summary = format!(
-        "This file is a <b>{}</b> adapter for <b>{}</b> with {} modules and {} stored values. ",
-        esc(&a.format),
-        esc(&a.architecture),
-        a.modules.len(),
-        human(a.params as f64)
-    );
-    summary += &format!(
-        "At most it can hold about <b>{} bits ({} bytes)</b> of information",
-        human(t.capacity_bits),
-        human(t.capacity_bits / 8.0)
-    );
-    if let (Some(n), Some(per)) = (t.train_images, t.capacity_bits_per_image) {
-        summary +=
-            &format!(", about {} bytes for each of the {n} training images its metadata reports", human(per / 8.0));
-    }
-    summary += ". That is an upper bound on what it could store, not a finding that it stores any particular work.";
-    let verdict = match (probe, &r.probe) {
-        (Some(p), Some(section)) if p.ran => {
-            let flagged: Vec<String> = section
-                .result
-                .works
-                .iter()
-                .filter(|w| w.verdict == Verdict::ReconstructableCopy)
-                .map(|w| esc(&w.id))
-                .collect();
-            if flagged.is_empty() {
-                format!(
-                    "The merged model was probed on {} works: <b>none can be reconstructed</b> from it (details below).",
-                    section.result.works.len()
-                )
-            } else {
-                format!(
-                    "The merged model was probed on {} works: <b>{} can be reconstructed from it</b> ({}); details below.",
-                    section.result.works.len(),
-                    flagged.len(),
-                    flagged.join(", ")
-                )
-            }
-        }
-        (Some(p), _) => format!("<b>Copying was not assessed:</b> {}.", esc(&p.reason)),
-        (None, _) => String::new(),
-    };
-    h += &format!("<div class=\"summary\"><p>{summary}</p><p>{verdict}</p></div>");
-
-    // The adapter.
-    h += "<h2>The adapter</h2>";
-    let mut rows = vec![("format", a.format.clone()), ("architecture (guess)", a.architecture.clone())];
-    if let Some(b) = &r.base {
-        rows.push(("base model", format!("{} ({} parameters)", b.path, human(b.params as f64))));
-        rows.push(("base weights changed", format!("{} parameters' worth of weights", human(b.touched_params as f64))));
-    }
-    rows.push(("AutoV2 (Civitai)", a.hashes.autov2.clone()));
-    if let Some(v) = &a.hashes.autov1 {
-        rows.push(("AutoV1", v.clone()));
-    }
-    if let Some(c) = &a.hashes.sshs_model_hash {
-        rows.push((
-            "recorded training hash",
-            format!(
-                "{} — {}",
-                c.recorded,
-                if c.matches {
-                    "matches the tensors"
-                } else {
-                    "DOES NOT match the tensors (changed after training, or forged)"
-                }
-            ),
-        ));
-    }
-    let tr = &a.metadata.training;
-    let opt = |x: &Option<String>| x.clone();
-    for (k, v) in [
-        ("trained from (metadata)", opt(&tr.base_model)),
-        ("base model version", opt(&tr.base_model_version)),
-        ("output name", opt(&tr.output_name)),
-        ("training images", tr.num_train_images.map(|x| x.to_string())),
-        ("epochs", tr.num_epochs.map(|x| x.to_string())),
-        ("training steps", tr.max_train_steps.map(|x| x.to_string())),
-        ("resolution", opt(&tr.resolution)),
-    ] {
-        if let Some(v) = v {
-            rows.push((k, v));
-        }
-    }
-    h += &kv(&rows);
-    if !tr.dataset_dirs.is_empty() {
-        h += "<p>Training folders (from the file's metadata):</p><table><tr><th>folder</th><th>images</th><th>repeats</th></tr>";
-        for d in &tr.dataset_dirs {
-            let f = |x: Option<u64>| x.map(|v| v.to_string()).unwrap_or_else(|| "-".into());
-            h += &format!("<tr><td>{}</td><td>{}</td><td>{}</td></tr>", esc(&d.name), f(d.images), f(d.repeats));
-        }
-        h += "</table>";
-    }
-    if !tr.tags.is_empty() {
-        h += "<p>Caption tags used in training, most frequent first:</p><p>";
-        let tags: Vec<String> = tr
-            .tags
-            .iter()
-            .take(40)
-            .map(|t| format!("{} <span class=\"muted\">({})</span>", esc(&t.tag), t.count))
-            .collect();
-        h += &tags.join(", ");
-        h += "</p>";
-    }
-    h += "<h3>Input files</h3><table><tr><th>role</th><th>file</th><th>bytes</th><th>SHA-256</th></tr>";
-    for i in &r.inputs {
-        h += &format!(
-            "<tr><td>{}</td><td class=\"mono\">{}</td><td>{}</td><td class=\"mono\">{}</td></tr>",
-            esc(i.role.as_str()),
-            esc(&i.path),
-            i.bytes,
-            esc(&i.sha256)
-        );
-    }
-    h += "</table><p class=\"muted\">Anyone holding the same files can check these hashes (<span class=\"mono\">lorascope verify DIR</span>).</p>";
-
-    // Information.
-    h += "<h2>How much information it adds</h2>";
-    h += &kv(&[
-        ("effective parameters", human(t.effective_params as f64)),
-        (
-            "capacity (upper bound)",
-            format!(
-                "{} bits = {} bytes at {} bits per parameter",
-                human(t.capacity_bits),
-                human(t.capacity_bits / 8.0),
-                t.bits_per_param
-            ),
-        ),
-        ("modules analysed", format!("{} (not analysed: {})", t.modules_analysed, t.modules_not_analysed)),
-    ]);
-    h += &format!("<p>{}</p>", esc(&r.spectrum.statement));
-    h += "<h3>Information per layer</h3>";
-    h += &svg_layer_heatmap(&r.spectrum.layers);
-    let mut ranked: Vec<&ModuleSpectrum> =
-        r.spectrum.modules.iter().filter(|m| !m.singular_values.is_empty()).collect();
-    ranked.sort_by(|x, y| y.capacity_bits.total_cmp(&x.capacity_bits).then_with(|| x.base_key.cmp(&y.base_key)));
-    h += &format!(
-        "<h3>Singular-value spectra of the {} most informative modules</h3><div class=\"spectra\">",
-        ranked.len().min(PLOTTED_SPECTRA)
-    );
-    for m in ranked.iter().take(PLOTTED_SPECTRA) {
-        h += &format!(
-            "<figure>{}<figcaption class=\"mono\">{} — {} · effective rank {:.2} · {} bits</figcaption></figure>",
-            svg_spectrum(m),
-            esc(&m.base_key),
-            esc(m.kind.as_str()),
-            m.effective_rank,
-            human(m.capacity_bits)
-        );
-    }
-    h += "</div><h3>All modules</h3><table><tr><th>base weight</th><th>kind</th><th>rank</th><th>σ₁</th><th>‖ΔW‖</th><th>eff. rank</th><th>rank 99%</th><th>rel. size</th><th>bits</th></tr>";
-    for m in &r.spectrum.modules {
-        h += &format!(
-            "<tr><td class=\"mono\">{}</td><td>{}</td><td>{}</td><td>{:.4}</td><td>{:.4}</td><td>{:.2}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-            esc(&m.base_key),
-            esc(m.kind.as_str()),
-            m.rank,
-            m.spectral,
-            m.fro,
-            m.effective_rank,
-            m.rank_99.map(|x| x.to_string()).unwrap_or_else(|| "-".into()),
-            m.relative_fro.map(|x| format!("{x:.4}")).unwrap_or_else(|| "-".into()),
-            human(m.capacity_bits)
-        );
-    }
-    h += "</table>";
-
-    // Works.
-    h += "<h2>The works</h2>";
-    if r.works.is_empty() {
-        h += "<p>No works were supplied.</p>";
-    } else {
-        if let Some(p) = probe.filter(|p| !p.ran) {
-            h += &format!("<p><b>Not probed:</b> {}.</p>", esc(&p.reason));
-        }
-        h += "<table><tr><th>id</th><th>role</th><th>characters</th><th>SHA-256 of the text</th><th>opening</th></tr>";
-        for w in &r.works {
-            h += &format!(
-                "<tr><td>{}</td><td>{}</td><td>{}</td><td class=\"mono\">{}</td><td>{}</td></tr>",
-                esc(&w.id),
-                esc(w.role.as_str()),
-                w.chars,
-                esc(&w.sha256),
-                esc(&w.excerpt)
-            );
-        }
-        h += "</table>";
-    }
-
-    if let Some(p) = &r.probe {
-        h += &probe_section(p);
-    }
-
-    // Method and limits.
-    h += "<h2>Method and limits</h2><ul>";
-    for item in METHOD {
-        h += &format!("<li>{}</li>", esc(item));
-    }
-    h += "</ul>";
-    if !r.warnings.is_empty() {
-        h += "<h2>Warnings</h2><ul>";
-        for w in &r.warnings {
-            h += &format!("<li>{}</li>", esc(w));
-        }
-        h += "</ul>";
-    }
-    h += "<h2>What ran</h2><table><tr><th>stage</th><th>ran</th><th>why</th></tr>";
-    for s in &r.stages {
-        h += &format!(
-            "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
-            esc(s.name.as_str()),
-            if s.ran { "yes" } else { "no" },
-            esc(&s.reason)
-        );
-    }
-    h += &format!(
-        "</table><p class=\"muted\">{} {} · report schema {} · command: <span class=\"mono\">{}</span></p></body></html>\n",
-        esc(&r.tool.name),
-        esc(&r.tool.version),
-        r.schema_version,
-        esc(&r.command_line.join(" "))
-    );
-    h
-}
 
 const METHOD: &[&str] = &[
     "Every module's change to the base weights (ΔW) is analysed from the factors stored in the file, without forming the full matrix: its singular values say how large the change is and in how many independent directions it acts.",
