@@ -60,6 +60,15 @@ impl TextTokenizer {
         Ok(enc.get_ids().to_vec())
     }
 
+    /// Ids of `text` without special tokens, with each token's byte range in `text`.
+    pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| Error::input(&self.source, format!("tokenizer failed on a text: {e}")))?;
+        Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
+    }
+
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner.decode(ids, false).map_err(|e| Error::input(&self.source, format!("tokenizer cannot decode: {e}")))
     }

@@ -5,7 +5,9 @@
 
 pub mod calibrate;
 pub mod scores;
+mod spans;
 pub mod text;
+mod verdict;
 
 use serde::{Deserialize, Serialize};
 
@@ -14,6 +16,7 @@ use crate::load::works::Work;
 use crate::model::{greedy, score, Llama, RunOptions, TextModel, TokenStats};
 use calibrate::{AaCheck, Auc};
 use text::{normalise, Normalised, SpanIndex};
+pub use verdict::CopyCalibration;
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
 pub struct Thresholds {
@@ -22,11 +25,23 @@ pub struct Thresholds {
     pub stride: usize,
     /// Shortest verbatim span (normalised characters) that counts as reproduced.
     pub min_span_chars: usize,
+    /// A reproduced span counts toward copying only if the base needs at least this many bits
+    /// for it given the text before it (docs/probe.md, "Improbable spans").
+    pub min_span_bits: f64,
+    /// Without enough controls to calibrate copy verdicts, a reconstructable copy is still
+    /// called when the substantial portion carries at least this many improbable bits.
+    pub overwhelming_bits: f64,
+    /// A copy verdict needs the work's evidence bits to be at least this many times the
+    /// largest control's (docs/probe.md, "Copy verdicts").
+    pub copy_margin: f64,
+    /// Extraction windows to run on controls at most (whole controls, in a seeded random
+    /// order); 0 = every control. Scoring always uses every control.
+    pub control_windows: usize,
     /// E2: normalised Levenshtein similarity at or above this.
     pub e2_similarity: f64,
     /// Adapter-attributable coverage at or above this makes a `reconstructable-copy`.
     pub substantial: f64,
-    /// Holm-adjusted p below this makes `memorized-traces`.
+    /// Family-wise level (Holm across the works) for every calibrated verdict.
     pub significance: f64,
     /// Benjamini–Hochberg level for screening.
     pub bh_q: f64,
@@ -43,9 +58,13 @@ impl Default for Thresholds {
             new_tokens: 50,
             stride: 50,
             min_span_chars: 50,
+            min_span_bits: 32.0,
+            overwhelming_bits: 256.0,
+            copy_margin: 2.0,
+            control_windows: 0,
             e2_similarity: 0.90,
             substantial: 0.5,
-            significance: 0.01,
+            significance: 0.05,
             bh_q: 0.05,
             min_k: 0.2,
             context: 2048,
@@ -107,11 +126,19 @@ pub struct Passage {
     pub work_offset: usize,
 }
 
+/// One reproduced span of a text in some continuation.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct SpanSource {
     pub source: String,
     pub model: String,
     pub chars: usize,
+    /// Character offset of the span in the normalised text.
+    pub work_offset: usize,
+    /// −log₂ p of the span's characters given the text before them, under each model.
+    pub bits_base: f64,
+    pub bits_merged: f64,
+    /// `bits_base` ≥ `min_span_bits`: the span counts toward copying.
+    pub improbable: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -138,8 +165,23 @@ pub struct WorkEvidence {
     pub attributable_windows: usize,
     pub coverage_base: f64,
     pub coverage_merged: f64,
-    /// Share of the work reproduced by merged and not by base.
+    /// Share of the work reproduced by merged in improbable spans and by base in no span.
     pub coverage_attributable: f64,
+    /// The copy statistic: base bits of the characters counted in `coverage_attributable`.
+    pub evidence_bits: f64,
+    /// Spans under merged that the base finds improbable, and the longest of them.
+    pub improbable_spans_merged: usize,
+    pub longest_improbable_span_chars: usize,
+    /// Whether extraction windows ran on this text (controls may be a seeded subset).
+    pub extracted: bool,
+    /// Empirical p of `evidence_bits` against the controls with extraction (a control: against
+    /// the others), and its Holm adjustment (a control: the factor of the strongest work).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub copy_p_value: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub copy_p_adjusted: Option<f64>,
+    /// `evidence_bits` at least `copy_margin` × the largest control's (a control: the others').
+    pub copy_margin_met: bool,
     pub longest_span_chars: usize,
     pub longest_span_chars_base: usize,
     pub longest_passage: Option<Passage>,
@@ -190,6 +232,8 @@ pub struct ProbeResult {
     pub auc: Option<Auc>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub calibration: Option<Calibration>,
+    /// How the copy statistic was calibrated, and the controls that failed it.
+    pub copy_calibration: CopyCalibration,
     /// Neutral prompts whose continuations were searched for works.
     pub prompts: usize,
     pub generated_tokens: usize,
@@ -217,8 +261,14 @@ struct Subject<'a> {
     role: Role,
     work: &'a Work,
     ids: Vec<u32>,
+    /// Byte range of each token in the text.
+    offsets: Vec<(usize, usize)>,
     norm: Normalised,
     index: SpanIndex,
+    /// Whether extraction windows run on this text.
+    extract: bool,
+    /// Bits per normalised character under base and merged (teacher-forced).
+    bits: [Vec<f64>; 2],
 }
 
 /// A generated continuation and where its prompt came from.
@@ -244,11 +294,14 @@ pub fn run(
     let bos: Vec<u32> = base.cfg.bos_token_id.into_iter().collect();
     let run_opts = RunOptions { context: th.context.min(base.cfg.context()).max(2), ..RunOptions::for_model(base) };
     let mut subjects = vec![];
+    let extract = extracted_controls(controls, th, |w| tok.encode(&w.text).map(|ids| ids.len()))?;
     for (role, set) in [(Role::Work, works), (Role::Control, controls)] {
-        for w in set {
+        for (i, w) in set.iter().enumerate() {
             let norm = normalise(&w.text);
             let index = SpanIndex::new(&norm.chars);
-            subjects.push(Subject { role, work: w, ids: tok.encode(&w.text)?, norm, index });
+            let (ids, offsets) = tok.encode_with_offsets(&w.text)?;
+            let extract = role == Role::Work || extract[i];
+            subjects.push(Subject { role, work: w, ids, offsets, norm, index, extract, bits: [vec![], vec![]] });
         }
     }
     let with_bos = |ids: &[u32]| -> Vec<u32> { bos.iter().chain(ids).copied().collect() };
@@ -262,6 +315,11 @@ pub fn run(
         stats.push(score(m, &seqs, run_opts, &|n| progress.inc(n as u64))?);
     }
     let (stats_base, stats_merged) = (&stats[0], &stats[1]);
+    for (si, s) in subjects.iter_mut().enumerate() {
+        for (mi, st) in [stats_base, stats_merged].into_iter().enumerate() {
+            s.bits[mi] = spans::char_bits(&s.norm, &s.offsets, &st[si].logp);
+        }
+    }
 
     // 2. Extraction windows: prefix → greedy continuation under both models.
     let mut gens: Vec<Generation> = vec![];
@@ -269,7 +327,7 @@ pub fn run(
     for (si, s) in subjects.iter().enumerate() {
         let mut ws = vec![];
         let mut o = 0;
-        while o + th.prefix_tokens < s.ids.len() && th.prefix_tokens > 0 {
+        while s.extract && o + th.prefix_tokens < s.ids.len() && th.prefix_tokens > 0 {
             let end = (o + th.prefix_tokens + th.new_tokens).min(s.ids.len());
             ws.push((o, s.ids[o + th.prefix_tokens..end].to_vec()));
             let tag = if s.role == Role::Work { "work" } else { "control" };
@@ -317,7 +375,7 @@ pub fn run(
             for (si, s) in subjects.iter().enumerate() {
                 for sp in s.index.spans(&norm.chars, th.min_span_chars) {
                     let own = g.owner.map(|(o, _)| o) == Some(si);
-                    found[si][mi].add(sp, &g.label, own, &norm, &text, s);
+                    found[si][mi].add(sp, &g.label, models[mi], own, &norm, &text, s, th.min_span_bits);
                 }
             }
         }
@@ -365,7 +423,7 @@ pub fn run(
             });
             wi += 1;
         }
-        evidence.push(assemble(s, sb, sm, windows, &found[si], th, &models));
+        evidence.push(assemble(s, sb, sm, windows, &found[si], th));
     }
 
     // 6. Calibration and verdicts.
@@ -374,45 +432,20 @@ pub fn run(
     let mut works_ev = evidence;
     let control_stats: Vec<f64> = controls_ev.iter().map(WorkEvidence::gain_per_token).collect();
     let mut notes = vec![];
-    let calibration = if control_stats.is_empty() {
-        notes.push(
-            "no --controls: membership scores are reported uncalibrated, without p-values; give works of the same \
-             author, kind, length and era known not to be in training"
-                .to_string(),
-        );
-        None
-    } else {
-        let p: Vec<f64> = works_ev.iter().map(|w| calibrate::empirical_p(w.gain_per_token(), &control_stats)).collect();
-        let holm = calibrate::holm(&p);
-        let bh = calibrate::benjamini_hochberg(&p);
-        for (i, w) in works_ev.iter_mut().enumerate() {
-            w.p_value = Some(p[i]);
-            w.p_adjusted = Some(holm[i]);
-            w.q_value = Some(bh[i]);
-        }
-        let smallest = 1.0 / (control_stats.len() + 1) as f64;
-        if smallest >= th.significance {
-            notes.push(format!(
-                "with {} controls the smallest reachable p-value is {smallest:.3}, so no work can reach the \
-                 significance level {}: give at least {} controls for `memorized-traces` to be possible",
-                control_stats.len(),
-                th.significance,
-                (1.0 / th.significance).ceil() as usize
-            ));
-        }
-        Some(Calibration {
-            statistic: "gain bits per token (code length under base − under merged)".into(),
-            controls: control_stats.len(),
-            smallest_p: smallest,
-            aa_check: calibrate::aa_check(&control_stats),
-        })
-    };
+    let calibration = gain_calibration(&mut works_ev, &control_stats, th, &mut notes);
     let work_stats: Vec<f64> = works_ev.iter().map(WorkEvidence::gain_per_token).collect();
     let auc = calibrate::auc_with_interval(&work_stats, &control_stats, 1000, 0x10ca);
-    for (w, control) in works_ev.iter_mut().map(|w| (w, false)).chain(controls_ev.iter_mut().map(|w| (w, true))) {
-        let (v, why) = verdict(w, th, control);
-        w.verdict = v;
-        w.verdict_reason = why;
+    let (copy_calibration, copy_notes) = verdict::decide(&mut works_ev, &mut controls_ev, th);
+    notes.extend(copy_notes);
+    let skipped = controls_ev.iter().filter(|c| !c.extracted).count();
+    if skipped > 0 {
+        notes.push(format!(
+            "extraction ran on {} of {} controls (a seeded random subset within --control-windows {}); every \
+             control was scored for the gain",
+            controls_ev.len() - skipped,
+            controls_ev.len(),
+            th.control_windows
+        ));
     }
     let generated_tokens = continuations.iter().flatten().map(Vec::len).sum();
     Ok(ProbeResult {
@@ -421,6 +454,7 @@ pub fn run(
         controls: controls_ev,
         auc,
         calibration,
+        copy_calibration,
         prompts: prompts.len(),
         generated_tokens,
         scored_tokens: 2 * scored_tokens,
@@ -449,27 +483,66 @@ fn generate_all(m: &Llama, gens: &[Generation], n: usize, progress: &dyn Fn(usiz
 
 /// Reproduced spans of one text under one model.
 struct Found {
+    /// Characters inside any reproduced span.
     covered: Vec<bool>,
+    /// Characters inside a span the base finds improbable.
+    covered_improbable: Vec<bool>,
     spans: usize,
+    improbable: usize,
     cross: usize,
     longest: Option<Passage>,
-    sources: Vec<(String, usize)>,
+    longest_improbable: usize,
+    sources: Vec<SpanSource>,
 }
 
 impl Found {
     fn new(len: usize) -> Self {
-        Found { covered: vec![false; len], spans: 0, cross: 0, longest: None, sources: vec![] }
+        Found {
+            covered: vec![false; len],
+            covered_improbable: vec![false; len],
+            spans: 0,
+            improbable: 0,
+            cross: 0,
+            longest: None,
+            longest_improbable: 0,
+            sources: vec![],
+        }
     }
 
-    fn add(&mut self, sp: text::Span, label: &str, own: bool, gen: &Normalised, gen_text: &str, s: &Subject) {
-        for c in &mut self.covered[sp.work_start..sp.work_start + sp.len] {
-            *c = true;
+    #[allow(clippy::too_many_arguments)]
+    fn add(
+        &mut self,
+        sp: text::Span,
+        label: &str,
+        model: &str,
+        own: bool,
+        gen: &Normalised,
+        gen_text: &str,
+        s: &Subject,
+        min_bits: f64,
+    ) {
+        let range = sp.work_start..sp.work_start + sp.len;
+        let bits_base = spans::span_bits(&s.bits[0], sp.work_start, sp.len);
+        let improbable = bits_base >= min_bits;
+        self.covered[range.clone()].iter_mut().for_each(|c| *c = true);
+        if improbable {
+            self.covered_improbable[range].iter_mut().for_each(|c| *c = true);
+            self.improbable += 1;
+            self.longest_improbable = self.longest_improbable.max(sp.len);
         }
         self.spans += 1;
         if !own {
             self.cross += 1;
         }
-        self.sources.push((label.to_string(), sp.len));
+        self.sources.push(SpanSource {
+            source: label.to_string(),
+            model: model.to_string(),
+            chars: sp.len,
+            work_offset: sp.work_start,
+            bits_base,
+            bits_merged: spans::span_bits(&s.bits[1], sp.work_start, sp.len),
+            improbable,
+        });
         if self.longest.as_ref().is_none_or(|p| sp.len > p.chars) {
             self.longest = Some(Passage {
                 chars: sp.len,
@@ -497,21 +570,16 @@ fn assemble(
     windows: Vec<WindowEvidence>,
     found: &[Found; 2],
     th: &Thresholds,
-    models: &[&str; 2],
 ) -> WorkEvidence {
     let bits_base = scores::code_length_bits(sb);
     let bits_merged = scores::code_length_bits(sm);
     let tokens = sb.logp.len();
     let zlib = scores::zlib_bytes(&s.work.text);
     let per_token = |b: f64| if tokens == 0 { 0.0 } else { b / tokens as f64 };
-    let attributable = found[1].covered.iter().zip(&found[0].covered).filter(|(m, b)| **m && !**b).count() as f64
+    let attributable = found[1].covered_improbable.iter().zip(&found[0].covered).filter(|(m, b)| **m && !**b).count()
+        as f64
         / s.norm.len().max(1) as f64;
-    let mut span_sources: Vec<SpanSource> = vec![];
-    for (mi, f) in found.iter().enumerate() {
-        for (src, chars) in &f.sources {
-            span_sources.push(SpanSource { source: src.clone(), model: models[mi].to_string(), chars: *chars });
-        }
-    }
+    let span_sources: Vec<SpanSource> = found.iter().flat_map(|f| f.sources.iter().cloned()).collect();
     WorkEvidence {
         id: s.work.id.clone(),
         sha256: s.work.sha256.clone(),
@@ -534,6 +602,13 @@ fn assemble(
         coverage_base: found[0].coverage(),
         coverage_merged: found[1].coverage(),
         coverage_attributable: attributable,
+        evidence_bits: spans::evidence_bits(&s.bits[0], &found[1].covered_improbable, &found[0].covered),
+        improbable_spans_merged: found[1].improbable,
+        longest_improbable_span_chars: found[1].longest_improbable,
+        extracted: s.extract,
+        copy_p_value: None,
+        copy_p_adjusted: None,
+        copy_margin_met: false,
         longest_span_chars: found[1].longest.as_ref().map_or(0, |p| p.chars),
         longest_span_chars_base: found[0].longest.as_ref().map_or(0, |p| p.chars),
         longest_passage: found[1].longest.clone(),
@@ -557,56 +632,75 @@ fn assemble(
     }
 }
 
-/// Cooper & Grimmelmann's test: a near-exact copy of a substantial portion reconstructable from
-/// the model, attributed to the adapter by subtracting what the base already reproduces.
-fn verdict(w: &WorkEvidence, th: &Thresholds, control: bool) -> (Verdict, String) {
-    let pct = |x: f64| format!("{:.1}%", 100.0 * x);
-    if w.coverage_attributable >= th.substantial {
-        return (
-            Verdict::ReconstructableCopy,
-            format!(
-                "{} of the work is reproduced verbatim (spans ≥ {} chars) by the merged model and not by the base \
-                 (threshold {}); longest span {} chars",
-                pct(w.coverage_attributable),
-                th.min_span_chars,
-                pct(th.substantial),
-                w.longest_span_chars
-            ),
-        );
+/// Which controls get extraction windows: all with `control_windows` = 0; otherwise whole
+/// controls in a seeded random order (fixed seed, so runs repeat) while their windows fit the
+/// budget. `tokens` counts a control's tokens.
+fn extracted_controls(
+    controls: &[Work],
+    th: &Thresholds,
+    tokens: impl Fn(&Work) -> Result<usize>,
+) -> Result<Vec<bool>> {
+    if th.control_windows == 0 {
+        return Ok(vec![true; controls.len()]);
     }
-    if w.attributable_windows > 0 || w.coverage_attributable > 0.0 {
-        return (
-            Verdict::PartialCopy,
-            format!(
-                "{} of {} windows reproduced near-verbatim under merged and not base; {} of the work covered by \
-                 adapter-attributable spans, below the substantial-portion threshold {}",
-                w.attributable_windows,
-                w.windows,
-                pct(w.coverage_attributable),
-                pct(th.substantial)
-            ),
-        );
-    }
-    if let Some(p) = w.p_adjusted.filter(|&p| p < th.significance) {
-        return (
-            Verdict::MemorizedTraces,
-            format!(
-                "no reproduction, but the adapter saves {:.1} bits ({}) on this work, more than on the controls \
-                 (Holm-adjusted p = {p:.3} < {})",
-                w.gain_bits,
-                pct(w.gain_fraction),
-                th.significance
-            ),
-        );
-    }
-    let why = match (w.p_adjusted, control) {
-        (_, true) => format!("control text: no adapter-attributable reproduction; gain {:.1} bits", w.gain_bits),
-        (Some(p), false) => {
-            format!("no adapter-attributable reproduction; gain {:.1} bits, Holm-adjusted p = {p:.3}", w.gain_bits)
-        }
-        (None, false) => {
-            format!("no adapter-attributable reproduction; gain {:.1} bits (no controls to calibrate it)", w.gain_bits)
-        }
+    let mut order: Vec<(u64, usize)> = {
+        let mut rng = crate::rng::Rng::new(0x5eed_c0de);
+        (0..controls.len()).map(|i| (rng.next_u64(), i)).collect()
     };
-    (Verdict::NoEvidence, why)
+    order.sort_unstable();
+    let windows = |n: usize| n.saturating_sub(th.prefix_tokens).div_ceil(th.stride.max(1));
+    let mut chosen = vec![false; controls.len()];
+    let mut budget = th.control_windows;
+    for (_, i) in order {
+        let w = windows(tokens(&controls[i])?);
+        if w <= budget {
+            chosen[i] = true;
+            budget -= w;
+        }
+    }
+    Ok(chosen)
+}
+
+/// p-values of the gain per token against the controls (Holm and Benjamini–Hochberg across the
+/// works); notes when the controls cannot reach the significance level.
+fn gain_calibration(
+    works: &mut [WorkEvidence],
+    control_stats: &[f64],
+    th: &Thresholds,
+    notes: &mut Vec<String>,
+) -> Option<Calibration> {
+    if control_stats.is_empty() {
+        notes.push(
+            "no --controls: membership scores are reported uncalibrated, without p-values; give works of the same \
+             author, kind, length and era known not to be in training"
+                .to_string(),
+        );
+        return None;
+    }
+    let p: Vec<f64> = works.iter().map(|w| calibrate::empirical_p(w.gain_per_token(), control_stats)).collect();
+    let holm = calibrate::holm(&p);
+    let bh = calibrate::benjamini_hochberg(&p);
+    for (i, w) in works.iter_mut().enumerate() {
+        w.p_value = Some(p[i]);
+        w.p_adjusted = Some(holm[i]);
+        w.q_value = Some(bh[i]);
+    }
+    let smallest = 1.0 / (control_stats.len() + 1) as f64;
+    let m = works.len().max(1);
+    if smallest * m as f64 >= th.significance {
+        notes.push(format!(
+            "with {} controls the smallest Holm-adjusted p-value {m} work(s) can reach is {:.3}, not below the \
+             significance level {}: give at least {} controls for `memorized-traces` to be possible",
+            control_stats.len(),
+            (smallest * m as f64).min(1.0),
+            th.significance,
+            verdict::controls_needed(m, th.significance)
+        ));
+    }
+    Some(Calibration {
+        statistic: "gain bits per token (code length under base − under merged)".into(),
+        controls: control_stats.len(),
+        smallest_p: smallest,
+        aa_check: calibrate::aa_check(control_stats),
+    })
 }

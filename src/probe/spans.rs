@@ -51,7 +51,14 @@ pub(crate) fn span_bits(bits: &[f64], start: usize, len: usize) -> f64 {
 /// The copy statistic of a text: the base's surprisal, in bits, summed over the characters the
 /// merged model reproduced in improbable spans and the base reproduced in no span at all.
 pub(crate) fn evidence_bits(base_bits: &[f64], merged_improbable: &[bool], base_any: &[bool]) -> f64 {
-    base_bits.iter().zip(merged_improbable.iter().zip(base_any)).filter(|(_, (m, b))| **m && !**b).map(|(x, _)| x).sum()
+    // + 0.0: an empty float sum is −0.0, which JSON would print as such.
+    base_bits
+        .iter()
+        .zip(merged_improbable.iter().zip(base_any))
+        .filter(|(_, (m, b))| **m && !**b)
+        .map(|(x, _)| x)
+        .sum::<f64>()
+        + 0.0
 }
 
 #[cfg(test)]

@@ -1,10 +1,13 @@
 //! Verdicts per text, every one calibrated on the controls. The controls are the null for each
 //! statistic a verdict uses: the gain per token (for `memorized-traces`) and the copy statistic
 //! (improbable reproduced bits, for `partial-copy` and `reconstructable-copy`). A copy verdict
-//! needs both an absolute floor (an improbable span; a substantial portion for a
-//! reconstructable copy) and significance against the controls. Controls are judged by the same
-//! rule, each against the others (leave-one-out); a control that still gets a copy verdict is a
-//! calibration failure and is reported as one. The rules and their sources: docs/probe.md.
+//! needs an absolute floor (an improbable span; a substantial portion for a reconstructable
+//! copy), significance against the controls, and a margin over the largest control: rank-based
+//! p-values alone call the largest of n controls significant against the other n − 1 as soon as
+//! n ≥ m/α, so without a margin the check below would flag a control in every well-powered run.
+//! Controls are judged by the same rule, each against the others (leave-one-out); a control
+//! that still gets a copy verdict is a calibration failure and is reported as one. The rules
+//! and their sources: docs/probe.md.
 
 use serde::{Deserialize, Serialize};
 
@@ -23,6 +26,9 @@ pub struct CopyCalibration {
     pub powered: bool,
     /// Controls (with extraction) needed for a calibrated copy verdict on these works.
     pub controls_needed: usize,
+    /// The largest copy statistic among the controls with extraction; a work's must be at
+    /// least `copy_margin` times this.
+    pub largest_control_bits: f64,
     /// Controls that got a copy verdict when judged like a work against the other controls.
     pub failures: Vec<String>,
 }
@@ -36,17 +42,19 @@ pub(crate) fn controls_needed(works: usize, alpha: f64) -> usize {
 /// Copy p-values: each work against the extracted controls (Holm across works), each extracted
 /// control against the other extracted controls, adjusted by the factor Holm gives the strongest
 /// of the works. Texts without extraction get none.
-fn copy_p_values(works: &mut [WorkEvidence], controls: &mut [WorkEvidence]) {
+fn copy_p_values(works: &mut [WorkEvidence], controls: &mut [WorkEvidence], margin: f64) {
     let null: Vec<(usize, f64)> =
         controls.iter().enumerate().filter(|(_, c)| c.extracted).map(|(i, c)| (i, c.evidence_bits)).collect();
     if null.is_empty() {
         return;
     }
     let values: Vec<f64> = null.iter().map(|(_, s)| *s).collect();
+    let largest = values.iter().copied().fold(0.0, f64::max);
     let p: Vec<f64> = works.iter().map(|w| empirical_p(w.evidence_bits, &values)).collect();
     for (w, (p, adj)) in works.iter_mut().zip(p.iter().zip(holm(&p))) {
         w.copy_p_value = Some(*p);
         w.copy_p_adjusted = Some(adj);
+        w.copy_margin_met = w.evidence_bits >= margin * largest;
     }
     let m = works.len().max(1) as f64;
     for (k, &(i, s)) in null.iter().enumerate() {
@@ -57,6 +65,7 @@ fn copy_p_values(works: &mut [WorkEvidence], controls: &mut [WorkEvidence]) {
         let p = empirical_p(s, &others);
         controls[i].copy_p_value = Some(p);
         controls[i].copy_p_adjusted = Some((p * m).min(1.0));
+        controls[i].copy_margin_met = s >= margin * others.iter().copied().fold(0.0, f64::max);
     }
 }
 
@@ -66,8 +75,9 @@ pub(crate) fn decide(
     controls: &mut [WorkEvidence],
     th: &Thresholds,
 ) -> (CopyCalibration, Vec<String>) {
-    copy_p_values(works, controls);
+    copy_p_values(works, controls, th.copy_margin);
     let n = controls.iter().filter(|c| c.extracted).count();
+    let largest_control_bits = controls.iter().filter(|c| c.extracted).map(|c| c.evidence_bits).fold(0.0, f64::max);
     let m = works.len().max(1);
     let smallest = (m as f64 / (n + 1) as f64).min(1.0);
     let powered = n > 0 && smallest < th.significance;
@@ -111,6 +121,7 @@ pub(crate) fn decide(
         smallest_p_adjusted: smallest,
         powered,
         controls_needed: needed,
+        largest_control_bits,
         failures,
     };
     (calibration, notes)
@@ -123,7 +134,14 @@ fn pct(x: f64) -> String {
 /// Cooper & Grimmelmann's test (a near-exact copy of a substantial portion reconstructable from
 /// the model), attributed to the adapter by subtracting what the base reproduces, counting only
 /// spans the base finds improbable, and calibrated on the controls.
-fn judge(w: &WorkEvidence, th: &Thresholds, powered: bool, n: usize, needed: usize, control: bool) -> (Verdict, String) {
+fn judge(
+    w: &WorkEvidence,
+    th: &Thresholds,
+    powered: bool,
+    n: usize,
+    needed: usize,
+    control: bool,
+) -> (Verdict, String) {
     let who = if control { "control text (judged against the other controls): " } else { "" };
     let has_span = w.evidence_bits >= th.min_span_bits;
     let substantial = has_span && w.coverage_attributable >= th.substantial;
@@ -137,14 +155,21 @@ fn judge(w: &WorkEvidence, th: &Thresholds, powered: bool, n: usize, needed: usi
         w.longest_improbable_span_chars
     );
     match (powered, w.copy_p_adjusted) {
-        (true, Some(p)) if has_span && p < th.significance => {
+        (true, Some(p)) if has_span && p < th.significance && w.copy_margin_met => {
             let v = if substantial { Verdict::ReconstructableCopy } else { Verdict::PartialCopy };
             let floor = if substantial {
                 format!("at or above the substantial-portion threshold {}", pct(th.substantial))
             } else {
                 format!("below the substantial-portion threshold {}", pct(th.substantial))
             };
-            return (v, format!("{who}{spans}, {floor}; more than the controls (Holm-adjusted p = {p:.3} < {})", th.significance));
+            return (
+                v,
+                format!(
+                    "{who}{spans}, {floor}; more than the controls (Holm-adjusted p = {p:.3} < {}) and at least \
+                     {}× the largest control's",
+                    th.significance, th.copy_margin
+                ),
+            );
         }
         (false, _) if substantial && w.evidence_bits >= th.overwhelming_bits => {
             return (
@@ -162,8 +187,10 @@ fn judge(w: &WorkEvidence, th: &Thresholds, powered: bool, n: usize, needed: usi
         String::new()
     } else if powered {
         format!(
-            "; {spans}, but no more than the controls show (Holm-adjusted p = {:.3})",
-            w.copy_p_adjusted.unwrap_or(1.0)
+            "; {spans}, but no more than the controls show (Holm-adjusted p = {:.3}; margin over the largest control \
+             {})",
+            w.copy_p_adjusted.unwrap_or(1.0),
+            if w.copy_margin_met { "met" } else { "not met" }
         )
     } else {
         format!("; {spans}, but with {n} controls with extraction this cannot be calibrated (give {needed})")
@@ -185,10 +212,9 @@ fn judge(w: &WorkEvidence, th: &Thresholds, powered: bool, n: usize, needed: usi
         (Some(p), false) => {
             format!("no calibrated reproduction; gain {:.1} bits, Holm-adjusted p = {p:.3}{capped}", w.gain_bits)
         }
-        (None, false) => format!(
-            "no calibrated reproduction; gain {:.1} bits (no controls to calibrate it){capped}",
-            w.gain_bits
-        ),
+        (None, false) => {
+            format!("no calibrated reproduction; gain {:.1} bits (no controls to calibrate it){capped}", w.gain_bits)
+        }
     };
     (Verdict::NoEvidence, why)
 }
