@@ -169,6 +169,18 @@ struct ProbeArgs {
     /// Longest context the model is run with (sliding windows beyond it).
     #[arg(long, default_value_t = Thresholds::default().context)]
     context: usize,
+    /// Bits the base must need for a reproduced span (given the text before it) for the span to
+    /// count toward copying.
+    #[arg(long, default_value_t = Thresholds::default().min_span_bits)]
+    min_span_bits: f64,
+    /// A copy verdict needs the work's improbable reproduced bits to be at least this many times
+    /// the largest control's.
+    #[arg(long, default_value_t = Thresholds::default().copy_margin)]
+    copy_margin: f64,
+    /// Run extraction on at most this many control windows (whole controls, seeded random
+    /// order); every control is still scored for the gain. 0 = all controls.
+    #[arg(long, default_value_t = Thresholds::default().control_windows)]
+    control_windows: usize,
 }
 
 impl ProbeArgs {
@@ -177,6 +189,9 @@ impl ProbeArgs {
             return Err(lorascope::Error::Usage(
                 "--prefix-tokens, --new-tokens and --stride must be at least 1, --context at least 2".into(),
             ));
+        }
+        if !(self.min_span_bits >= 0.0 && self.copy_margin >= 1.0) {
+            return Err(lorascope::Error::Usage("--min-span-bits must be ≥ 0 and --copy-margin ≥ 1".into()));
         }
         if !(0.0..=1.0).contains(&self.substantial) {
             return Err(lorascope::Error::Usage("--substantial is a share between 0 and 1".into()));
@@ -187,6 +202,9 @@ impl ProbeArgs {
             stride: self.stride,
             substantial: self.substantial,
             context: self.context,
+            min_span_bits: self.min_span_bits,
+            copy_margin: self.copy_margin,
+            control_windows: self.control_windows,
             ..Default::default()
         })
     }

@@ -12,6 +12,9 @@ use tokenizers::{PreTokenizerWrapper, Tokenizer};
 
 use crate::error::{Error, Result};
 
+/// Byte ranges `(start, end)` of tokens in a text.
+pub type ByteRanges = Vec<(usize, usize)>;
+
 pub struct TextTokenizer {
     inner: Tokenizer,
     /// Where it came from (tokenizer.json or the GGUF file), for error messages.
@@ -61,7 +64,7 @@ impl TextTokenizer {
     }
 
     /// Ids of `text` without special tokens, with each token's byte range in `text`.
-    pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+    pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, ByteRanges)> {
         let enc = self
             .inner
             .encode(text, false)

@@ -1,96 +1,123 @@
-//! Reproduced spans as evidence of copying. A verbatim span counts only when the base model
-//! finds it improbable given the text before it: a long span that the base predicts at a few
-//! bits is ordinary language (or domain phrasing a fine-tune learned), not a copy. Carlini et
-//! al. 2021 ("Extracting Training Data from Large Language Models", §5.2) filter extracted
-//! strings by comparing the model's likelihood with a reference's for the same reason; Aerni et
-//! al. 2024 ("Measuring Non-Adversarial Reproduction of Training Data in LLMs") find 50-character
-//! overlaps in ordinary outputs of models that never saw the text. Each character of a text
-//! carries the surprisal of the token it belongs to (teacher-forced over the whole text), so
-//! a span's bits are the sum over its characters and overlapping spans never count twice.
+//! The span search: every continuation, of the windows and of the neutral prompts, searched for
+//! verbatim spans of at least `min_span_chars` normalised characters of every subject (Aerni et
+//! al. 2024: extraction is not limited to a work's own prefixes). Per subject and model it keeps
+//! the characters covered, the spans and which prompts produced them with their surprisal
+//! under each model, and the longest passage. A span the base finds improbable (docs/probe.md,
+//! "Improbable spans"; `surprisal.rs`) also marks its characters as improbably covered.
 
-use super::text::Normalised;
+use crate::error::Result;
+use crate::model::TextTokenizer;
 
-/// Bits each normalised character costs a model given the text before it: the surprisal
-/// −log₂ p of each token (from `logp`, natural log) spread evenly over the normalised
-/// characters whose source byte lies in the token's byte range (`offsets`). A token with no
-/// normalised character of its own (a whitespace run) passes its bits on to the next character.
-pub(crate) fn char_bits(norm: &Normalised, offsets: &[(usize, usize)], logp: &[f64]) -> Vec<f64> {
-    let mut bits = vec![0.0; norm.len()];
-    let mut carry = 0.0;
-    let mut i = 0;
-    for (k, &(start, end)) in offsets.iter().enumerate() {
-        let Some(lp) = logp.get(k) else { break };
-        carry += -lp / std::f64::consts::LN_2;
-        // Characters before this token's start that no token claimed keep zero bits.
-        while i < norm.len() && norm.origin[i] < start {
-            i += 1;
-        }
-        let first = i;
-        while i < norm.len() && norm.origin[i] < end {
-            i += 1;
-        }
-        if i > first {
-            let each = carry / (i - first) as f64;
-            bits[first..i].iter_mut().for_each(|b| *b = each);
-            carry = 0.0;
-        }
-    }
-    if carry > 0.0 {
-        if let Some(last) = bits.last_mut() {
-            *last += carry;
-        }
-    }
-    bits
+use super::plan::{Plan, Subject};
+use super::surprisal::span_bits;
+use super::text::{normalise, Normalised, Span};
+use super::{Passage, SpanSource, Thresholds};
+
+/// Reproduced spans of one subject under one model.
+pub struct Found {
+    /// Per normalised character of the subject: inside some reproduced span.
+    pub covered: Vec<bool>,
+    /// Per normalised character: inside a span the base finds improbable.
+    pub covered_improbable: Vec<bool>,
+    pub spans: usize,
+    /// Spans the base finds improbable, and the longest of them.
+    pub improbable: usize,
+    pub longest_improbable: usize,
+    /// Spans produced by prompts other than the subject's own windows.
+    pub cross: usize,
+    pub longest: Option<Passage>,
+    /// Every span with the prompt that produced it, in search order.
+    pub sources: Vec<SpanSource>,
 }
 
-/// Sum of `bits` over `start..start+len`.
-pub(crate) fn span_bits(bits: &[f64], start: usize, len: usize) -> f64 {
-    bits.get(start..start + len).map_or(0.0, |s| s.iter().sum())
-}
-
-/// The copy statistic of a text: the base's surprisal, in bits, summed over the characters the
-/// merged model reproduced in improbable spans and the base reproduced in no span at all.
-pub(crate) fn evidence_bits(base_bits: &[f64], merged_improbable: &[bool], base_any: &[bool]) -> f64 {
-    // + 0.0: an empty float sum is −0.0, which JSON would print as such.
-    base_bits
-        .iter()
-        .zip(merged_improbable.iter().zip(base_any))
-        .filter(|(_, (m, b))| **m && !**b)
-        .map(|(x, _)| x)
-        .sum::<f64>()
-        + 0.0
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::probe::text::normalise;
-
-    #[test]
-    fn token_bits_spread_over_their_characters() {
-        // "ab  cd": tokens "ab" (2 bits), "  " (1 bit), "cd" (4 bits). Normalised "ab cd": the
-        // space takes the origin of 'c', so the whitespace token's bit goes to " cd" with cd's.
-        let text = "ab  cd";
-        let norm = normalise(text);
-        assert_eq!(norm.as_string(), "ab cd");
-        let ln2 = std::f64::consts::LN_2;
-        let logp = [-2.0 * ln2, -1.0 * ln2, -4.0 * ln2];
-        let bits = char_bits(&norm, &[(0, 2), (2, 4), (4, 6)], &logp);
-        // The space's origin is byte 4 (the segment after the run), inside "cd"'s range:
-        // "cd" spreads its 4 bits plus the carried 1 over " ", "c", "d".
-        let want = [1.0, 1.0, 5.0 / 3.0, 5.0 / 3.0, 5.0 / 3.0];
-        for (g, w) in bits.iter().zip(want) {
-            assert!((g - w).abs() < 1e-12, "{bits:?}");
+/// Search one model's (`model`) continuations (in `plan.prompts()` order) for every subject;
+/// one `Found` per subject.
+pub fn search(
+    model: &str,
+    tok: &TextTokenizer,
+    subjects: &[Subject],
+    plan: &Plan,
+    generated: &[Vec<u32>],
+    th: &Thresholds,
+) -> Result<Vec<Found>> {
+    let mut found: Vec<Found> = subjects.iter().map(|s| Found::new(s.norm.len())).collect();
+    for (prompt, ids) in plan.prompts().zip(generated) {
+        let text = tok.decode(ids)?;
+        let norm = normalise(&text);
+        for (si, s) in subjects.iter().enumerate() {
+            for sp in s.index.spans(&norm.chars, th.min_span_chars) {
+                let own = prompt.owner == Some(si);
+                found[si].add(sp, Origin { label: prompt.label, model, own }, &norm, &text, s, th.min_span_bits);
+            }
         }
-        assert!((bits.iter().sum::<f64>() - 7.0).abs() < 1e-12, "every bit lands on a character");
-        assert!((span_bits(&bits, 1, 3) - (1.0 + 10.0 / 3.0)).abs() < 1e-12);
+    }
+    Ok(found)
+}
+
+/// Which continuation a span came from.
+struct Origin<'a> {
+    label: &'a str,
+    model: &'a str,
+    /// The prompt is one of the subject's own windows.
+    own: bool,
+}
+
+impl Found {
+    fn new(len: usize) -> Self {
+        Found {
+            covered: vec![false; len],
+            covered_improbable: vec![false; len],
+            spans: 0,
+            improbable: 0,
+            longest_improbable: 0,
+            cross: 0,
+            longest: None,
+            sources: vec![],
+        }
     }
 
-    #[test]
-    fn evidence_counts_merged_only_improbable_characters_once() {
-        let bits = [1.0, 2.0, 4.0, 8.0];
-        let merged = [true, true, true, false];
-        let base = [false, true, false, false];
-        assert_eq!(evidence_bits(&bits, &merged, &base), 5.0);
+    fn add(&mut self, sp: Span, from: Origin, gen: &Normalised, gen_text: &str, s: &Subject, min_bits: f64) {
+        let label = from.label;
+        let range = sp.work_start..sp.work_start + sp.len;
+        let bits_base = span_bits(&s.bits.base, sp.work_start, sp.len);
+        let improbable = bits_base >= min_bits;
+        self.covered[range.clone()].iter_mut().for_each(|c| *c = true);
+        if improbable {
+            self.covered_improbable[range].iter_mut().for_each(|c| *c = true);
+            self.improbable += 1;
+            self.longest_improbable = self.longest_improbable.max(sp.len);
+        }
+        self.spans += 1;
+        if !from.own {
+            self.cross += 1;
+        }
+        self.sources.push(SpanSource {
+            source: label.to_string(),
+            model: from.model.to_string(),
+            chars: sp.len,
+            work_offset: sp.work_start,
+            bits_base,
+            bits_merged: span_bits(&s.bits.merged, sp.work_start, sp.len),
+            improbable,
+        });
+        // The first of equally long spans is kept.
+        if self.longest.as_ref().is_none_or(|p| sp.len > p.chars) {
+            self.longest = Some(Passage {
+                chars: sp.len,
+                source: label.to_string(),
+                generated: gen.original(gen_text, sp.gen_start, sp.gen_start + sp.len).to_string(),
+                original: s.norm.original(&s.work.text, sp.work_start, sp.work_start + sp.len).to_string(),
+                work_offset: sp.work_start,
+            });
+        }
+    }
+
+    /// Share of the subject's normalised characters covered.
+    pub fn coverage(&self) -> f64 {
+        if self.covered.is_empty() {
+            0.0
+        } else {
+            self.covered.iter().filter(|&&c| c).count() as f64 / self.covered.len() as f64
+        }
     }
 }

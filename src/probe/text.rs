@@ -1,6 +1,7 @@
 //! Text comparison for extraction: normalisation (NFKC, lower case, whitespace collapsed) with
-//! a map back to the original, normalised Levenshtein similarity, longest common substring,
-//! and a suffix automaton that finds every long verbatim span of a work inside generated text.
+//! a map back to the original, normalised Levenshtein similarity (the distance from strsim),
+//! longest common substring, and a suffix automaton that finds every long verbatim span of a
+//! work inside generated text.
 
 use unicode_normalization::char::canonical_combining_class;
 use unicode_normalization::UnicodeNormalization;
@@ -72,23 +73,27 @@ pub fn normalise(text: &str) -> Normalised {
     out
 }
 
-/// 1 − Levenshtein(a, b) / max(|a|, |b|) over chars; 1 for two empty strings.
+/// 1 − Levenshtein(a, b) / max(|a|, |b|) over chars; 1 for two empty strings. The distance is
+/// strsim's `generic_levenshtein`, run on the normalised chars themselves.
 pub fn similarity(a: &[char], b: &[char]) -> f64 {
     let n = a.len().max(b.len());
     if n == 0 {
         return 1.0;
     }
-    let mut prev: Vec<usize> = (0..=b.len()).collect();
-    let mut cur = vec![0; b.len() + 1];
-    for (i, ca) in a.iter().enumerate() {
-        cur[0] = i + 1;
-        for (j, cb) in b.iter().enumerate() {
-            let sub = prev[j] + usize::from(ca != cb);
-            cur[j + 1] = sub.min(prev[j + 1] + 1).min(cur[j] + 1);
-        }
-        std::mem::swap(&mut prev, &mut cur);
+    1.0 - strsim::generic_levenshtein(&CharSlice(a), &CharSlice(b)) as f64 / n as f64
+}
+
+/// `generic_levenshtein` takes `&T` with `&T: IntoIterator` and a sized `T`, which a bare
+/// `[char]` is not: this wraps the slice without copying it.
+struct CharSlice<'a>(&'a [char]);
+
+impl<'a> IntoIterator for &CharSlice<'a> {
+    type Item = &'a char;
+    type IntoIter = std::slice::Iter<'a, char>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
     }
-    1.0 - prev[b.len()] as f64 / n as f64
 }
 
 /// Length of the longest common substring of `a` and `b`.

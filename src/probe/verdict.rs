@@ -1,18 +1,81 @@
-//! Verdicts per text, every one calibrated on the controls. The controls are the null for each
-//! statistic a verdict uses: the gain per token (for `memorized-traces`) and the copy statistic
-//! (improbable reproduced bits, for `partial-copy` and `reconstructable-copy`). A copy verdict
-//! needs an absolute floor (an improbable span; a substantial portion for a reconstructable
-//! copy), significance against the controls, and a margin over the largest control: rank-based
-//! p-values alone call the largest of n controls significant against the other n − 1 as soon as
-//! n ≥ m/α, so without a margin the check below would flag a control in every well-powered run.
-//! Controls are judged by the same rule, each against the others (leave-one-out); a control
-//! that still gets a copy verdict is a calibration failure and is reported as one. The rules
-//! and their sources: docs/probe.md.
+//! The last phases: works calibrated against the controls on the gain in bits per token
+//! (empirical p-values with Holm and Benjamini–Hochberg adjustments, ROC-AUC, notes on what the
+//! controls cannot support), then a verdict for every work and control, every one calibrated on
+//! the controls. The controls are the null for each statistic a verdict uses: the gain per token
+//! (for `memorized-traces`) and the copy statistic (improbable reproduced bits, for
+//! `partial-copy` and `reconstructable-copy`). A copy verdict needs an absolute floor (an
+//! improbable span; a substantial portion for a reconstructable copy), significance against the
+//! controls, and a margin over the largest control: rank-based p-values alone call the largest
+//! of n controls significant against the other n − 1 as soon as n ≥ m/α, so without a margin
+//! the leave-one-out check below would flag a control in every well-powered run. Controls are
+//! judged by the same rule, each against the others; a control that still gets a copy verdict
+//! is a calibration failure and is reported as one. Rules and sources: docs/probe.md.
 
 use serde::{Deserialize, Serialize};
 
-use super::calibrate::{empirical_p, holm};
-use super::{Thresholds, Verdict, WorkEvidence};
+use super::calibrate::{self, empirical_p, holm, Auc};
+use super::{Calibration, Thresholds, Verdict, WorkEvidence};
+
+/// What the controls say about the works.
+pub struct Calibrated {
+    pub calibration: Option<Calibration>,
+    pub auc: Option<Auc>,
+    pub notes: Vec<String>,
+}
+
+/// Write each work's p-values (when there are controls) and measure how works and controls
+/// separate.
+pub fn calibrate(works: &mut [WorkEvidence], controls: &[WorkEvidence], th: &Thresholds) -> Calibrated {
+    let control_stats: Vec<f64> = controls.iter().map(WorkEvidence::gain_per_token).collect();
+    let mut notes = vec![];
+    let calibration = if control_stats.is_empty() {
+        notes.push(
+            "no --controls: membership scores are reported uncalibrated, without p-values; give works of the same \
+             author, kind, length and era known not to be in training"
+                .to_string(),
+        );
+        None
+    } else {
+        Some(against_controls(works, &control_stats, th, &mut notes))
+    };
+    let work_stats: Vec<f64> = works.iter().map(WorkEvidence::gain_per_token).collect();
+    let auc = calibrate::auc_with_interval(&work_stats, &control_stats, 1000, 0x10ca);
+    Calibrated { calibration, auc, notes }
+}
+
+fn against_controls(
+    works: &mut [WorkEvidence],
+    control_stats: &[f64],
+    th: &Thresholds,
+    notes: &mut Vec<String>,
+) -> Calibration {
+    let p: Vec<f64> = works.iter().map(|w| calibrate::empirical_p(w.gain_per_token(), control_stats)).collect();
+    let holm = calibrate::holm(&p);
+    let bh = calibrate::benjamini_hochberg(&p);
+    for (i, w) in works.iter_mut().enumerate() {
+        w.p_value = Some(p[i]);
+        w.p_adjusted = Some(holm[i]);
+        w.q_value = Some(bh[i]);
+    }
+    let smallest = 1.0 / (control_stats.len() + 1) as f64;
+    let m = works.len().max(1);
+    if smallest * m as f64 >= th.significance {
+        notes.push(format!(
+            "with {} controls the smallest Holm-adjusted p-value {m} work(s) can reach is {:.3}, not below the \
+             significance level {}: give at least {} controls for `memorized-traces` to be possible",
+            control_stats.len(),
+            (smallest * m as f64).min(1.0),
+            th.significance,
+            controls_needed(m, th.significance)
+        ));
+    }
+    Calibration {
+        statistic: "gain bits per token (code length under base − under merged)".into(),
+        controls: control_stats.len(),
+        smallest_p: smallest,
+        aa_check: calibrate::aa_check(control_stats),
+    }
+}
 
 /// How the copy statistic was calibrated.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -54,7 +117,7 @@ fn copy_p_values(works: &mut [WorkEvidence], controls: &mut [WorkEvidence], marg
     for (w, (p, adj)) in works.iter_mut().zip(p.iter().zip(holm(&p))) {
         w.copy_p_value = Some(*p);
         w.copy_p_adjusted = Some(adj);
-        w.copy_margin_met = w.evidence_bits >= margin * largest;
+        w.copy_margin_met = w.evidence_bits > 0.0 && w.evidence_bits >= margin * largest;
     }
     let m = works.len().max(1) as f64;
     for (k, &(i, s)) in null.iter().enumerate() {
@@ -65,7 +128,7 @@ fn copy_p_values(works: &mut [WorkEvidence], controls: &mut [WorkEvidence], marg
         let p = empirical_p(s, &others);
         controls[i].copy_p_value = Some(p);
         controls[i].copy_p_adjusted = Some((p * m).min(1.0));
-        controls[i].copy_margin_met = s >= margin * others.iter().copied().fold(0.0, f64::max);
+        controls[i].copy_margin_met = s > 0.0 && s >= margin * others.iter().copied().fold(0.0, f64::max);
     }
 }
 

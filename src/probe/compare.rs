@@ -1,0 +1,104 @@
+//! Each extraction window's greedy continuation against the window's true suffix, per model:
+//! tokens matched before the first difference, E1 (identical tokens or normalised text), E2
+//! (near-verbatim: Levenshtein similarity or a long common substring), and log₂ p of the true
+//! suffix given the prefix.
+
+use crate::error::Result;
+use crate::model::{TextTokenizer, TokenStats};
+
+use super::pair::Pair;
+use super::plan::{Plan, Window};
+use super::text::{self, normalise, Normalised};
+use super::{Thresholds, WindowEvidence};
+
+/// One window's continuation under one model, against the true suffix.
+#[derive(Debug, Clone, Copy)]
+pub struct Comparison {
+    pub matched_tokens: usize,
+    pub e1: bool,
+    pub e2: bool,
+    pub similarity: f64,
+    pub lcs_chars: usize,
+    pub log2_p_suffix: f64,
+}
+
+/// Every window's evidence, grouped by subject (`subjects` of them), in window order. The
+/// windows' continuations are the first of `generated`, in the order of `plan.windows`, as are
+/// `suffix_stats`.
+pub fn windows(
+    tok: &TextTokenizer,
+    subjects: usize,
+    plan: &Plan,
+    generated: &Pair<Vec<Vec<u32>>>,
+    suffix_stats: &Pair<Vec<TokenStats>>,
+    th: &Thresholds,
+) -> Result<Vec<Vec<WindowEvidence>>> {
+    let mut out = vec![vec![]; subjects];
+    for (wi, w) in plan.windows.iter().enumerate() {
+        let gen = generated.at(wi).map(|g| g.as_slice());
+        out[w.subject].push(window(tok, w, gen, suffix_stats.at(wi), th)?);
+    }
+    Ok(out)
+}
+
+/// Evidence of `window` from what each model generated after its prefix and the statistics
+/// of its prefix + true suffix under each model.
+fn window(
+    tok: &TextTokenizer,
+    window: &Window,
+    generated: Pair<&[u32]>,
+    suffix_stats: Pair<&TokenStats>,
+    th: &Thresholds,
+) -> Result<WindowEvidence> {
+    let true_text = normalise(&tok.decode(&window.suffix)?);
+    let c = generated.zip(suffix_stats).try_map(|_, (g, st)| compare(tok, window, g, &true_text, st, th))?;
+    Ok(WindowEvidence {
+        offset: window.start,
+        suffix_tokens: window.suffix.len(),
+        match_tokens_base: c.base.matched_tokens,
+        match_tokens_merged: c.merged.matched_tokens,
+        e1_base: c.base.e1,
+        e1_merged: c.merged.e1,
+        e2_base: c.base.e2,
+        e2_merged: c.merged.e2,
+        similarity_base: c.base.similarity,
+        similarity_merged: c.merged.similarity,
+        lcs_chars_base: c.base.lcs_chars,
+        lcs_chars_merged: c.merged.lcs_chars,
+        log2_p_suffix_base: c.base.log2_p_suffix,
+        log2_p_suffix_merged: c.merged.log2_p_suffix,
+    })
+}
+
+/// The continuation is cut to the suffix's length: near the end of a work the true suffix is
+/// shorter than the continuation, and what a model adds past the end is no evidence either way.
+fn compare(
+    tok: &TextTokenizer,
+    window: &Window,
+    generated: &[u32],
+    true_text: &Normalised,
+    suffix_stats: &TokenStats,
+    th: &Thresholds,
+) -> Result<Comparison> {
+    let suffix = &window.suffix;
+    let g = &generated[..generated.len().min(suffix.len())];
+    let gen_text = normalise(&tok.decode(g)?);
+    let matched_tokens = g.iter().zip(suffix).take_while(|(a, b)| a == b).count();
+    let e1 = g == suffix.as_slice() || gen_text.chars == true_text.chars;
+    let similarity = text::similarity(&gen_text.chars, &true_text.chars);
+    let lcs_chars = text::longest_common_substring(&gen_text.chars, &true_text.chars);
+    let e2 = e1 || similarity >= th.e2_similarity || lcs_chars >= th.min_span_chars;
+    Ok(Comparison {
+        matched_tokens,
+        e1,
+        e2,
+        similarity,
+        lcs_chars,
+        log2_p_suffix: log2_p_suffix(suffix_stats, suffix.len()),
+    })
+}
+
+/// log₂ p(true suffix | prefix): the last `suffix_len` log-probabilities of prefix + suffix.
+fn log2_p_suffix(st: &TokenStats, suffix_len: usize) -> f64 {
+    st.logp[st.logp.len() - suffix_len..].iter().sum::<f64>() / std::f64::consts::LN_2
+}
