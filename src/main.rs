@@ -217,10 +217,32 @@ impl ProbeArgs {
 }
 
 /// Progress of the probe's stages (scoring and generation, counted in tokens).
-struct ProbeProgress(Progress);
+/// The probe's progress bar, and the start of every stage for the time each took.
+struct ProbeProgress(Progress, std::sync::Mutex<Vec<(String, Instant)>>);
+
+impl ProbeProgress {
+    /// Seconds per stage, in the order they ran (the last one ends now).
+    fn stage_seconds(&self) -> Vec<(String, f64)> {
+        let starts = self.1.lock().map(|s| s.clone()).unwrap_or_default();
+        let now = Instant::now();
+        let ends = starts.iter().skip(1).map(|(_, t)| *t).chain(std::iter::once(now));
+        starts.iter().zip(ends).map(|((name, t), end)| (name.clone(), (end - *t).as_secs_f64())).collect()
+    }
+
+    /// One line on stderr: the time of each stage, so a user sees where a run spends it.
+    fn print_stage_times(&self) {
+        let parts: Vec<String> = self.stage_seconds().iter().map(|(n, s)| format!("{n} {s:.1} s")).collect();
+        if !parts.is_empty() {
+            eprintln!("probe stages: {}", parts.join(", "));
+        }
+    }
+}
 
 impl lorascope::probe::Progress for ProbeProgress {
     fn stage(&self, name: &str, total: u64) {
+        if let Ok(mut s) = self.1.lock() {
+            s.push((name.to_string(), Instant::now()));
+        }
         self.0.bar.set_message(name.to_string());
         self.0.bar.set_length(total);
         self.0.bar.set_position(0);
@@ -232,7 +254,7 @@ impl lorascope::probe::Progress for ProbeProgress {
 
 /// The probe's progress bar: tokens scored and generated, per stage.
 fn probe_progress(quiet: bool) -> ProbeProgress {
-    let progress = ProbeProgress(Progress::new(0, quiet));
+    let progress = ProbeProgress(Progress::new(0, quiet), Default::default());
     if let Ok(style) = ProgressStyle::with_template("{spinner} {msg} [{bar:30}] {pos}/{len} tokens ({eta})") {
         progress.0.bar.set_style(style.progress_chars("=> "));
     }
@@ -250,6 +272,9 @@ fn run_probe(
     let progress = probe_progress(quiet);
     let r = lorascope::probe(adapter, base, s, &data.inputs(), th, &progress);
     progress.0.finish();
+    if !quiet {
+        progress.print_stage_times();
+    }
     r
 }
 
@@ -577,6 +602,9 @@ fn write_report(a: ReportArgs) -> lorascope::Result<ExitCode> {
         &mut timings,
     );
     probe.0.finish();
+    for (stage, secs) in probe.stage_seconds() {
+        timings.insert(format!("probe {stage}_s"), secs);
+    }
     let pipeline::ReportRun { report: mut r, summary } = run?;
     timings.insert("total_s".to_string(), start.elapsed().as_secs_f64());
     if !a.no_timings {

@@ -286,6 +286,7 @@ fn probe_section(p: &ProbeSection) -> Markup {
     html! {
         h2 { "Is it a copy of these works?" }
         (probe_counts(p))
+        (calibration_failures(p))
         (svg_work_bars(&all))
         (probe_table(p))
         p { "Why each verdict:" }
@@ -348,6 +349,8 @@ fn probe_table(p: &ProbeSection) -> Markup {
                                 w.e1_windows_base, w.e2_windows_base))
                         }
                         td { (or_dash(w.p_value.map(|p| format!("{p:.3}")))) }
+                        td { (format!("{:.0}", w.evidence_bits)) " bits · p " (or_dash(w.copy_p_adjusted.map(|p| format!("{p:.3}"))))
+                            br; (svg_copy_null(w, r)) }
                     }
                 }
             }
@@ -355,7 +358,7 @@ fn probe_table(p: &ProbeSection) -> Markup {
     }
 }
 
-const PROBE_COLUMNS: [&str; 9] = [
+const PROBE_COLUMNS: [&str; 10] = [
     "id",
     "role",
     "verdict",
@@ -365,7 +368,62 @@ const PROBE_COLUMNS: [&str; 9] = [
     "longest verbatim",
     "extraction windows E1/E2 merged (base)",
     "p",
+    "copy evidence (improbable bits, copy p) against the controls",
 ];
+
+/// The controls that met the copy rule when judged like a work: loud, at the top of the
+/// probe's findings, because every copy verdict on a work rests on the controls being clean.
+fn calibration_failures(p: &ProbeSection) -> Markup {
+    let c = &p.result.copy_calibration;
+    html! {
+        @if !c.failures.is_empty() {
+            div.alarm {
+                b { "Calibration failure: " }
+                (c.failures.len()) " control text(s) never trained on met the copy rule when judged against the \
+                other controls (" (c.failures.join(", ")) "). Spans the base finds improbable are reproduced on \
+                texts like these without training, so a copy verdict on a work with no more evidence than these \
+                controls is not reliable."
+            }
+        }
+    }
+}
+
+/// One work's copy statistic (a diamond) beside every control's (grey ticks), on one axis from
+/// 0 to the largest value, with the copy threshold (the margin over the largest control) dashed:
+/// a reader sees at once whether the work's reproduced spans stand out from texts never trained
+/// on.
+pub fn svg_copy_null(w: &WorkEvidence, r: &crate::probe::ProbeResult) -> Markup {
+    let (width, height, pad) = (180.0, 26.0, 6.0);
+    let null: Vec<f64> = r.controls.iter().filter(|c| c.extracted && c.id != w.id).map(|c| c.evidence_bits).collect();
+    let threshold = r.thresholds.copy_margin * null.iter().copied().fold(0.0, f64::max);
+    let top = null.iter().copied().chain([w.evidence_bits, threshold]).fold(1.0, f64::max) * 1.05;
+    let x = |v: f64| pad + (width - 2.0 * pad) * v / top;
+    let y = height / 2.0;
+    let title = format!(
+        "{}: {:.0} improbable bits; controls {} (largest {:.0}); copy threshold {:.0}",
+        w.id,
+        w.evidence_bits,
+        null.len(),
+        null.iter().copied().fold(0.0, f64::max),
+        threshold
+    );
+    let colour = verdict_colour(w.verdict);
+    let (wx, d) = (x(w.evidence_bits), 5.0);
+    let body = html! {
+        line x1=(pad) y1=(y) x2=(width - pad) y2=(y) stroke="#bbb" {}
+        @for v in &null {
+            line x1=(format!("{:.1}", x(*v))) y1=(y - 6.0) x2=(format!("{:.1}", x(*v))) y2=(y + 6.0)
+                stroke="#888" stroke-opacity="0.6" {}
+        }
+        @if threshold > 0.0 {
+            line x1=(format!("{:.1}", x(threshold))) y1="2" x2=(format!("{:.1}", x(threshold))) y2=(height - 2.0)
+                stroke="#c00" stroke-dasharray="3,2" {}
+        }
+        polygon points=(format!("{:.1},{:.1} {:.1},{:.1} {:.1},{:.1} {:.1},{:.1}", wx, y - d, wx + d, y, wx, y + d, wx - d, y))
+            fill=(colour) stroke="#222" stroke-width="0.8" {}
+    };
+    svg_chart("copynull", (width, height), &title, body)
+}
 
 /// For each copied work, the longest reproduced passage beside the original text.
 fn passages(works: &[WorkEvidence]) -> Markup {
@@ -520,7 +578,8 @@ h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-to
 table{border-collapse:collapse;margin:.6em 0;font-size:.92em}td,th{border:1px solid #ddd;padding:3px 8px;text-align:left;vertical-align:top}\
 th{background:#f4f4f4}table.kv th{width:14em}.summary{background:#f3f7fc;border-left:5px solid #4a78b5;padding:.8em 1.2em}\
 .mono{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:.85em;word-break:break-all}.muted{color:#666}\
-.spectra{display:flex;flex-wrap:wrap;gap:12px}.spectra figure{margin:0}figcaption{font-size:.8em;max-width:360px;word-break:break-all}";
+.spectra{display:flex;flex-wrap:wrap;gap:12px}.spectra figure{margin:0}figcaption{font-size:.8em;max-width:360px;word-break:break-all}\
+.alarm{background:#fdecea;border-left:5px solid #c00;padding:.8em 1.2em;margin:.8em 0}";
 
 const METHOD: &[&str] = &[
     "Every module's change to the base weights (ΔW) is analysed from the factors stored in the file, without forming the full matrix: its singular values say how large the change is and in how many independent directions it acts.",
