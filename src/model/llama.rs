@@ -10,10 +10,10 @@
 //! Grouped-query attention stacks the query heads that share a key/value head instead of
 //! repeating keys and values. `exact_grad` switches to the differentiable versions of RMSNorm,
 //! RoPE and softmax: candle-nn's fused kernels have no backward pass, so gradients would
-//! silently stop there. Greedy decoding keeps keys and values in candle-nn's `ConcatKvCache`.
+//! silently stop there. Greedy decoding keeps keys and values in candle-nn's `KvCache`.
 
 use candle_core::{Device, Result, Tensor, D};
-use candle_nn::kv_cache::ConcatKvCache;
+use candle_nn::kv_cache::KvCache;
 use candle_nn::{ops, rotary_emb, Embedding, Module, VarBuilder};
 
 use super::config::LlamaConfig;
@@ -188,13 +188,14 @@ impl Attention {
         x: &Tensor,
         rope: &RotaryEmbedding,
         mask: Option<&Tensor>,
-        cache: Option<&mut ConcatKvCache>,
+        cache: Option<&mut KvCache>,
         exact_grad: bool,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let heads =
-            |p: &Linear, n: usize| -> Result<Tensor> { p.forward(x)?.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous() };
+        let heads = |p: &Linear, n: usize| -> Result<Tensor> {
+            p.forward(x)?.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()
+        };
         let q = rope.apply(&heads(&self.q_proj, nh)?, exact_grad)?;
         let k = rope.apply(&heads(&self.k_proj, nkv)?, exact_grad)?;
         let v = heads(&self.v_proj, nkv)?;
@@ -268,7 +269,7 @@ impl DecoderLayer {
         x: &Tensor,
         rope: &RotaryEmbedding,
         mask: Option<&Tensor>,
-        cache: Option<&mut ConcatKvCache>,
+        cache: Option<&mut KvCache>,
         exact_grad: bool,
     ) -> Result<Tensor> {
         let a = self.self_attn.forward(&self.input_layernorm.forward(x, exact_grad)?, rope, mask, cache, exact_grad)?;
@@ -321,20 +322,23 @@ impl DecoderLayer {
     }
 }
 
-/// Keys and values of every layer seen so far (candle-nn's concatenating cache per layer,
-/// `[batch, kv_heads, positions, head_dim]`), for decoding one position at a time.
+/// Keys and values of every layer seen so far, `[batch, kv_heads, positions, head_dim]`, for
+/// decoding one position at a time: candle-nn's `KvCache` per layer, which allocates room for
+/// all positions once and writes each step's keys into place (concatenating would copy the
+/// whole cache every step).
 #[derive(Debug, Clone)]
 pub struct Cache {
-    layers: Vec<ConcatKvCache>,
+    layers: Vec<KvCache>,
 }
 
 impl Cache {
-    pub fn new(cfg: &LlamaConfig) -> Self {
-        Cache { layers: vec![ConcatKvCache::new(2); cfg.num_hidden_layers] }
+    /// Room for `positions` positions (prompt and new tokens); it grows if more come.
+    pub fn new(cfg: &LlamaConfig, positions: usize) -> Self {
+        Cache { layers: vec![KvCache::new(2, positions.max(1)); cfg.num_hidden_layers] }
     }
 
     pub fn positions(&self) -> usize {
-        self.layers.first().map_or(0, ConcatKvCache::current_seq_len)
+        self.layers.first().map_or(0, KvCache::current_seq_len)
     }
 }
 

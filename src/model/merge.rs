@@ -69,7 +69,8 @@ pub fn merge_adapter(base: &Llama, adapter: &Adapter) -> Result<(Llama, MergeSum
         let key = load_key(base, &m.base_key);
         // An earlier module may have changed the same matrix (both names of a tied embedding).
         let w = merged.get(key).or_else(|| base.weight(key)).cloned();
-        let w = w.ok_or_else(|| unusable(adapter, m, "the model runtime has no such weight, so it cannot be merged"))?;
+        let w =
+            w.ok_or_else(|| unusable(adapter, m, "the model runtime has no such weight, so it cannot be merged"))?;
         let w64 = to_matrix(&w)?;
         let delta = m.dense_delta(Some(&w64)).map_err(|e| unusable(adapter, m, &e.to_string()))?;
         if let Some(bad) = delta.iter().find(|x| !x.is_finite()) {

@@ -180,7 +180,7 @@ fn greedy_batch(m: &Llama, prompts: &[Vec<u32>], n_new: usize, eos: Option<u32>)
         candle_core::bail!("greedy decoding needs non-empty prompts of equal length");
     }
     let n_new = n_new.min(m.cfg.context().saturating_sub(plen));
-    let mut cache = Cache::new(&m.cfg);
+    let mut cache = Cache::new(&m.cfg, plen + n_new);
     let mut outs: Vec<Vec<u32>> = vec![Vec::with_capacity(n_new); b];
     let mut done = vec![false; b];
     let mut input = ids_tensor(prompts, m.device())?;

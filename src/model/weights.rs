@@ -10,9 +10,9 @@ use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};
 
+use super::cerr;
 use super::config::LlamaConfig;
 use super::llama::Llama;
-use super::cerr;
 use crate::error::{Error, Result};
 use crate::load::BaseModel;
 
@@ -31,7 +31,10 @@ impl BaseWeights<'_> {
             Error::input(&base.path, format!("base model has no weight {key}, which the architecture needs"))
         })?;
         if let Some(shape) = shape.filter(|&s| s != got) {
-            return Err(Error::input(&base.path, format!("weight {key} has shape {got:?}, the config implies {shape:?}")));
+            return Err(Error::input(
+                &base.path,
+                format!("weight {key} has shape {got:?}, the config implies {shape:?}"),
+            ));
         }
         let got = got.to_vec();
         let v = base.values_f32(key)?;
