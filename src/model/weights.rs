@@ -108,3 +108,95 @@ pub fn load_merged(base: &Llama, merged: HashMap<String, Tensor>) -> Result<Llam
     let vb = VarBuilder::from_backend(Box::new(Overlay { base, merged }), DType::F32, base.device().clone());
     Llama::load(vb, &base.cfg).map_err(cerr)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::load::write::SafetensorsBuilder;
+
+    /// One layer, hidden 4, two heads of 2, vocabulary 8.
+    fn cfg() -> LlamaConfig {
+        let v = serde_json::json!({"model_type": "llama", "vocab_size": 8, "hidden_size": 4, "intermediate_size": 8,
+            "num_hidden_layers": 1, "num_attention_heads": 2});
+        LlamaConfig::from_hf_json(Path::new("config.json"), &v).unwrap()
+    }
+
+    fn weights() -> Vec<(String, Vec<usize>)> {
+        let l = "model.layers.0";
+        let mut w = vec![("model.embed_tokens.weight".to_string(), vec![8, 4])];
+        for (name, shape) in [
+            ("self_attn.q_proj", [4, 4]),
+            ("self_attn.k_proj", [4, 4]),
+            ("self_attn.v_proj", [4, 4]),
+            ("self_attn.o_proj", [4, 4]),
+            ("mlp.gate_proj", [8, 4]),
+            ("mlp.up_proj", [8, 4]),
+            ("mlp.down_proj", [4, 8]),
+        ] {
+            w.push((format!("{l}.{name}.weight"), shape.to_vec()));
+        }
+        for name in [format!("{l}.input_layernorm"), format!("{l}.post_attention_layernorm"), "model.norm".into()] {
+            w.push((format!("{name}.weight"), vec![4]));
+        }
+        w.push(("lm_head.weight".to_string(), vec![8, 4]));
+        w
+    }
+
+    /// Load a base directory holding `weights()` changed by `edit`, every value 0.1 except one NaN
+    /// in model.norm.weight (the directory is kept alive beside the result).
+    fn load_edited(edit: impl FnOnce(&mut Vec<(String, Vec<usize>)>)) -> (Result<Llama>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = weights();
+        edit(&mut w);
+        let mut st = SafetensorsBuilder::new();
+        for (k, shape) in &w {
+            let n: usize = shape.iter().product();
+            let v: Vec<f32> = (0..n).map(|i| if k == "model.norm.weight" && i == 3 { f32::NAN } else { 0.1 }).collect();
+            st.add(k, shape, &v, safetensors::Dtype::F32);
+        }
+        st.write(&dir.path().join("model.safetensors")).unwrap();
+        let base = BaseModel::open(dir.path()).unwrap();
+        (load_base(&base, &cfg(), &Device::Cpu), dir)
+    }
+
+    fn input_error(r: Result<Llama>, dir: &Path) -> String {
+        match r {
+            Err(Error::Input { path, reason }) if path == dir => reason,
+            other => panic!("expected an input error naming {}: {other:?}", dir.display()),
+        }
+    }
+
+    #[test]
+    fn bad_base_weights_are_input_errors_naming_the_base() {
+        let (r, d) = load_edited(|w| w.retain(|(k, _)| k != "model.layers.0.mlp.up_proj.weight"));
+        let reason = input_error(r, d.path());
+        assert_eq!(reason, "base model has no weight model.layers.0.mlp.up_proj.weight, which the architecture needs");
+        let (r, d) = load_edited(|w| w[1].1 = vec![2, 4]);
+        let reason = input_error(r, d.path());
+        assert_eq!(reason, "weight model.layers.0.self_attn.q_proj.weight has shape [2, 4], the config implies [4, 4]");
+        // The NaN planted in model.norm.weight is found once the file is otherwise loadable.
+        let (r, d) = load_edited(|_| {});
+        assert_eq!(input_error(r, d.path()), "weight model.norm.weight holds a non-finite value at index 3");
+    }
+
+    #[test]
+    fn a_merged_model_shares_the_tensors_it_does_not_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut st = SafetensorsBuilder::new();
+        for (k, shape) in weights() {
+            st.add(&k, &shape, &vec![0.5; shape.iter().product()], safetensors::Dtype::F32);
+        }
+        st.write(&dir.path().join("model.safetensors")).unwrap();
+        let base = load_base(&BaseModel::open(dir.path()).unwrap(), &cfg(), &Device::Cpu).unwrap();
+        let up = "model.layers.0.mlp.up_proj.weight";
+        let new = Tensor::zeros((8, 4), DType::F32, &Device::Cpu).unwrap();
+        let merged = load_merged(&base, HashMap::from([(up.to_string(), new.clone())])).unwrap();
+        // The same tensor (candle's id), not a copy.
+        assert_eq!(merged.weight(up).unwrap().id(), new.id());
+        for (k, _) in weights().iter().filter(|(k, _)| k != up) {
+            assert_eq!(merged.weight(k).unwrap().id(), base.weight(k).unwrap().id(), "{k} was copied");
+        }
+    }
+}
