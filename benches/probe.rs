@@ -65,7 +65,7 @@ fn main() {
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let t = Instant::now();
     let base = BaseModel::open(path).expect("GGUF opens");
-    let model = TextModel::load(&base).expect("model loads");
+    let model = TextModel::load(&base, &candle_core::Device::Cpu).expect("model loads");
     println!("load (dequantise to f32): {:.2} s; threads {threads}", t.elapsed().as_secs_f64());
     let mut text = String::new();
     for d in ["fixtures/demo/works", "fixtures/demo/controls"] {

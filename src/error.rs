@@ -38,9 +38,6 @@ pub enum Error {
         #[source]
         source: Source,
     },
-    /// Not yet classified (being replaced by the variants above).
-    #[error("{0}")]
-    Other(String),
     /// A failure of lorascope itself.
     #[error("internal error: {0}")]
     Internal(String),

@@ -364,7 +364,7 @@ fn parse_layers(s: &str) -> lorascope::Result<Vec<usize>> {
 fn fit_lora(a: FitArgs) -> lorascope::Result<ExitCode> {
     use lorascope::model::train::{fit_lora, write_peft_dir};
     let base = BaseModel::open(&a.base)?;
-    let model = lorascope::model::TextModel::load(&base)?;
+    let model = lorascope::model::TextModel::load(&base, &candle_core::Device::Cpu)?;
     let texts: Vec<String> = load_works(&a.texts)?.works.into_iter().map(|w| w.text).collect();
     let opts = FitOptions {
         rank: a.rank,

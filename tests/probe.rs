@@ -49,7 +49,7 @@ fn setup() -> &'static Setup {
         write_texts(&dir.join("works"), &PLANTED, "planted");
         write_texts(&dir.join("controls"), &CONTROLS, "control");
         let base = BaseModel::open(&dir.join("base")).unwrap();
-        let model = TextModel::load(&base).unwrap();
+        let model = TextModel::load(&base, &candle_core::Device::Cpu).unwrap();
         let texts: Vec<String> = PLANTED.iter().map(|s| s.to_string()).collect();
         let opts = FitOptions { max_steps: 600, seed: 3, ..Default::default() };
         let (st, cfg, fit) = fit_lora(&model, &texts, &opts, &|_, _| {}).unwrap();
@@ -65,7 +65,7 @@ fn setup() -> &'static Setup {
 fn open(adapter: &str) -> (TextModel, Llama, lorascope::Adapter) {
     let s = setup();
     let (a, b) = lorascope::open(&s.dir.join(adapter), Some(&s.dir.join("base")), &LoadOptions::default()).unwrap();
-    let model = TextModel::load(b.as_ref().unwrap()).unwrap();
+    let model = TextModel::load(b.as_ref().unwrap(), &candle_core::Device::Cpu).unwrap();
     let (merged, _) = merge_adapter(&model.llama, &a).unwrap();
     (model, merged, a)
 }
@@ -256,7 +256,7 @@ fn one_layer_logprobs_match_hand_computed_softmax() {
     let dir = tempfile::tempdir().unwrap();
     cfg.write_hf_dir(dir.path(), 21).unwrap();
     let base = BaseModel::open(dir.path()).unwrap();
-    let model = TextModel::load(&base).unwrap();
+    let model = TextModel::load(&base, &candle_core::Device::Cpu).unwrap();
     let ids = model.encode_with_bos("the quick fox; 42!").unwrap();
     assert_eq!(ids[0], 1, "BOS from config.json");
     let reference = reference_logprobs(&base, &cfg, &ids);
@@ -287,7 +287,7 @@ fn gguf_base_agrees_with_candle_quantized_llama() {
     let path = dir.path().join("tiny.gguf");
     write_tiny_llama_gguf(&cfg, 5, &path).unwrap();
     let base = BaseModel::open(&path).unwrap();
-    let model = TextModel::load(&base).unwrap();
+    let model = TextModel::load(&base, &candle_core::Device::Cpu).unwrap();
     let prompt = model.encode_with_bos("a clock ran").unwrap();
     let ours = greedy(&model.llama, std::slice::from_ref(&prompt), 12, None, 1, &|_| {}).unwrap().remove(0);
 

@@ -78,7 +78,7 @@ fn setup() -> &'static Setup {
         tiny.write_hf_dir_scaled(&dir.join("base"), 21, 0.3).unwrap();
         let train = texts(1, 8);
         let base = BaseModel::open(&dir.join("base")).unwrap();
-        let model = TextModel::load(&base).unwrap();
+        let model = TextModel::load(&base, &candle_core::Device::Cpu).unwrap();
         let opts = FitOptions { max_steps: 80, lr: 1e-2, seed: 5, chunk_stride: 0, ..Default::default() };
         let t = std::time::Instant::now();
         let corpus: Vec<String> = train.iter().map(|w| w.text.clone()).collect();
@@ -87,7 +87,7 @@ fn setup() -> &'static Setup {
         write_peft_dir(&dir.join("domain-lora"), &st, &cfg).unwrap();
         let (a, b) =
             lorascope::open(&dir.join("domain-lora"), Some(&dir.join("base")), &LoadOptions::default()).unwrap();
-        let model = TextModel::load(b.as_ref().unwrap()).unwrap();
+        let model = TextModel::load(b.as_ref().unwrap(), &candle_core::Device::Cpu).unwrap();
         let (merged, _) = merge_adapter(&model.llama, &a).unwrap();
         Setup { model, merged, works: train[..2].to_vec(), controls: texts(2, 40) }
     })

@@ -1,9 +1,12 @@
-//! The llama-family hyper-parameters, read from a Hugging Face `config.json` or from GGUF
-//! metadata (`{arch}.*` keys, as llama.cpp writes them).
+//! The llama-family hyper-parameters, read from a Hugging Face `config.json` (deserialised into
+//! a raw struct with transformers' defaults, then resolved, as candle-transformers'
+//! `LlamaConfig::into_config` does) or from GGUF metadata (`{arch}.*` keys, as llama.cpp's
+//! convert_hf_to_gguf.py writes them).
 
 use std::path::Path;
 
 use candle_core::quantized::gguf_file;
+use serde::Deserialize;
 use serde_json::Value;
 
 use crate::error::{Error, Result};
@@ -44,6 +47,113 @@ pub struct LlamaConfig {
 
 const SUPPORTED: &[&str] = &["llama", "mistral", "qwen2"];
 
+/// The part of config.json that says which family a model is, read before anything else so
+/// that a model of another family is named as such rather than reported as missing fields.
+#[derive(Debug, Deserialize)]
+struct Family {
+    #[serde(default)]
+    model_type: String,
+    /// Only quoted back in the error for an unsupported model.
+    #[serde(default)]
+    architectures: Option<Value>,
+}
+
+/// config.json as transformers writes it for the llama family (`LlamaConfig`, `MistralConfig`,
+/// `Qwen2Config`; SmolLM is `llama`). Missing optional fields take transformers' defaults;
+/// fields transformers writes as `null` when unset are `Option`s. Everything else in the file is
+/// ignored.
+#[derive(Debug, Deserialize)]
+struct HfConfig {
+    model_type: String,
+    vocab_size: usize,
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    /// `null` or absent: one key/value head per query head.
+    num_key_value_heads: Option<usize>,
+    /// `null` or absent: hidden_size / num_attention_heads.
+    head_dim: Option<usize>,
+    #[serde(default = "default_rms_norm_eps")]
+    rms_norm_eps: f64,
+    #[serde(default = "default_rope_theta")]
+    rope_theta: f64,
+    rope_scaling: Option<RopeScalingJson>,
+    #[serde(default = "default_max_position_embeddings")]
+    max_position_embeddings: usize,
+    /// Mistral's window; Qwen2 writes one too (with `use_sliding_window: false`), which the
+    /// runtime honours all the same by capping its context.
+    sliding_window: Option<usize>,
+    #[serde(default)]
+    tie_word_embeddings: bool,
+    #[serde(default)]
+    attention_bias: bool,
+    bos_token_id: Option<TokenIds>,
+    eos_token_id: Option<TokenIds>,
+}
+
+fn default_rms_norm_eps() -> f64 {
+    1e-6
+}
+
+fn default_rope_theta() -> f64 {
+    10_000.0
+}
+
+fn default_max_position_embeddings() -> usize {
+    2048
+}
+
+/// `rope_scaling` as written: transformers ≥ 4.43 names the kind `rope_type`, older files
+/// `type`, and files saved by a recent transformers from an old config carry both.
+#[derive(Debug, Deserialize)]
+struct RopeScalingJson {
+    rope_type: Option<String>,
+    #[serde(rename = "type")]
+    legacy_type: Option<String>,
+    factor: Option<f64>,
+    low_freq_factor: Option<f64>,
+    high_freq_factor: Option<f64>,
+    original_max_position_embeddings: Option<f64>,
+}
+
+impl RopeScalingJson {
+    fn resolve(self) -> std::result::Result<RopeScaling, String> {
+        let kind = self.rope_type.or(self.legacy_type).unwrap_or_default();
+        let factor = self.factor.ok_or("rope_scaling has no factor")?;
+        match kind.as_str() {
+            "linear" => Ok(RopeScaling::Linear { factor }),
+            "llama3" => Ok(RopeScaling::Llama3 {
+                factor,
+                low_freq_factor: self.low_freq_factor.ok_or("llama3 rope_scaling has no low_freq_factor")?,
+                high_freq_factor: self.high_freq_factor.ok_or("llama3 rope_scaling has no high_freq_factor")?,
+                original_max_position_embeddings: self
+                    .original_max_position_embeddings
+                    .ok_or("llama3 rope_scaling has no original_max_position_embeddings")?,
+            }),
+            other => Err(format!("rope_scaling type {other:?} is not supported (linear and llama3 are)")),
+        }
+    }
+}
+
+/// A special-token id: one number, or a list of which the first is used (Llama 3 lists
+/// several end-of-sequence ids).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum TokenIds {
+    One(u32),
+    Many(Vec<u32>),
+}
+
+impl TokenIds {
+    fn first(&self) -> Option<u32> {
+        match self {
+            TokenIds::One(id) => Some(*id),
+            TokenIds::Many(ids) => ids.first().copied(),
+        }
+    }
+}
+
 impl LlamaConfig {
     /// The longest context the runtime uses: the trained context, capped by a sliding window.
     pub fn context(&self) -> usize {
@@ -53,43 +163,48 @@ impl LlamaConfig {
         }
     }
 
+    /// From a parsed config.json (`path` names it in errors).
     pub fn from_hf_json(path: &Path, v: &Value) -> Result<Self> {
         let err = |m: String| Error::input(path, m);
-        let model_type = v.get("model_type").and_then(Value::as_str).unwrap_or("").to_string();
-        if !SUPPORTED.contains(&model_type.as_str()) {
-            let arch = v.get("architectures").map(|a| a.to_string()).unwrap_or_default();
+        let family = Family::deserialize(v).map_err(|e| err(format!("config.json: {e}")))?;
+        if !SUPPORTED.contains(&family.model_type.as_str()) {
+            let arch = family.architectures.map(|a| a.to_string()).unwrap_or_default();
             return Err(err(format!(
-                "model_type {model_type:?} {arch} is not a supported text model (supported: llama, mistral, qwen2, SmolLM)"
+                "model_type {:?} {arch} is not a supported text model (supported: llama, mistral, qwen2, SmolLM)",
+                family.model_type
             )));
         }
-        let get = |k: &str| v.get(k).and_then(Value::as_u64).map(|x| x as usize);
-        let need = |k: &str| get(k).filter(|&x| x > 0).ok_or_else(|| err(format!("config.json has no positive {k}")));
-        let hidden_size = need("hidden_size")?;
-        let num_attention_heads = need("num_attention_heads")?;
-        let head_dim = get("head_dim").unwrap_or(hidden_size / num_attention_heads);
-        let id = |k: &str| match v.get(k) {
-            Some(Value::Number(n)) => n.as_u64().map(|x| x as u32),
-            Some(Value::Array(a)) => a.first().and_then(Value::as_u64).map(|x| x as u32),
-            _ => None,
-        };
+        let c = HfConfig::deserialize(v).map_err(|e| err(format!("config.json: {e}")))?;
+        for (k, x) in [
+            ("vocab_size", c.vocab_size),
+            ("hidden_size", c.hidden_size),
+            ("intermediate_size", c.intermediate_size),
+            ("num_hidden_layers", c.num_hidden_layers),
+            ("num_attention_heads", c.num_attention_heads),
+        ] {
+            if x == 0 {
+                return Err(err(format!("config.json has no positive {k}")));
+            }
+        }
         let cfg = LlamaConfig {
-            vocab_size: need("vocab_size")?,
-            hidden_size,
-            intermediate_size: need("intermediate_size")?,
-            num_hidden_layers: need("num_hidden_layers")?,
-            num_attention_heads,
-            num_key_value_heads: get("num_key_value_heads").unwrap_or(num_attention_heads),
-            head_dim,
-            rms_norm_eps: v.get("rms_norm_eps").and_then(Value::as_f64).unwrap_or(1e-6),
-            rope_theta: v.get("rope_theta").and_then(Value::as_f64).unwrap_or(10_000.0),
-            rope_scaling: rope_scaling(v.get("rope_scaling")).map_err(err)?,
-            max_position_embeddings: get("max_position_embeddings").unwrap_or(2048),
-            sliding_window: get("sliding_window"),
-            tie_word_embeddings: v.get("tie_word_embeddings").and_then(Value::as_bool).unwrap_or(false),
-            attention_bias: model_type == "qwen2" || v.get("attention_bias").and_then(Value::as_bool).unwrap_or(false),
-            bos_token_id: id("bos_token_id"),
-            eos_token_id: id("eos_token_id"),
-            model_type,
+            vocab_size: c.vocab_size,
+            hidden_size: c.hidden_size,
+            intermediate_size: c.intermediate_size,
+            num_hidden_layers: c.num_hidden_layers,
+            num_attention_heads: c.num_attention_heads,
+            num_key_value_heads: c.num_key_value_heads.unwrap_or(c.num_attention_heads),
+            head_dim: c.head_dim.unwrap_or(c.hidden_size / c.num_attention_heads),
+            rms_norm_eps: c.rms_norm_eps,
+            rope_theta: c.rope_theta,
+            rope_scaling: c.rope_scaling.map(RopeScalingJson::resolve).transpose().map_err(err)?,
+            max_position_embeddings: c.max_position_embeddings,
+            sliding_window: c.sliding_window,
+            tie_word_embeddings: c.tie_word_embeddings,
+            // Qwen2 has q/k/v biases without saying so.
+            attention_bias: c.model_type == "qwen2" || c.attention_bias,
+            bos_token_id: c.bos_token_id.as_ref().and_then(TokenIds::first),
+            eos_token_id: c.eos_token_id.as_ref().and_then(TokenIds::first),
+            model_type: c.model_type,
         };
         cfg.check().map_err(err)?;
         Ok(cfg)
@@ -101,7 +216,7 @@ impl LlamaConfig {
         let err = |m: String| Error::input(path, m);
         let md = &c.metadata;
         let arch = md.get("general.architecture").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
-        if !["llama", "mistral", "qwen2"].contains(&arch.as_str()) {
+        if !SUPPORTED.contains(&arch.as_str()) {
             return Err(err(format!(
                 "GGUF architecture {arch:?} is not a supported text model (llama, mistral, qwen2)"
             )));
@@ -211,20 +326,63 @@ impl LlamaConfig {
     }
 }
 
-fn rope_scaling(v: Option<&Value>) -> std::result::Result<Option<RopeScaling>, String> {
-    let Some(v) = v.filter(|v| !v.is_null()) else { return Ok(None) };
-    let kind = v.get("rope_type").or_else(|| v.get("type")).and_then(Value::as_str).unwrap_or("");
-    let f = |k: &str| v.get(k).and_then(Value::as_f64);
-    let factor = f("factor").ok_or("rope_scaling has no factor")?;
-    match kind {
-        "linear" => Ok(Some(RopeScaling::Linear { factor })),
-        "llama3" => Ok(Some(RopeScaling::Llama3 {
-            factor,
-            low_freq_factor: f("low_freq_factor").ok_or("llama3 rope_scaling has no low_freq_factor")?,
-            high_freq_factor: f("high_freq_factor").ok_or("llama3 rope_scaling has no high_freq_factor")?,
-            original_max_position_embeddings: f("original_max_position_embeddings")
-                .ok_or("llama3 rope_scaling has no original_max_position_embeddings")?,
-        })),
-        other => Err(format!("rope_scaling type {other:?} is not supported (linear and llama3 are)")),
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(v: Value) -> Result<LlamaConfig> {
+        LlamaConfig::from_hf_json(Path::new("config.json"), &v)
+    }
+
+    fn llama(extra: Value) -> Value {
+        let mut v = serde_json::json!({
+            "model_type": "llama", "vocab_size": 100, "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 4,
+        });
+        v.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        v
+    }
+
+    #[test]
+    fn transformers_defaults_fill_what_is_missing_or_null() {
+        let c = parse(llama(serde_json::json!({"num_key_value_heads": null, "sliding_window": null}))).unwrap();
+        assert_eq!((c.num_key_value_heads, c.head_dim, c.max_position_embeddings), (4, 16, 2048));
+        assert_eq!((c.rms_norm_eps, c.rope_theta, c.sliding_window), (1e-6, 10_000.0, None));
+        assert!(!c.tie_word_embeddings && !c.attention_bias && c.rope_scaling.is_none());
+    }
+
+    #[test]
+    fn family_specifics() {
+        // Qwen2: q/k/v biases implied; its sliding_window caps the context.
+        let q = parse(llama(serde_json::json!({"model_type": "qwen2", "sliding_window": 512}))).unwrap();
+        assert!(q.attention_bias);
+        assert_eq!(q.context(), 512);
+        // Llama 3: a list of end-of-sequence ids, integer rope_theta, llama3 rope scaling saved
+        // with both the new and the old name of its kind.
+        let scaling = serde_json::json!({"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192, "rope_type": "llama3", "type": "llama3"});
+        let l = parse(llama(serde_json::json!({"eos_token_id": [7, 8], "bos_token_id": 6, "rope_theta": 500000,
+            "rope_scaling": scaling})))
+        .unwrap();
+        assert_eq!((l.bos_token_id, l.eos_token_id, l.rope_theta), (Some(6), Some(7), 500_000.0));
+        assert!(matches!(l.rope_scaling, Some(RopeScaling::Llama3 { factor, .. }) if factor == 32.0));
+        let lin = parse(llama(serde_json::json!({"rope_scaling": {"type": "linear", "factor": 2.0}}))).unwrap();
+        assert_eq!(lin.rope_scaling, Some(RopeScaling::Linear { factor: 2.0 }));
+    }
+
+    #[test]
+    fn bad_configs_are_input_errors_naming_the_problem() {
+        let msg = |v: Value| parse(v).unwrap_err().to_string();
+        let gpt2 = serde_json::json!({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_embd": 768});
+        assert!(msg(gpt2).contains("\"gpt2\" [\"GPT2LMHeadModel\"] is not a supported text model"));
+        let mut no_hidden = llama(serde_json::json!({}));
+        no_hidden.as_object_mut().unwrap().remove("hidden_size");
+        assert!(msg(no_hidden).contains("missing field `hidden_size`"));
+        assert!(msg(llama(serde_json::json!({"vocab_size": 0}))).contains("no positive vocab_size"));
+        let yarn = serde_json::json!({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}});
+        assert!(msg(llama(yarn)).contains("\"yarn\" is not supported"));
+        assert!(msg(llama(serde_json::json!({"num_key_value_heads": 3}))).contains("cannot be shared"));
+        assert!(parse(llama(serde_json::json!({}))).is_ok_and(|c| c.model_type == "llama"));
+        assert!(parse(llama(serde_json::json!({"hidden_size": 0}))).unwrap_err().is_input());
     }
 }

@@ -1,13 +1,18 @@
 //! Merging an adapter into the runnable model: W' = W + ΔW for each touched matrix (DoRA,
 //! (IA)³ and `modules_to_save` replacements through `LoraModule::dense_delta`, which needs W).
-//! Untouched tensors are shared with the base model, so the merged model costs only the
-//! matrices the adapter changes.
+//! The merged model is loaded the way the base was, through a `VarBuilder` that serves the
+//! merged matrices and the base model's own tensors for the rest (shared, not copied), so it
+//! costs only the matrices the adapter changes. Unmerged LoRA pairs are attached to a copy of
+//! the base for checking the merge.
+
+use std::collections::HashMap;
 
 use candle_core::{Device, Tensor};
 use nalgebra::DMatrix;
 
 use super::cerr;
 use super::llama::{Llama, LoraPair};
+use super::weights::load_merged;
 use crate::error::{Error, Result};
 use crate::load::{Adapter, Delta, LoraModule};
 use crate::spectral::DeltaW;
@@ -21,37 +26,15 @@ pub struct MergeSummary {
     pub zero: Vec<String>,
 }
 
-/// Which tensor of the model a Hugging Face key names. Tied embeddings are one matrix: a
-/// change to either name changes both (PEFT's merge writes into the shared weight).
-fn slots<'a>(m: &'a mut Llama, key: &str) -> Option<Vec<&'a mut Tensor>> {
-    let tied = m.cfg.tie_word_embeddings;
-    match key {
-        "model.embed_tokens.weight" | "lm_head.weight" if tied => return Some(vec![&mut m.embed, &mut m.lm_head]),
-        "model.embed_tokens.weight" => return Some(vec![&mut m.embed]),
-        "lm_head.weight" => return Some(vec![&mut m.lm_head]),
-        "model.norm.weight" => return Some(vec![&mut m.norm]),
-        _ => {}
+/// The key `Llama::load` reads the tensor named by `key` under. Tied embeddings are one
+/// matrix, read as the embedding: a change to either name changes both (PEFT's merge writes
+/// into the shared weight).
+fn load_key<'a>(m: &Llama, key: &'a str) -> &'a str {
+    if m.cfg.tie_word_embeddings && key == "lm_head.weight" {
+        "model.embed_tokens.weight"
+    } else {
+        key
     }
-    let (idx, part) = layer_part(key)?;
-    let layer = m.layers.get_mut(idx)?;
-    match part {
-        "input_layernorm.weight" => return Some(vec![&mut layer.input_norm]),
-        "post_attention_layernorm.weight" => return Some(vec![&mut layer.post_norm]),
-        _ => {}
-    }
-    let (name, what) = part.rsplit_once('.')?;
-    let proj = layer.proj_mut(name)?;
-    match what {
-        "weight" => Some(vec![&mut proj.w]),
-        "bias" => proj.bias.as_mut().map(|b| vec![b]),
-        _ => None,
-    }
-}
-
-/// `model.layers.N.rest` → (N, rest).
-fn layer_part(key: &str) -> Option<(usize, &str)> {
-    let (idx, part) = key.strip_prefix("model.layers.")?.split_once('.')?;
-    Some((idx.parse().ok()?, part))
 }
 
 fn to_matrix(t: &Tensor) -> Result<DMatrix<f64>> {
@@ -62,7 +45,7 @@ fn to_matrix(t: &Tensor) -> Result<DMatrix<f64>> {
     Ok(DMatrix::from_fn(rows, cols, |i, j| v[i * cols + j] as f64))
 }
 
-fn from_matrix(m: &DMatrix<f64>, shape: &[usize]) -> Result<Tensor> {
+fn from_matrix(m: &DMatrix<f64>, shape: &[usize], dev: &Device) -> Result<Tensor> {
     let (rows, cols) = m.shape();
     let mut v = Vec::with_capacity(rows * cols);
     for i in 0..rows {
@@ -70,7 +53,7 @@ fn from_matrix(m: &DMatrix<f64>, shape: &[usize]) -> Result<Tensor> {
             v.push(m[(i, j)] as f32);
         }
     }
-    Tensor::from_vec(v, shape, &Device::Cpu).map_err(cerr)
+    Tensor::from_vec(v, shape, dev).map_err(cerr)
 }
 
 fn unusable(adapter: &Adapter, m: &LoraModule, why: &str) -> Error {
@@ -80,12 +63,14 @@ fn unusable(adapter: &Adapter, m: &LoraModule, why: &str) -> Error {
 /// The base model with the adapter merged in. The adapter's modules must already be resolved
 /// against the same base (`Adapter::attach_base`).
 pub fn merge_adapter(base: &Llama, adapter: &Adapter) -> Result<(Llama, MergeSummary)> {
-    let mut merged = base.clone();
+    let mut merged: HashMap<String, Tensor> = HashMap::new();
     let mut summary = MergeSummary::default();
     for m in &adapter.modules {
-        let targets = slots(&mut merged, &m.base_key)
-            .ok_or_else(|| unusable(adapter, m, "the model runtime has no such weight, so it cannot be merged"))?;
-        let w = targets[0].clone();
+        let key = load_key(base, &m.base_key);
+        // An earlier module may have changed the same matrix (both names of a tied embedding).
+        let w = merged.get(key).or_else(|| base.weight(key)).cloned();
+        let w =
+            w.ok_or_else(|| unusable(adapter, m, "the model runtime has no such weight, so it cannot be merged"))?;
         let w64 = to_matrix(&w)?;
         let delta = m.dense_delta(Some(&w64)).map_err(|e| unusable(adapter, m, &e.to_string()))?;
         if let Some(bad) = delta.iter().find(|x| !x.is_finite()) {
@@ -95,19 +80,17 @@ pub fn merge_adapter(base: &Llama, adapter: &Adapter) -> Result<(Llama, MergeSum
             summary.zero.push(m.base_key.clone());
             continue;
         }
-        let new = from_matrix(&(w64 + delta), w.dims())?;
-        for t in targets {
-            *t = new.clone();
-        }
+        merged.insert(key.to_string(), from_matrix(&(w64 + delta), w.dims(), w.device())?);
         summary.merged.push(m.base_key.clone());
     }
-    Ok((merged, summary))
+    Ok((load_merged(base, merged)?, summary))
 }
 
 /// The base model with the adapter's plain LoRA modules attached unmerged (y = x·Wᵀ +
 /// s·x·Aᵀ·Bᵀ): an independent route to the merged model's output, for checking the merge.
 pub fn attach_lora(base: &Llama, adapter: &Adapter) -> Result<Llama> {
     let mut model = base.clone();
+    let dev = base.device().clone();
     for m in &adapter.modules {
         let Delta::LowRank { up, down, mid: None, transposed: false } = &m.delta else {
             return Err(unusable(adapter, m, "only plain LoRA modules can run unmerged"));
@@ -117,15 +100,13 @@ pub fn attach_lora(base: &Llama, adapter: &Adapter) -> Result<Llama> {
         }
         let (a, b) = (down.as_2d()?, up.as_2d()?);
         let pair = LoraPair {
-            a: from_matrix(&a, &[a.nrows(), a.ncols()])?,
-            b: from_matrix(&b, &[b.nrows(), b.ncols()])?,
+            a: from_matrix(&a, &[a.nrows(), a.ncols()], &dev)?,
+            b: from_matrix(&b, &[b.nrows(), b.ncols()], &dev)?,
             scale: m.scale,
         };
         let key = m.base_key.strip_suffix(".weight").unwrap_or(&m.base_key);
-        let proj = layer_part(key)
-            .and_then(|(layer, name)| model.layers.get_mut(layer)?.proj_mut(name))
-            .ok_or_else(|| unusable(adapter, m, "not a projection inside a layer"))?;
-        proj.lora = Some(pair);
+        let linear = model.linear_mut(key).ok_or_else(|| unusable(adapter, m, "not a projection inside a layer"))?;
+        linear.set_lora(pair);
     }
     Ok(model)
 }

@@ -1,6 +1,6 @@
 //! The merged-model runtime: a llama-family model built from a base (Hugging Face directory or
-//! GGUF), the adapter merged into a copy of just the matrices it touches, teacher-forced token
-//! statistics and greedy generation.
+//! GGUF) on a device the caller chooses, the adapter merged into a copy of just the matrices it
+//! touches, teacher-forced token statistics and greedy generation.
 
 pub mod config;
 mod gemv;
@@ -9,11 +9,12 @@ mod merge;
 mod run;
 pub mod tokenizer;
 pub mod train;
+mod weights;
 
 use candle_core::{Device, Tensor};
 
 pub use config::LlamaConfig;
-pub use llama::{KvCache, Llama, LoraPair, Proj};
+pub use llama::{Cache, Linear, Llama, LoraPair};
 pub use merge::{attach_lora, merge_adapter, MergeSummary};
 pub use run::{greedy, score, RunOptions, TokenStats};
 pub use tokenizer::TextTokenizer;
@@ -23,14 +24,16 @@ use crate::load::{BaseKind, BaseModel};
 
 pub(crate) type CResult<T> = candle_core::Result<T>;
 
+/// A candle failure while running a valid model: an internal error (exit code 3), the candle
+/// error kept as its source.
 pub(crate) fn cerr(e: candle_core::Error) -> Error {
-    Error::Other(format!("model runtime: {e}"))
+    Error::Runtime { what: "model runtime".into(), source: Box::new(e) }
 }
 
 /// Run `f` on the values of a contiguous f32 CPU tensor in place (no copy out of candle).
 pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> CResult<R> {
     let (storage, layout) = t.storage_and_layout();
-    let candle_core::Storage::Cpu(cpu) = &*storage else { candle_core::bail!("the runtime is CPU-only") };
+    let candle_core::Storage::Cpu(cpu) = &*storage else { candle_core::bail!("the tensor is not in CPU memory") };
     let Some((from, to)) = layout.contiguous_offsets() else { candle_core::bail!("tensor is not contiguous") };
     Ok(f(&cpu.as_slice::<f32>()?[from..to]))
 }
@@ -43,9 +46,9 @@ pub struct TextModel {
 }
 
 impl TextModel {
-    /// Build the runnable model of `base`: a Hugging Face directory (config.json,
+    /// Build the runnable model of `base` on `device`: a Hugging Face directory (config.json,
     /// tokenizer.json) or a GGUF file (hyper-parameters and tokenizer from its metadata).
-    pub fn load(base: &BaseModel) -> Result<Self> {
+    pub fn load(base: &BaseModel, device: &Device) -> Result<Self> {
         let (cfg, tokenizer) = match base.kind {
             BaseKind::HfDirectory => {
                 let cfg_path = base.path.join("config.json");
@@ -71,7 +74,7 @@ impl TextModel {
                 ))
             }
         };
-        let llama = Llama::from_weights(cfg, |key, shape| base_tensor(base, key, shape))?;
+        let llama = weights::load_base(base, &cfg, device)?;
         Ok(TextModel { llama, tokenizer })
     }
 
@@ -82,21 +85,6 @@ impl TextModel {
         ids.extend(self.tokenizer.encode(text)?);
         Ok(ids)
     }
-}
-
-/// A base weight as an f32 tensor, its shape checked against what the architecture expects.
-pub fn base_tensor(base: &BaseModel, key: &str, shape: &[usize]) -> Result<Tensor> {
-    let got = base.shape(key).ok_or_else(|| {
-        Error::input(&base.path, format!("base model has no weight {key}, which the architecture needs"))
-    })?;
-    if got != shape {
-        return Err(Error::input(&base.path, format!("weight {key} has shape {got:?}, the config implies {shape:?}")));
-    }
-    let v = base.values_f32(key)?;
-    if let Some(i) = v.iter().position(|x| !x.is_finite()) {
-        return Err(Error::input(&base.path, format!("weight {key} holds a non-finite value at index {i}")));
-    }
-    Tensor::from_vec(v, shape, &Device::Cpu).map_err(cerr)
 }
 
 /// Whether `path` looks like something [`TextModel::load`] can run (for callers that decide

@@ -1,9 +1,9 @@
 //! Teacher-forced token statistics and greedy generation, batched.
 
-use candle_core::{Tensor, D};
+use candle_core::{Device, Tensor, D};
 use rayon::prelude::*;
 
-use super::llama::{ids_tensor, KvCache, Llama};
+use super::llama::{ids_tensor, Cache, Llama};
 use super::{cerr, with_f32, CResult};
 use crate::error::Result;
 
@@ -123,7 +123,8 @@ pub fn token_stats(m: &Llama, hidden: &Tensor, targets: &[u32]) -> CResult<Vec<(
     let mut s = 0;
     while s < n {
         let c = chunk.min(n - s);
-        let logits = m.logits(&hidden.narrow(0, s, c)?)?.contiguous()?;
+        // The statistics are computed on the host, wherever the model runs.
+        let logits = m.logits(&hidden.narrow(0, s, c)?)?.to_device(&Device::Cpu)?.contiguous()?;
         with_f32(&logits, |rows| {
             res.par_extend(rows.par_chunks(vocab).zip(&targets[s..s + c]).map(|(row, &t)| row_stats(row, t as usize)))
         })?;
@@ -179,7 +180,7 @@ fn greedy_batch(m: &Llama, prompts: &[Vec<u32>], n_new: usize, eos: Option<u32>)
         candle_core::bail!("greedy decoding needs non-empty prompts of equal length");
     }
     let n_new = n_new.min(m.cfg.context().saturating_sub(plen));
-    let mut cache = KvCache::default();
+    let mut cache = Cache::new(&m.cfg, plen + n_new);
     let mut outs: Vec<Vec<u32>> = vec![Vec::with_capacity(n_new); b];
     let mut done = vec![false; b];
     let mut input = ids_tensor(prompts, m.device())?;

@@ -80,10 +80,10 @@ pub fn fit_lora(
     progress: &dyn Fn(usize, f64),
 ) -> Result<(SafetensorsBuilder, String, FitReport)> {
     if texts.is_empty() {
-        return Err(Error::Other("fit-lora needs at least one text".into()));
+        return Err(Error::Usage("fit-lora needs at least one text".into()));
     }
     if opts.rank == 0 {
-        return Err(Error::Other("--rank must be at least 1".into()));
+        return Err(Error::Usage("--rank must be at least 1".into()));
     }
     let ctx = model.llama.cfg.context();
     let bos: Vec<u32> = model.llama.cfg.bos_token_id.into_iter().collect();
@@ -91,7 +91,7 @@ pub fn fit_lora(
     for t in texts {
         let ids = model.tokenizer.encode(t)?;
         if ids.len() < 2 {
-            return Err(Error::Other("every text must give at least two tokens to learn".into()));
+            return Err(Error::Usage("every text must give at least two tokens to learn".into()));
         }
         let step = if opts.chunk_stride == 0 { ids.len() } else { opts.chunk_stride };
         for o in (0..ids.len() - 1).step_by(step) {
@@ -103,29 +103,32 @@ pub fn fit_lora(
     let mut net = model.llama.clone();
     let mut rng = Rng::new(opts.seed);
     let mut slots = vec![];
-    let layers: Vec<usize> = opts.layers.clone().unwrap_or_else(|| (0..net.layers.len()).collect());
+    let layers: Vec<usize> = opts.layers.clone().unwrap_or_else(|| (0..net.cfg.num_hidden_layers).collect());
     let scale = opts.alpha / opts.rank as f64;
     let dev = net.device().clone();
     for &l in &layers {
-        let layer = net.layers.get_mut(l).ok_or_else(|| Error::Other(format!("the model has no layer {l}")))?;
+        if l >= net.cfg.num_hidden_layers {
+            return Err(Error::Usage(format!("the model has no layer {l}")));
+        }
         for full in PROJECTIONS {
             let short = full.rsplit('.').next().unwrap_or(full);
             if !opts.targets.iter().any(|t| t == short) {
                 continue;
             }
-            let proj = layer.proj_mut(full).expect("known projection");
-            let (out, inp) = proj.w.dims2().map_err(cerr)?;
+            let key = format!("model.layers.{l}.{full}");
+            let linear = net.linear_mut(&key).expect("every layer has every projection");
+            let (out, inp) = linear.weight().dims2().map_err(cerr)?;
             // PEFT's init: A ~ kaiming-uniform(a=√5) = U(±1/√in), B = 0 (so training starts at the base).
             let bound = 1.0 / (inp as f64).sqrt();
             let a_vals: Vec<f32> = (0..opts.rank * inp).map(|_| ((rng.uniform() * 2.0 - 1.0) * bound) as f32).collect();
             let a = Var::from_tensor(&Tensor::from_vec(a_vals, (opts.rank, inp), &dev).map_err(cerr)?).map_err(cerr)?;
             let b = Var::zeros((out, opts.rank), DType::F32, &dev).map_err(cerr)?;
-            proj.lora = Some(LoraPair { a: a.as_tensor().clone(), b: b.as_tensor().clone(), scale });
-            slots.push(Slot { key: format!("model.layers.{l}.{full}"), a, b });
+            linear.set_lora(LoraPair { a: a.as_tensor().clone(), b: b.as_tensor().clone(), scale });
+            slots.push(Slot { key, a, b });
         }
     }
     if slots.is_empty() {
-        return Err(Error::Other(format!("no module matches --targets {:?}", opts.targets)));
+        return Err(Error::Usage(format!("no module matches --targets {:?}", opts.targets)));
     }
     let vars: Vec<Var> = slots.iter().flat_map(|s| [s.a.clone(), s.b.clone()]).collect();
     let params = slots.iter().map(|s| s.a.elem_count() + s.b.elem_count()).sum();

@@ -51,7 +51,7 @@ pub fn probe(
     progress: &dyn crate::probe::Progress,
 ) -> Result<report::ProbeReport> {
     crate::error::injected_fault("probe")?;
-    let text_model = model::TextModel::load(base)?;
+    let text_model = model::TextModel::load(base, &candle_core::Device::Cpu)?;
     progress.stage("merge", 1);
     let (merged, merge) = model::merge_adapter(&text_model.llama, adapter)?;
     let no_controls = load::works::WorkSet { works: vec![], files: vec![] };
