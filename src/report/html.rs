@@ -325,7 +325,9 @@ fn probe_counts(p: &ProbeSection) -> Markup {
             (count(Verdict::NoEvidence)) " with no evidence. "
             "A " i { "reconstructable copy" } " means the merged model, prompted with pieces of the work, "
             "gives back verbatim at least " (format!("{:.0}", 100.0 * r.thresholds.substantial))
-            "% of it that the base model does not."
+            "% of it that the base model does not, in passages the base finds improbable, and more than it "
+            "gives back of control texts never trained on (the column on the right: each work's evidence beside "
+            "the controls')."
         }
     }
 }
@@ -368,7 +370,7 @@ const PROBE_COLUMNS: [&str; 10] = [
     "longest verbatim",
     "extraction windows E1/E2 merged (base)",
     "p",
-    "copy evidence (improbable bits, copy p) against the controls",
+    "copy evidence vs controls",
 ];
 
 /// The controls that met the copy rule when judged like a work: loud, at the top of the
@@ -393,7 +395,7 @@ fn calibration_failures(p: &ProbeSection) -> Markup {
 /// a reader sees at once whether the work's reproduced spans stand out from texts never trained
 /// on.
 pub fn svg_copy_null(w: &WorkEvidence, r: &crate::probe::ProbeResult) -> Markup {
-    let (width, height, pad) = (180.0, 26.0, 6.0);
+    let (width, height, pad) = (130.0, 24.0, 6.0);
     let null: Vec<f64> = r.controls.iter().filter(|c| c.extracted && c.id != w.id).map(|c| c.evidence_bits).collect();
     let threshold = r.thresholds.copy_margin * null.iter().copied().fold(0.0, f64::max);
     let top = null.iter().copied().chain([w.evidence_bits, threshold]).fold(1.0, f64::max) * 1.05;
