@@ -61,7 +61,7 @@ impl Adapter {
     }
 
     /// An adapter from an opened tensor file (and its PEFT config, if any).
-    pub fn from_file(file: Arc<TensorFile>, config_json: Option<Value>, opts: &LoadOptions) -> Result<Self> {
+    pub(crate) fn from_file(file: Arc<TensorFile>, config_json: Option<Value>, opts: &LoadOptions) -> Result<Self> {
         let parsed = formats::parse(&file, opts.format, config_json.as_ref())?;
         let metadata = metadata::parse(&file.metadata);
         let warnings = parsed.warnings;
@@ -93,7 +93,7 @@ impl Adapter {
 
     /// Map every module to its base weight and check shapes. Unmatched modules are an error
     /// listing them (or warnings with `allow_unmatched`).
-    pub fn attach_base(&mut self, base: &BaseModel, allow_unmatched: bool) -> Result<()> {
+    pub(crate) fn attach_base(&mut self, base: &BaseModel, allow_unmatched: bool) -> Result<()> {
         let resolver = KeyResolver::new(base.keys());
         let mut unmatched = vec![];
         let mut keep = vec![];
@@ -144,7 +144,7 @@ impl Adapter {
     }
 
     /// SHA-256, AutoV1/V2/V3 and the `sshs_model_hash` check of the adapter file.
-    pub fn hashes(&self) -> &FileHashes {
+    pub(crate) fn hashes(&self) -> &FileHashes {
         self.hashes.get_or_init(|| {
             let f = &self.file;
             let recorded = f.metadata.get("sshs_model_hash").map(String::as_str);
@@ -154,12 +154,12 @@ impl Adapter {
     }
 
     /// Stored adapter values (all module tensors).
-    pub fn params(&self) -> usize {
+    pub(crate) fn params(&self) -> usize {
         self.modules.iter().map(|m| m.params).sum()
     }
 
     /// A guess at the model family, from module names (and shapes where they tell).
-    pub fn architecture(&self) -> String {
+    pub(crate) fn architecture(&self) -> String {
         guess_architecture(&self.modules)
     }
 }

@@ -42,7 +42,7 @@ impl std::str::FromStr for Format {
 }
 
 impl Format {
-    pub fn as_str(&self) -> &'static str {
+    pub(crate) fn as_str(&self) -> &'static str {
         match self {
             Format::Peft => "peft",
             Format::Kohya => "kohya",
@@ -112,7 +112,7 @@ impl LoraConfig {
         Self::deserialize(v).unwrap_or_default()
     }
 
-    pub fn alpha(&self) -> Option<f64> {
+    pub(crate) fn alpha(&self) -> Option<f64> {
         match self.lora_alpha {
             Some(a) => a,
             None => self.other_alpha,
@@ -171,7 +171,7 @@ impl<T> Patterns<T> {
     /// (peft `utils/other.py`) takes the first matching pattern and looks the name up exactly
     /// only when none matches; the two differ only when a module has an exact key and another
     /// key's pattern matches it too.
-    pub fn get(&self, module: &str) -> Option<&T> {
+    pub(crate) fn get(&self, module: &str) -> Option<&T> {
         let exact = self.entries.iter().find(|p| p.key == module);
         let matched = || self.entries.iter().find(|p| p.re.as_ref().is_some_and(|re| re.is_match(module)));
         exact.or_else(matched).map(|p| &p.value)
@@ -179,14 +179,14 @@ impl<T> Patterns<T> {
 }
 
 /// Where an adapter lives: its tensor file and, for PEFT, its config.
-pub struct AdapterSource {
+pub(crate) struct AdapterSource {
     pub weights: PathBuf,
     pub config: Option<PathBuf>,
 }
 
 /// A PEFT directory, or a single `.safetensors` file (with `adapter_config.json` beside it when
 /// the file is a PEFT `adapter_model.safetensors`).
-pub fn locate(path: &Path) -> Result<AdapterSource> {
+pub(crate) fn locate(path: &Path) -> Result<AdapterSource> {
     if !path.exists() {
         return Err(Error::input(path, "no such file or directory"));
     }
@@ -387,7 +387,7 @@ struct Settings<'a> {
     is_peft: bool,
 }
 
-pub struct Parsed {
+pub(crate) struct Parsed {
     pub format: Format,
     pub modules: Vec<LoraModule>,
     pub warnings: Vec<String>,
@@ -395,7 +395,7 @@ pub struct Parsed {
 }
 
 /// Group the file's tensors by module and build each module.
-pub fn parse(file: &Arc<TensorFile>, forced: Option<Format>, config_json: Option<&Value>) -> Result<Parsed> {
+pub(crate) fn parse(file: &Arc<TensorFile>, forced: Option<Format>, config_json: Option<&Value>) -> Result<Parsed> {
     let keys: Vec<&str> = file.tensors.keys().map(String::as_str).collect();
     if keys.is_empty() {
         return Err(Error::input(&file.path, "file holds no tensors, so no adapter"));

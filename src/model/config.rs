@@ -156,7 +156,7 @@ impl TokenIds {
 
 impl LlamaConfig {
     /// The longest context the runtime uses: the trained context, capped by a sliding window.
-    pub fn context(&self) -> usize {
+    pub(crate) fn context(&self) -> usize {
         match self.sliding_window {
             Some(w) if w > 0 => w.min(self.max_position_embeddings),
             _ => self.max_position_embeddings,
@@ -164,7 +164,7 @@ impl LlamaConfig {
     }
 
     /// From a parsed config.json (`path` names it in errors).
-    pub fn from_hf_json(path: &Path, v: &Value) -> Result<Self> {
+    pub(crate) fn from_hf_json(path: &Path, v: &Value) -> Result<Self> {
         let err = |m: String| Error::input(path, m);
         let family = Family::deserialize(v).map_err(|e| err(format!("config.json: {e}")))?;
         if !SUPPORTED.contains(&family.model_type.as_str()) {
@@ -212,7 +212,7 @@ impl LlamaConfig {
 
     /// From GGUF metadata. `tie_word_embeddings` is decided by the caller from whether an
     /// `output.weight` tensor exists.
-    pub fn from_gguf(path: &Path, c: &gguf_file::Content, has_output: bool) -> Result<Self> {
+    pub(crate) fn from_gguf(path: &Path, c: &gguf_file::Content, has_output: bool) -> Result<Self> {
         let err = |m: String| Error::input(path, m);
         let md = &c.metadata;
         let arch = md.get("general.architecture").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
@@ -292,7 +292,7 @@ impl LlamaConfig {
     }
 
     /// Rotary inverse frequencies, one per pair of head dimensions.
-    pub fn inv_freq(&self) -> Vec<f64> {
+    pub(crate) fn inv_freq(&self) -> Vec<f64> {
         let d = self.head_dim;
         let base: Vec<f64> = (0..d / 2).map(|i| 1.0 / self.rope_theta.powf(2.0 * i as f64 / d as f64)).collect();
         match &self.rope_scaling {

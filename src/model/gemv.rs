@@ -14,7 +14,7 @@ const MAX_ROWS: usize = 16;
 /// `x` `[rows, in]` · `w`ᵀ (`w` `[out, in]`) → `[rows, out]`. Few rows on the CPU take the path
 /// below, but only where nothing upstream needs gradients (it has no backward pass); everything
 /// else goes to candle's matmul.
-pub fn matmul_t(x: &Tensor, w: &Tensor) -> CResult<Tensor> {
+pub(crate) fn matmul_t(x: &Tensor, w: &Tensor) -> CResult<Tensor> {
     if x.dim(0)? <= MAX_ROWS && !x.track_op() && w.is_contiguous() && w.device().is_cpu() {
         few_rows(x, w)
     } else {

@@ -51,7 +51,7 @@ pub struct Linear {
 
 impl Linear {
     /// `weight` `[out_dim, in_dim]` and, with `bias`, `bias` `[out_dim]` under `vb`.
-    pub fn load(vb: VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
+    pub(crate) fn load(vb: VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
         let weight = vb.get((out_dim, in_dim), "weight")?;
         let bias = if bias { Some(vb.get(out_dim, "bias")?) } else { None };
         Ok(Linear { weight, bias, lora: None })
@@ -62,7 +62,7 @@ impl Linear {
     }
 
     /// Run `lora` beside the weight from now on (replacing any pair attached before).
-    pub fn set_lora(&mut self, lora: LoraPair) {
+    pub(crate) fn set_lora(&mut self, lora: LoraPair) {
         self.lora = Some(lora);
     }
 }
@@ -333,11 +333,11 @@ pub struct Cache {
 
 impl Cache {
     /// Room for `positions` positions (prompt and new tokens); it grows if more come.
-    pub fn new(cfg: &LlamaConfig, positions: usize) -> Self {
+    pub(crate) fn new(cfg: &LlamaConfig, positions: usize) -> Self {
         Cache { layers: vec![KvCache::new(2, positions.max(1)); cfg.num_hidden_layers] }
     }
 
-    pub fn positions(&self) -> usize {
+    pub(crate) fn positions(&self) -> usize {
         self.layers.first().map_or(0, KvCache::current_seq_len)
     }
 }
@@ -359,7 +359,7 @@ pub struct Llama {
 impl Llama {
     /// Build the model from the weights under `vb` (Hugging Face names from the root). The
     /// rotary tables and every tensor are on `vb`'s device.
-    pub fn load(vb: VarBuilder, cfg: &LlamaConfig) -> Result<Self> {
+    pub(crate) fn load(vb: VarBuilder, cfg: &LlamaConfig) -> Result<Self> {
         let embed_tokens = candle_nn::embedding(cfg.vocab_size, cfg.hidden_size, vb.pp("model.embed_tokens"))?;
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| DecoderLayer::load(vb.pp(format!("model.layers.{i}")), cfg))
@@ -374,7 +374,7 @@ impl Llama {
         Ok(Llama { cfg: cfg.clone(), embed_tokens, layers, norm, lm_head, rotary })
     }
 
-    pub fn device(&self) -> &Device {
+    pub(crate) fn device(&self) -> &Device {
         self.lm_head.device()
     }
 
@@ -406,7 +406,7 @@ impl Llama {
 
     /// The tensor the model holds under a Hugging Face key (for a model that ties them,
     /// `lm_head.weight` is the embedding).
-    pub fn weight(&self, key: &str) -> Option<&Tensor> {
+    pub(crate) fn weight(&self, key: &str) -> Option<&Tensor> {
         match key {
             "model.embed_tokens.weight" => Some(self.embed_tokens.embeddings()),
             "lm_head.weight" => Some(&self.lm_head),
@@ -419,7 +419,7 @@ impl Llama {
     }
 
     /// The projection named by its Hugging Face module key (`model.layers.3.self_attn.q_proj`).
-    pub fn linear_mut(&mut self, key: &str) -> Option<&mut Linear> {
+    pub(crate) fn linear_mut(&mut self, key: &str) -> Option<&mut Linear> {
         let (i, name) = layer_part(key)?;
         self.layers.get_mut(i)?.linear_mut(name)
     }
@@ -443,7 +443,7 @@ fn causal_mask(t: usize, start: usize, dev: &Device) -> Result<Option<Tensor>> {
 }
 
 /// Ids as a `[batch, positions]` u32 tensor; rows must have equal length.
-pub fn ids_tensor(rows: &[Vec<u32>], dev: &Device) -> Result<Tensor> {
+pub(crate) fn ids_tensor(rows: &[Vec<u32>], dev: &Device) -> Result<Tensor> {
     let t = rows.first().map(Vec::len).unwrap_or(0);
     let flat: Vec<u32> = rows.iter().flat_map(|r| r.iter().copied()).collect();
     Tensor::from_vec(flat, (rows.len(), t), dev)

@@ -2,12 +2,12 @@
 //! GGUF) on a device the caller chooses, the adapter merged into a copy of just the matrices it
 //! touches, teacher-forced token statistics and greedy generation.
 
-pub mod config;
+pub(crate) mod config;
 mod gemv;
-pub mod llama;
+pub(crate) mod llama;
 mod merge;
 mod run;
-pub mod tokenizer;
+pub(crate) mod tokenizer;
 pub mod train;
 mod weights;
 
@@ -89,7 +89,7 @@ impl TextModel {
 
 /// Whether `path` looks like something [`TextModel::load`] can run (for callers that decide
 /// between text and image probes).
-pub fn is_text_base(base: &BaseModel) -> bool {
+pub(crate) fn is_text_base(base: &BaseModel) -> bool {
     match base.kind {
         BaseKind::HfDirectory => base.path.join("tokenizer.json").is_file() && base.config.is_some(),
         BaseKind::Gguf => true,

@@ -16,7 +16,7 @@ pub struct RunOptions {
 }
 
 impl RunOptions {
-    pub fn for_model(m: &Llama) -> Self {
+    pub(crate) fn for_model(m: &Llama) -> Self {
         RunOptions { context: m.cfg.context().min(2048), batch_tokens: 4096 }
     }
 }
@@ -113,7 +113,7 @@ fn run_batch(m: &Llama, seqs: &[Vec<u32>], batch: &[Job], len: usize, out: &mut 
 
 /// (log p(target), E[log p], sd[log p]) per row of `hidden` `[n, hidden]`, in chunks so the
 /// logits of a large vocabulary stay small.
-pub fn token_stats(m: &Llama, hidden: &Tensor, targets: &[u32]) -> CResult<Vec<(f64, f64, f64)>> {
+pub(crate) fn token_stats(m: &Llama, hidden: &Tensor, targets: &[u32]) -> CResult<Vec<(f64, f64, f64)>> {
     let vocab = m.cfg.vocab_size;
     // Up to 32 Mi logits (128 MiB) at a time: large enough for an efficient matmul.
     let chunk = (32 << 20) / vocab.max(1);

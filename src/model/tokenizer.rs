@@ -13,7 +13,7 @@ use tokenizers::{PreTokenizerWrapper, Tokenizer};
 use crate::error::{Error, Result};
 
 /// Byte ranges `(start, end)` of tokens in a text.
-pub type ByteRanges = Vec<(usize, usize)>;
+pub(crate) type ByteRanges = Vec<(usize, usize)>;
 
 pub struct TextTokenizer {
     inner: Tokenizer,
@@ -28,17 +28,17 @@ impl std::fmt::Debug for TextTokenizer {
 }
 
 impl TextTokenizer {
-    pub fn new(inner: Tokenizer, source: &Path) -> Self {
+    pub(crate) fn new(inner: Tokenizer, source: &Path) -> Self {
         TextTokenizer { inner, source: source.to_path_buf() }
     }
 
-    pub fn from_file(path: &Path) -> Result<Self> {
+    pub(crate) fn from_file(path: &Path) -> Result<Self> {
         let inner =
             Tokenizer::from_file(path).map_err(|e| Error::input(path, format!("invalid tokenizer.json: {e}")))?;
         Ok(Self::new(inner, path))
     }
 
-    pub fn from_gguf(path: &Path, content: &gguf_file::Content) -> Result<Self> {
+    pub(crate) fn from_gguf(path: &Path, content: &gguf_file::Content) -> Result<Self> {
         let mut inner = Tokenizer::from_gguf(content)
             .map_err(|e| Error::input(path, format!("cannot build a tokenizer from the GGUF metadata: {e}")))?;
         let pre = content.metadata.get("tokenizer.ggml.pre").and_then(|v| v.to_string().ok()).map(String::as_str);
@@ -64,7 +64,7 @@ impl TextTokenizer {
     }
 
     /// Ids of `text` without special tokens, with each token's byte range in `text`.
-    pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, ByteRanges)> {
+    pub(crate) fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, ByteRanges)> {
         let enc = self
             .inner
             .encode(text, false)

@@ -67,7 +67,7 @@ impl SimpleBackend for BaseWeights<'_> {
 }
 
 /// The runnable f32 model of `base` on `device`.
-pub fn load_base(base: &BaseModel, cfg: &LlamaConfig, device: &Device) -> Result<Llama> {
+pub(crate) fn load_base(base: &BaseModel, cfg: &LlamaConfig, device: &Device) -> Result<Llama> {
     let failure = Mutex::new(None);
     let vb = VarBuilder::from_backend(Box::new(BaseWeights { base, failure: &failure }), DType::F32, device.clone());
     let loaded = Llama::load(vb, cfg);
@@ -104,7 +104,7 @@ impl SimpleBackend for Overlay<'_> {
 /// `base` with the tensors in `merged` (Hugging Face keys; the embedding's key for a tied
 /// output head) put in place of its own, built the way `base` was. LoRA pairs attached to
 /// `base` are not carried over.
-pub fn load_merged(base: &Llama, merged: HashMap<String, Tensor>) -> Result<Llama> {
+pub(crate) fn load_merged(base: &Llama, merged: HashMap<String, Tensor>) -> Result<Llama> {
     let vb = VarBuilder::from_backend(Box::new(Overlay { base, merged }), DType::F32, base.device().clone());
     Llama::load(vb, &base.cfg).map_err(cerr)
 }

@@ -4,13 +4,13 @@
 use crate::rng::Rng;
 
 /// `(1 + #{controls ≥ s}) / (1 + n)`: the smallest reachable value is 1/(n+1).
-pub fn empirical_p(s: f64, controls: &[f64]) -> f64 {
+pub(crate) fn empirical_p(s: f64, controls: &[f64]) -> f64 {
     let above = controls.iter().filter(|&&c| c >= s).count();
     (1 + above) as f64 / (1 + controls.len()) as f64
 }
 
 /// Holm's step-down adjusted p-values (family-wise error), in input order.
-pub fn holm(p: &[f64]) -> Vec<f64> {
+pub(crate) fn holm(p: &[f64]) -> Vec<f64> {
     let n = p.len();
     let mut order: Vec<usize> = (0..n).collect();
     order.sort_by(|&a, &b| p[a].total_cmp(&p[b]).then(a.cmp(&b)));
@@ -24,7 +24,7 @@ pub fn holm(p: &[f64]) -> Vec<f64> {
 }
 
 /// Benjamini–Hochberg adjusted p-values (q-values), in input order.
-pub fn benjamini_hochberg(p: &[f64]) -> Vec<f64> {
+pub(crate) fn benjamini_hochberg(p: &[f64]) -> Vec<f64> {
     let n = p.len();
     let mut order: Vec<usize> = (0..n).collect();
     order.sort_by(|&a, &b| p[a].total_cmp(&p[b]).then(a.cmp(&b)));
@@ -38,7 +38,7 @@ pub fn benjamini_hochberg(p: &[f64]) -> Vec<f64> {
 }
 
 /// ROC-AUC with members (works) as the positive class: P(work score > control score), ties ½.
-pub fn auc(works: &[f64], controls: &[f64]) -> Option<f64> {
+pub(crate) fn auc(works: &[f64], controls: &[f64]) -> Option<f64> {
     if works.is_empty() || controls.is_empty() {
         return None;
     }
@@ -67,7 +67,7 @@ pub struct Auc {
     pub seed: u64,
 }
 
-pub fn auc_with_interval(works: &[f64], controls: &[f64], samples: usize, seed: u64) -> Option<Auc> {
+pub(crate) fn auc_with_interval(works: &[f64], controls: &[f64], samples: usize, seed: u64) -> Option<Auc> {
     let value = auc(works, controls)?;
     let mut rng = Rng::new(seed);
     let mut pick =
@@ -91,7 +91,7 @@ pub struct AaCheck {
     pub note: String,
 }
 
-pub fn aa_check(controls: &[f64]) -> Option<AaCheck> {
+pub(crate) fn aa_check(controls: &[f64]) -> Option<AaCheck> {
     if controls.len() < 4 {
         return None;
     }

@@ -13,7 +13,7 @@ use super::{Thresholds, WindowEvidence};
 
 /// One window's continuation under one model, against the true suffix.
 #[derive(Debug, Clone, Copy)]
-pub struct Comparison {
+pub(crate) struct Comparison {
     pub matched_tokens: usize,
     pub e1: bool,
     pub e2: bool,
@@ -25,7 +25,7 @@ pub struct Comparison {
 /// Every window's evidence, grouped by subject (`subjects` of them), in window order. The
 /// windows' continuations are the first of `generated`, in the order of `plan.windows`, as are
 /// `suffix_stats`.
-pub fn windows(
+pub(crate) fn windows(
     tok: &TextTokenizer,
     subjects: usize,
     plan: &Plan,

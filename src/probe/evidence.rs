@@ -10,7 +10,7 @@ use super::spans::Found;
 use super::surprisal::evidence_bits;
 use super::{scores, MembershipScores, SpanSource, Thresholds, Verdict, WindowEvidence, WorkEvidence};
 
-pub fn assemble(
+pub(crate) fn assemble(
     s: &Subject,
     stats: Pair<&TokenStats>,
     windows: Vec<WindowEvidence>,

@@ -4,16 +4,16 @@
 //! and the merged model from one pass each; the base is the free reference. This file holds the
 //! result types and `run`, which chains the phases, each in its own module.
 
-pub mod calibrate;
+pub(crate) mod calibrate;
 mod compare;
 mod evidence;
 mod pair;
 mod passes;
 mod plan;
-pub mod scores;
+pub(crate) mod scores;
 mod spans;
 mod surprisal;
-pub mod text;
+pub(crate) mod text;
 mod verdict;
 
 use serde::{Deserialize, Serialize};

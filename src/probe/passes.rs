@@ -12,7 +12,7 @@ use super::{Progress, Thresholds};
 const GREEDY_ROWS: usize = 16;
 
 /// The two models with the run options and progress sink every pass shares.
-pub struct Passes<'a> {
+pub(crate) struct Passes<'a> {
     models: Pair<&'a Llama>,
     opts: RunOptions,
     progress: &'a dyn Progress,
@@ -20,14 +20,14 @@ pub struct Passes<'a> {
 
 impl<'a> Passes<'a> {
     /// The context is `th.context`, capped by the base model's and never below 2 positions.
-    pub fn new(models: Pair<&'a Llama>, th: &Thresholds, progress: &'a dyn Progress) -> Self {
+    pub(crate) fn new(models: Pair<&'a Llama>, th: &Thresholds, progress: &'a dyn Progress) -> Self {
         let base = models.base;
         let opts = RunOptions { context: th.context.min(base.cfg.context()).max(2), ..RunOptions::for_model(base) };
         Passes { models, opts, progress }
     }
 
     /// Longest window the models see.
-    pub fn context(&self) -> usize {
+    pub(crate) fn context(&self) -> usize {
         self.opts.context
     }
 
@@ -42,7 +42,7 @@ impl<'a> Passes<'a> {
 
     /// `new_tokens` greedy tokens after each prompt (fewer where EOS or the context ends them),
     /// in the order of `prompts`, as stages "generate base" and "generate merged".
-    pub fn generate(&self, prompts: &[&[u32]], new_tokens: usize) -> Result<Pair<Vec<Vec<u32>>>> {
+    pub(crate) fn generate(&self, prompts: &[&[u32]], new_tokens: usize) -> Result<Pair<Vec<Vec<u32>>>> {
         let total = (prompts.len() * new_tokens) as u64;
         self.models.try_map(|name, m| {
             self.progress.stage(&format!("generate {name}"), total);

@@ -11,7 +11,7 @@ use super::text::{normalise, Normalised, SpanIndex};
 use super::Thresholds;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
+pub(crate) enum Role {
     Work,
     Control,
 }
@@ -26,7 +26,7 @@ impl Role {
 }
 
 /// A text under test, tokenised and normalised once.
-pub struct Subject<'a> {
+pub(crate) struct Subject<'a> {
     pub role: Role,
     pub work: &'a Work,
     /// Token ids of the text, without BOS.
@@ -44,7 +44,7 @@ pub struct Subject<'a> {
 
 /// Works first, then controls, each set in its given order; every work and the controls that
 /// `extracted_controls` picks get extraction windows.
-pub fn subjects<'a>(
+pub(crate) fn subjects<'a>(
     tok: &TextTokenizer,
     works: &'a [Work],
     controls: &'a [Work],
@@ -97,12 +97,12 @@ fn window_count(tokens: usize, th: &Thresholds) -> usize {
 }
 
 /// `ids` after the model's BOS token, when it has one.
-pub fn with_bos(bos: &[u32], ids: &[u32]) -> Vec<u32> {
+pub(crate) fn with_bos(bos: &[u32], ids: &[u32]) -> Vec<u32> {
     bos.iter().chain(ids).copied().collect()
 }
 
 /// One extraction window: a prefix of a subject to prompt with and the true suffix after it.
-pub struct Window {
+pub(crate) struct Window {
     /// Index of the subject in the list `subjects` returns.
     pub subject: usize,
     /// Token offset of the prefix in the subject.
@@ -117,13 +117,13 @@ pub struct Window {
 
 impl Window {
     /// The prompt followed by the true suffix, scored to get log p(suffix | prefix).
-    pub fn sequence(&self) -> Vec<u32> {
+    pub(crate) fn sequence(&self) -> Vec<u32> {
         self.prefix.iter().chain(&self.suffix).copied().collect()
     }
 }
 
 /// A neutral `--prompts` line: its continuations are searched for every subject.
-pub struct Neutral {
+pub(crate) struct Neutral {
     /// `prompt:N`, N counting every line given from 1.
     pub label: String,
     /// BOS + the line's tokens.
@@ -131,7 +131,7 @@ pub struct Neutral {
 }
 
 /// A prompt to continue and where it came from.
-pub struct Prompt<'a> {
+pub(crate) struct Prompt<'a> {
     /// The subject whose own window this is; `None` for a neutral prompt.
     pub owner: Option<usize>,
     pub label: &'a str,
@@ -139,7 +139,7 @@ pub struct Prompt<'a> {
 }
 
 /// Every prompt of the probe.
-pub struct Plan {
+pub(crate) struct Plan {
     pub windows: Vec<Window>,
     pub neutral: Vec<Neutral>,
 }
@@ -147,7 +147,7 @@ pub struct Plan {
 impl Plan {
     /// Windows at every `stride` tokens of every subject while a whole prefix and at least one
     /// suffix token fit; neutral prompts that are not empty and fit in `context`.
-    pub fn new(
+    pub(crate) fn new(
         tok: &TextTokenizer,
         bos: &[u32],
         subjects: &[Subject],
@@ -168,7 +168,7 @@ impl Plan {
 
     /// Windows first, then neutral prompts: continuations come back in this order, so the
     /// first `windows.len()` of them belong to the windows.
-    pub fn prompts(&self) -> impl Iterator<Item = Prompt<'_>> {
+    pub(crate) fn prompts(&self) -> impl Iterator<Item = Prompt<'_>> {
         let own = self.windows.iter().map(|w| Prompt { owner: Some(w.subject), label: &w.label, ids: &w.prefix });
         own.chain(self.neutral.iter().map(|n| Prompt { owner: None, label: &n.label, ids: &n.ids }))
     }

@@ -8,18 +8,18 @@ use crate::model::TokenStats;
 const LN2: f64 = std::f64::consts::LN_2;
 
 /// Code length in bits: Σ −log₂ p(xᵢ | x<ᵢ).
-pub fn code_length_bits(s: &TokenStats) -> f64 {
+pub(crate) fn code_length_bits(s: &TokenStats) -> f64 {
     -s.logp.iter().sum::<f64>() / LN2
 }
 
 /// Morris et al. 2025's unintended memorisation with the base as reference:
 /// Σᵢ max(0, log₂ p_merged(xᵢ) − log₂ p_base(xᵢ)).
-pub fn mem_bits(merged: &TokenStats, base: &TokenStats) -> f64 {
+pub(crate) fn mem_bits(merged: &TokenStats, base: &TokenStats) -> f64 {
     merged.logp.iter().zip(&base.logp).map(|(m, b)| ((m - b) / LN2).max(0.0)).sum()
 }
 
 /// Mean negative log-likelihood in nats per token (mimir's "loss").
-pub fn mean_nll(s: &TokenStats) -> f64 {
+pub(crate) fn mean_nll(s: &TokenStats) -> f64 {
     if s.logp.is_empty() {
         return 0.0;
     }
@@ -29,7 +29,7 @@ pub fn mean_nll(s: &TokenStats) -> f64 {
 /// Min-K%++ (Zhang et al. 2024): mean over the lowest k·n of zᵢ = (log p(xᵢ) − μᵢ)/σᵢ, where μ
 /// and σ are the mean and standard deviation of log p under the next-token distribution.
 /// Higher = more member-like.
-pub fn min_k_pp(s: &TokenStats, k: f64) -> f64 {
+pub(crate) fn min_k_pp(s: &TokenStats, k: f64) -> f64 {
     let mut z: Vec<f64> = (0..s.logp.len())
         .map(|i| {
             let sd = s.std[i];
@@ -49,14 +49,14 @@ pub fn min_k_pp(s: &TokenStats, k: f64) -> f64 {
 }
 
 /// Bytes of zlib's output at its default level (6), as Python's `zlib.compress`.
-pub fn zlib_bytes(text: &str) -> usize {
+pub(crate) fn zlib_bytes(text: &str) -> usize {
     let mut e = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::new(6));
     e.write_all(text.as_bytes()).expect("writing to memory");
     e.finish().expect("writing to memory").len()
 }
 
 /// mimir's zlib score: mean NLL / zlib bytes. Lower = more member-like.
-pub fn zlib_ratio(s: &TokenStats, zlib: usize) -> f64 {
+pub(crate) fn zlib_ratio(s: &TokenStats, zlib: usize) -> f64 {
     mean_nll(s) / zlib.max(1) as f64
 }
 

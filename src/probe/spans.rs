@@ -14,7 +14,7 @@ use super::text::{normalise, Normalised, Span};
 use super::{Passage, SpanSource, Thresholds};
 
 /// Reproduced spans of one subject under one model.
-pub struct Found {
+pub(crate) struct Found {
     /// Per normalised character of the subject: inside some reproduced span.
     pub covered: Vec<bool>,
     /// Per normalised character: inside a span the base finds improbable.
@@ -32,7 +32,7 @@ pub struct Found {
 
 /// Search one model's (`model`) continuations (in `plan.prompts()` order) for every subject;
 /// one `Found` per subject.
-pub fn search(
+pub(crate) fn search(
     model: &str,
     tok: &TextTokenizer,
     subjects: &[Subject],
@@ -113,7 +113,7 @@ impl Found {
     }
 
     /// Share of the subject's normalised characters covered.
-    pub fn coverage(&self) -> f64 {
+    pub(crate) fn coverage(&self) -> f64 {
         if self.covered.is_empty() {
             0.0
         } else {

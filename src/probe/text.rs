@@ -8,23 +8,24 @@ use unicode_normalization::UnicodeNormalization;
 
 /// A normalised text; `origin[i]` is the byte offset in the original of normalised char `i`.
 #[derive(Debug, Clone, Default)]
-pub struct Normalised {
+pub(crate) struct Normalised {
     pub chars: Vec<char>,
     pub origin: Vec<usize>,
 }
 
 impl Normalised {
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.chars.len()
     }
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.chars.is_empty()
     }
-    pub fn as_string(&self) -> String {
+    #[cfg(test)]
+    pub(crate) fn as_string(&self) -> String {
         self.chars.iter().collect()
     }
     /// The original text behind normalised chars `start..end`.
-    pub fn original<'a>(&self, text: &'a str, start: usize, end: usize) -> &'a str {
+    pub(crate) fn original<'a>(&self, text: &'a str, start: usize, end: usize) -> &'a str {
         if start >= end || end > self.origin.len() {
             return "";
         }
@@ -39,7 +40,7 @@ impl Normalised {
 
 /// NFKC + lower case + every whitespace run as one space, trimmed. Normalisation runs over
 /// each base character with its combining marks, so every output char maps to a source offset.
-pub fn normalise(text: &str) -> Normalised {
+pub(crate) fn normalise(text: &str) -> Normalised {
     let mut out = Normalised::default();
     let mut pending_space = false;
     let mut segment = String::new();
@@ -75,7 +76,7 @@ pub fn normalise(text: &str) -> Normalised {
 
 /// 1 − Levenshtein(a, b) / max(|a|, |b|) over chars; 1 for two empty strings. The distance is
 /// strsim's `generic_levenshtein`, run on the normalised chars themselves.
-pub fn similarity(a: &[char], b: &[char]) -> f64 {
+pub(crate) fn similarity(a: &[char], b: &[char]) -> f64 {
     let n = a.len().max(b.len());
     if n == 0 {
         return 1.0;
@@ -97,7 +98,7 @@ impl<'a> IntoIterator for &CharSlice<'a> {
 }
 
 /// Length of the longest common substring of `a` and `b`.
-pub fn longest_common_substring(a: &[char], b: &[char]) -> usize {
+pub(crate) fn longest_common_substring(a: &[char], b: &[char]) -> usize {
     let mut best = 0;
     let mut prev = vec![0usize; b.len() + 1];
     let mut cur = vec![0usize; b.len() + 1];
@@ -114,7 +115,7 @@ pub fn longest_common_substring(a: &[char], b: &[char]) -> usize {
 /// A verbatim span of a work found in generated text: `work[work_start..work_start+len]` equals
 /// `generated[gen_start..gen_start+len]` (normalised chars).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Span {
+pub(crate) struct Span {
     pub work_start: usize,
     pub gen_start: usize,
     pub len: usize,
@@ -132,12 +133,12 @@ struct State {
 /// Suffix automaton of one normalised work: finds maximal common spans with any text in time
 /// linear in that text.
 #[derive(Debug, Clone)]
-pub struct SpanIndex {
+pub(crate) struct SpanIndex {
     states: Vec<State>,
 }
 
 impl SpanIndex {
-    pub fn new(text: &[char]) -> Self {
+    pub(crate) fn new(text: &[char]) -> Self {
         let mut st = vec![State { len: 0, link: usize::MAX, first_end: 0, next: vec![] }];
         let mut last = 0;
         for (i, &c) in text.iter().enumerate() {
@@ -183,7 +184,7 @@ impl SpanIndex {
 
     /// Every right-maximal span of at least `min_len` chars of `generated` that occurs in the
     /// work (the first occurrence in the work is reported).
-    pub fn spans(&self, generated: &[char], min_len: usize) -> Vec<Span> {
+    pub(crate) fn spans(&self, generated: &[char], min_len: usize) -> Vec<Span> {
         let mut out = vec![];
         let (mut v, mut l) = (0usize, 0usize);
         let mut prev: Option<(usize, usize, usize)> = None; // (end in gen, len, work end)

@@ -17,7 +17,7 @@ use super::calibrate::{self, empirical_p, holm, Auc};
 use super::{Calibration, Thresholds, Verdict, WorkEvidence};
 
 /// What the controls say about the works.
-pub struct Calibrated {
+pub(crate) struct Calibrated {
     pub calibration: Option<Calibration>,
     pub auc: Option<Auc>,
     pub notes: Vec<String>,
@@ -25,7 +25,7 @@ pub struct Calibrated {
 
 /// Write each work's p-values (when there are controls) and measure how works and controls
 /// separate.
-pub fn calibrate(works: &mut [WorkEvidence], controls: &[WorkEvidence], th: &Thresholds) -> Calibrated {
+pub(crate) fn calibrate(works: &mut [WorkEvidence], controls: &[WorkEvidence], th: &Thresholds) -> Calibrated {
     let control_stats: Vec<f64> = controls.iter().map(WorkEvidence::gain_per_token).collect();
     let mut notes = vec![];
     let calibration = if control_stats.is_empty() {
