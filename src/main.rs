@@ -184,6 +184,11 @@ struct ProbeArgs {
 }
 
 impl ProbeArgs {
+    /// The works, controls and prompts named by the flags, read.
+    fn data(&self, works: &Path) -> lorascope::Result<ProbeData> {
+        ProbeData::load(works, self.controls.as_deref(), self.prompts.as_deref())
+    }
+
     fn thresholds(&self) -> lorascope::Result<Thresholds> {
         if self.prefix_tokens == 0 || self.new_tokens == 0 || self.stride == 0 || self.context < 2 {
             return Err(lorascope::Error::Usage(
@@ -210,13 +215,6 @@ impl ProbeArgs {
     }
 }
 
-impl ProbeArgs {
-    fn data(&self, works: &Path) -> lorascope::Result<ProbeData> {
-        ProbeData::load(works, self.controls.as_deref(), self.prompts.as_deref())
-    }
-}
-
-/// Progress of the probe's stages (scoring and generation, counted in tokens).
 /// The probe's progress bar, and the start of every stage for the time each took.
 struct ProbeProgress(Progress, std::sync::Mutex<Vec<(String, Instant)>>);
 

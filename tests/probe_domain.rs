@@ -115,10 +115,6 @@ fn show(r: &ProbeResult) -> String {
     out
 }
 
-fn is_copy(v: Verdict) -> bool {
-    matches!(v, Verdict::PartialCopy | Verdict::ReconstructableCopy)
-}
-
 #[test]
 fn same_domain_controls_get_no_copy_verdict_and_learned_works_are_traces() {
     let s = setup();
@@ -131,7 +127,7 @@ fn same_domain_controls_get_no_copy_verdict_and_learned_works_are_traces() {
     let reproduced = r.controls.iter().filter(|c| c.evidence_bits > 0.0).count();
     assert!(reproduced >= 3, "only {reproduced} controls reproduce boilerplate\n{table}");
     // The controls are the null: none of them is a copy, judged like a work against the others.
-    assert!(r.controls.iter().all(|c| !is_copy(c.verdict)), "{table}");
+    assert!(r.controls.iter().all(|c| !c.verdict.is_copy()), "{table}");
     assert!(r.copy_calibration.failures.is_empty() && r.copy_calibration.powered, "{:?}", r.copy_calibration);
     // The works were learned (each gains more per token than every control: p = 1/41, Holm
     // over two works 2/41 < 0.05) but not reproduced beyond what the controls show.

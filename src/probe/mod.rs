@@ -91,6 +91,13 @@ crate::named::closed_set! {
     }
 }
 
+impl Verdict {
+    /// `reconstructable-copy` or `partial-copy`: the verdicts that say the work is copied.
+    pub fn is_copy(self) -> bool {
+        matches!(self, Verdict::ReconstructableCopy | Verdict::PartialCopy)
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct MembershipScores {
     /// Mean NLL merged − mean NLL base (nats/token); negative = the adapter made it likelier.

@@ -104,12 +104,13 @@ pub(crate) fn controls_needed(works: usize, alpha: f64) -> usize {
 
 /// Copy p-values: each work against the extracted controls (Holm across works), each extracted
 /// control against the other extracted controls, adjusted by the factor Holm gives the strongest
-/// of the works. Texts without extraction get none.
-fn copy_p_values(works: &mut [WorkEvidence], controls: &mut [WorkEvidence], margin: f64) {
+/// of the works. Texts without extraction get none. Returns the number of extracted controls
+/// and their largest statistic.
+fn copy_p_values(works: &mut [WorkEvidence], controls: &mut [WorkEvidence], margin: f64) -> (usize, f64) {
     let null: Vec<(usize, f64)> =
         controls.iter().enumerate().filter(|(_, c)| c.extracted).map(|(i, c)| (i, c.evidence_bits)).collect();
     if null.is_empty() {
-        return;
+        return (0, 0.0);
     }
     let values: Vec<f64> = null.iter().map(|(_, s)| *s).collect();
     let largest = values.iter().copied().fold(0.0, f64::max);
@@ -130,6 +131,7 @@ fn copy_p_values(works: &mut [WorkEvidence], controls: &mut [WorkEvidence], marg
         controls[i].copy_p_adjusted = Some((p * m).min(1.0));
         controls[i].copy_margin_met = s > 0.0 && s >= margin * others.iter().copied().fold(0.0, f64::max);
     }
+    (null.len(), largest)
 }
 
 /// Set every text's verdict; returns the copy calibration and notes for the report.
@@ -138,9 +140,7 @@ pub(crate) fn decide(
     controls: &mut [WorkEvidence],
     th: &Thresholds,
 ) -> (CopyCalibration, Vec<String>) {
-    copy_p_values(works, controls, th.copy_margin);
-    let n = controls.iter().filter(|c| c.extracted).count();
-    let largest_control_bits = controls.iter().filter(|c| c.extracted).map(|c| c.evidence_bits).fold(0.0, f64::max);
+    let (n, largest_control_bits) = copy_p_values(works, controls, th.copy_margin);
     let m = works.len().max(1);
     let smallest = (m as f64 / (n + 1) as f64).min(1.0);
     let powered = n > 0 && smallest < th.significance;
@@ -152,7 +152,7 @@ pub(crate) fn decide(
     let mut failures = vec![];
     for c in controls.iter_mut() {
         (c.verdict, c.verdict_reason) = judge(c, th, powered, n, needed, true);
-        if matches!(c.verdict, Verdict::ReconstructableCopy | Verdict::PartialCopy) {
+        if c.verdict.is_copy() {
             failures.push(c.id.clone());
         }
     }

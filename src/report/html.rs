@@ -429,7 +429,7 @@ pub fn svg_copy_null(w: &WorkEvidence, r: &crate::probe::ProbeResult) -> Markup 
 
 /// For each copied work, the longest reproduced passage beside the original text.
 fn passages(works: &[WorkEvidence]) -> Markup {
-    let copied = works.iter().filter(|w| matches!(w.verdict, Verdict::ReconstructableCopy | Verdict::PartialCopy));
+    let copied = works.iter().filter(|w| w.verdict.is_copy());
     html! {
         @for w in copied {
             @if let Some(ps) = &w.longest_passage {

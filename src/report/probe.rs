@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{table, SpectrumReport};
 use crate::model::MergeSummary;
-use crate::probe::{ProbeResult, Verdict, WorkEvidence};
+use crate::probe::{ProbeResult, WorkEvidence};
 
 /// The model the probe ran.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -152,7 +152,7 @@ pub(crate) fn render_probe_section(r: &ProbeSection, format: &str) -> String {
             pct(c.ratio)
         );
     }
-    for w in p.works.iter().filter(|w| matches!(w.verdict, Verdict::ReconstructableCopy | Verdict::PartialCopy)) {
+    for w in p.works.iter().filter(|w| w.verdict.is_copy()) {
         out += &format!("\n{} — {}: {}\n", w.id, w.verdict.as_str(), w.verdict_reason);
         if let Some(ps) = &w.longest_passage {
             out += &format!("longest reproduced passage ({} chars, from {}):\n", ps.chars, ps.source);
