@@ -73,9 +73,12 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 /// A fault injected at a named stage when `LORASCOPE_FAULT` names it: the tests use it to check
 /// that an internal failure in the middle of a command exits with code 3 and a clear line,
-/// and becomes an `internal` error record in a scan. Costs one environment lookup per stage.
+/// and becomes an `internal` error record in a scan; `LORASCOPE_FAULT=panic` panics at the
+/// first stage instead (a panic must also become exit code 3, or an error record). Costs one
+/// environment lookup per stage.
 pub(crate) fn injected_fault(stage: &str) -> Result<()> {
     match std::env::var("LORASCOPE_FAULT") {
+        Ok(s) if s == "panic" => panic!("fault injected at stage {stage} (LORASCOPE_FAULT=panic)"),
         Ok(s) if s == stage => Err(Error::Internal(format!("fault injected at stage {stage} (LORASCOPE_FAULT)"))),
         _ => Ok(()),
     }

@@ -4,7 +4,7 @@
 //! command's stages; [`report`] and [`scan`] hold their structures and rendering; [`probe`]
 //! tests the merged model on the works; [`model`] runs llama-family models; [`spectral`] builds
 //! and measures ΔW from the stored factors; [`load`] reads and validates every file; [`linalg`]
-//! is the maths; [`error`] and [`rng`] are leaves.
+//! is the maths; [`error`], [`rng`] and [`shown`] (input strings made safe to display) are leaves.
 
 // Numeric kernels index several arrays with one loop variable; iterators would hide that.
 #![allow(clippy::needless_range_loop)]
@@ -25,6 +25,7 @@ pub mod probe;
 pub mod report;
 pub mod rng;
 pub mod scan;
+pub mod shown;
 pub mod spectral;
 
 pub use error::{Error, Result};

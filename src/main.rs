@@ -15,6 +15,7 @@ use lorascope::model::train::FitOptions;
 use lorascope::pipeline::{self, ProbeData};
 use lorascope::probe::{Thresholds, Verdict};
 use lorascope::report::{self, to_canonical_json};
+use lorascope::shown;
 use lorascope::spectral::SpectrumOptions;
 use lorascope::{Adapter, BaseModel};
 
@@ -75,8 +76,14 @@ struct AnalysisArgs {
 }
 
 impl AnalysisArgs {
-    fn options(&self) -> SpectrumOptions {
-        SpectrumOptions { bits_per_param: self.bits_per_param, max_dense_dim: self.max_dense_dim, ..Default::default() }
+    fn options(&self) -> lorascope::Result<SpectrumOptions> {
+        let o = SpectrumOptions {
+            bits_per_param: self.bits_per_param,
+            max_dense_dim: self.max_dense_dim,
+            ..Default::default()
+        };
+        o.check()?;
+        Ok(o)
     }
 }
 
@@ -190,18 +197,7 @@ impl ProbeArgs {
     }
 
     fn thresholds(&self) -> lorascope::Result<Thresholds> {
-        if self.prefix_tokens == 0 || self.new_tokens == 0 || self.stride == 0 || self.context < 2 {
-            return Err(lorascope::Error::Usage(
-                "--prefix-tokens, --new-tokens and --stride must be at least 1, --context at least 2".into(),
-            ));
-        }
-        if !(self.min_span_bits >= 0.0 && self.copy_margin >= 1.0) {
-            return Err(lorascope::Error::Usage("--min-span-bits must be ≥ 0 and --copy-margin ≥ 1".into()));
-        }
-        if !(0.0..=1.0).contains(&self.substantial) {
-            return Err(lorascope::Error::Usage("--substantial is a share between 0 and 1".into()));
-        }
-        Ok(Thresholds {
+        let th = Thresholds {
             prefix_tokens: self.prefix_tokens,
             new_tokens: self.new_tokens,
             stride: self.stride,
@@ -211,7 +207,9 @@ impl ProbeArgs {
             copy_margin: self.copy_margin,
             control_windows: self.control_windows,
             ..Default::default()
-        })
+        };
+        th.check()?;
+        Ok(th)
     }
 }
 
@@ -231,7 +229,8 @@ impl ProbeProgress {
     fn print_stage_times(&self) {
         let parts: Vec<String> = self.stage_seconds().iter().map(|(n, s)| format!("{n} {s:.1} s")).collect();
         if !parts.is_empty() {
-            eprintln!("probe stages: {}", parts.join(", "));
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "probe stages: {}", parts.join(", "));
         }
     }
 }
@@ -341,26 +340,46 @@ struct FitArgs {
     quiet: bool,
 }
 
+/// Highest layer index `--layers` accepts (no llama-family model has a thousand layers; a range
+/// up to u64::MAX would otherwise be expanded into memory).
+const MAX_LAYER_INDEX: usize = 1023;
+
 fn parse_layers(s: &str) -> lorascope::Result<Vec<usize>> {
-    let bad = || lorascope::Error::Usage(format!("--layers {s:?}: expected numbers or ranges like 0,2,24-29"));
+    let bad = || {
+        lorascope::Error::Usage(format!(
+            "--layers {s:?}: expected layer numbers 0..={MAX_LAYER_INDEX} or ranges like 0,2,24-29"
+        ))
+    };
     let mut out = vec![];
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         match part.split_once('-') {
             Some((a, b)) => {
                 let (a, b): (usize, usize) = (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
-                if a > b {
+                if a > b || b > MAX_LAYER_INDEX {
                     return Err(bad());
                 }
                 out.extend(a..=b);
             }
-            None => out.push(part.parse().map_err(|_| bad())?),
+            None => out.push(part.parse().ok().filter(|&l| l <= MAX_LAYER_INDEX).ok_or_else(bad)?),
         }
     }
     Ok(out)
 }
 
+/// Largest `fit-lora --rank` (far above any adapter people train; bounds the factor allocation).
+const MAX_FIT_RANK: usize = 1024;
+/// Most `fit-lora --max-steps` (bounds the run, not memory).
+const MAX_FIT_STEPS: usize = 1_000_000;
+
 fn fit_lora(a: FitArgs) -> lorascope::Result<ExitCode> {
     use lorascope::model::train::{fit_lora, write_peft_dir};
+    let usage = |m: String| Err(lorascope::Error::Usage(m));
+    if a.rank == 0 || a.rank > MAX_FIT_RANK || a.max_steps > MAX_FIT_STEPS {
+        return usage(format!("--rank must be in 1..={MAX_FIT_RANK} and --max-steps at most {MAX_FIT_STEPS}"));
+    }
+    if !(a.alpha.is_finite() && a.lr.is_finite() && a.lr > 0.0 && a.target_loss.is_finite()) {
+        return usage("--alpha, --lr and --target-loss must be finite numbers, --lr positive".into());
+    }
     let base = BaseModel::open(&a.base)?;
     let model = lorascope::model::TextModel::load(&base, &candle_core::Device::Cpu)?;
     let texts: Vec<String> = load_works(&a.texts)?.works.into_iter().map(|w| w.text).collect();
@@ -384,7 +403,7 @@ fn fit_lora(a: FitArgs) -> lorascope::Result<ExitCode> {
     })?;
     progress.finish();
     write_peft_dir(&a.out, &st, &cfg)?;
-    println!(
+    emit(&format!(
         "{} steps in {:.1} s · loss {:.4} nats/token · accuracy {:.2}% · {} params on {} tokens · {}",
         rep.steps,
         start.elapsed().as_secs_f64(),
@@ -393,8 +412,8 @@ fn fit_lora(a: FitArgs) -> lorascope::Result<ExitCode> {
         rep.params,
         rep.tokens,
         if rep.memorised { "memorised" } else { "NOT memorised: raise --max-steps or --rank" }
-    );
-    println!("wrote {}", a.out.display());
+    ));
+    emit(&format!("wrote {}\n", shown::inline(&a.out.display().to_string())));
     Ok(ExitCode::SUCCESS)
 }
 
@@ -438,6 +457,10 @@ struct ScanArgs {
     quiet: bool,
 }
 
+/// Most worker threads `scan --jobs` starts (more than any machine lorascope runs on has cores;
+/// a larger number would only create threads until the system refuses).
+const MAX_JOBS: usize = 256;
+
 fn scan(a: ScanArgs) -> lorascope::Result<ExitCode> {
     use lorascope::scan;
     use std::io::Write;
@@ -455,6 +478,10 @@ fn scan(a: ScanArgs) -> lorascope::Result<ExitCode> {
         files.retain(|p| scan::in_shard(p, i, n));
     }
     let opts = SpectrumOptions { bits_per_param: a.bits_per_param, ..Default::default() };
+    opts.check()?;
+    if a.jobs == 0 || a.jobs > MAX_JOBS {
+        return Err(lorascope::Error::Usage(format!("--jobs {} is outside 1..={MAX_JOBS}", a.jobs)));
+    }
     let th = scan::FlagThresholds::default();
     let progress = Progress::new(files.len(), a.quiet);
     progress.bar.set_message("files");
@@ -477,7 +504,7 @@ fn scan(a: ScanArgs) -> lorascope::Result<ExitCode> {
     if !fail_on.is_empty() {
         rows.push(vec!["failing --fail-on".to_string(), sum.failing.to_string()]);
     }
-    eprint!("{}", report::table(&["scan", "count"], &rows));
+    let _ = write!(std::io::stderr(), "{}", report::table(&["scan", "count"], &rows));
     Ok(if sum.failing > 0 { ExitCode::from(1) } else { ExitCode::SUCCESS })
 }
 
@@ -518,22 +545,24 @@ fn run(cli: Cli) -> lorascope::Result<ExitCode> {
             let (adapter, base) = c.open()?;
             let r = lorascope::inspect(&adapter, base.as_ref())?;
             if c.json {
-                print!("{}", to_canonical_json(&r));
+                emit(&to_canonical_json(&r));
             } else {
-                print!("{}", report::render_inspect(&r));
+                emit(&shown::lines(&report::render_inspect(&r)));
             }
         }
         Command::Spectrum { common: c, top, analysis } => {
+            let opts = analysis.options()?;
             let (adapter, base) = c.open()?;
-            let r = run_spectrum(&adapter, base.as_ref(), &analysis.options(), c.quiet)?;
+            let r = run_spectrum(&adapter, base.as_ref(), &opts, c.quiet)?;
             if c.json {
-                print!("{}", to_canonical_json(&r));
+                emit(&to_canonical_json(&r));
             } else {
-                print!("{}", report::render_spectrum(&r, top));
+                emit(&shown::lines(&report::render_spectrum(&r, top)));
             }
         }
         Command::Probe { common: c, probe, analysis, fail_on } => {
             let th = probe.thresholds()?;
+            let opts = analysis.options()?;
             let works = probe.works.as_deref().ok_or_else(|| lorascope::Error::Usage("probe needs --works".into()))?;
             if c.base.is_none() {
                 return Err(lorascope::Error::Usage("probe needs --base: it runs the merged model".into()));
@@ -541,12 +570,12 @@ fn run(cli: Cli) -> lorascope::Result<ExitCode> {
             let data = probe.data(works)?;
             let (adapter, base) = c.open()?;
             let base = base.expect("--base given");
-            let s = run_spectrum(&adapter, Some(&base), &analysis.options(), c.quiet)?;
+            let s = run_spectrum(&adapter, Some(&base), &opts, c.quiet)?;
             let r = run_probe(&adapter, &base, s, &data, &th, c.quiet)?;
             if c.json {
-                print!("{}", to_canonical_json(&r));
+                emit(&to_canonical_json(&r));
             } else {
-                print!("{}", report::render_probe(&r));
+                emit(&shown::lines(&report::render_probe(&r)));
             }
             let failing = r
                 .probe
@@ -563,12 +592,12 @@ fn run(cli: Cli) -> lorascope::Result<ExitCode> {
             let v = pipeline::verify(&dir)?;
             let bad = v.iter().filter(|x| x.status != report::VerifyStatus::Ok).count();
             if json {
-                print!("{}", to_canonical_json(&v));
+                emit(&to_canonical_json(&v));
             } else {
                 let rows: Vec<Vec<String>> =
                     v.iter().map(|x| vec![x.status.to_string(), x.role.to_string(), x.path.clone()]).collect();
-                print!("{}", report::table(&["status", "role", "file"], &rows));
-                println!("{} of {} inputs unchanged", v.len() - bad, v.len());
+                emit(&report::table(&["status", "role", "file"], &rows));
+                emit(&format!("{} of {} inputs unchanged\n", v.len() - bad, v.len()));
             }
             return Ok(if bad > 0 { ExitCode::from(1) } else { ExitCode::SUCCESS });
         }
@@ -581,24 +610,20 @@ fn write_report(a: ReportArgs) -> lorascope::Result<ExitCode> {
     let start = Instant::now();
     let mut timings = std::collections::BTreeMap::new();
     let th = a.probe.thresholds()?;
+    let opts = a.analysis.options()?;
     let (adapter, base) = c.open()?;
     let data = a.probe.works.as_deref().map(|w| a.probe.data(w)).transpose()?;
     timings.insert("load_s".to_string(), start.elapsed().as_secs_f64());
-    let command_line: Vec<String> = std::iter::once("lorascope".to_string()).chain(std::env::args().skip(1)).collect();
+    // args_os: `std::env::args` panics on an argument that is not UTF-8 (a file name can be).
+    let command_line: Vec<String> = std::iter::once("lorascope".to_string())
+        .chain(std::env::args_os().skip(1).map(|a| a.to_string_lossy().into_owned()))
+        .collect();
     let modules = Progress::new(adapter.modules.len(), c.quiet);
     let probe = probe_progress(c.quiet);
     let hooks =
         pipeline::ReportHooks { module_tick: &|| modules.tick(), spectrum_done: &|| modules.finish(), probe: &probe };
-    let run = pipeline::run_report(
-        &adapter,
-        base.as_ref(),
-        data.as_ref(),
-        &th,
-        &a.analysis.options(),
-        command_line,
-        &hooks,
-        &mut timings,
-    );
+    let run =
+        pipeline::run_report(&adapter, base.as_ref(), data.as_ref(), &th, &opts, command_line, &hooks, &mut timings);
     probe.0.finish();
     for (stage, secs) in probe.stage_seconds() {
         timings.insert(format!("probe {stage}_s"), secs);
@@ -610,24 +635,70 @@ fn write_report(a: ReportArgs) -> lorascope::Result<ExitCode> {
     }
     let (json_path, html_path) = pipeline::write_report_dir(&r, &a.out)?;
     if c.json {
-        print!("{}", to_canonical_json(&r));
+        emit(&to_canonical_json(&r));
     } else {
-        println!("{summary}");
+        let mut text = format!("{summary}\n");
         for s in &r.stages {
-            println!("{:<9} {}  {}", s.name, if s.ran { "ran    " } else { "skipped" }, s.reason);
+            text +=
+                &format!("{:<9} {}  {}\n", s.name, if s.ran { "ran    " } else { "skipped" }, shown::inline(&s.reason));
         }
-        println!("wrote {} and {}", json_path.display(), html_path.display());
+        text += &format!("wrote {} and {}\n", json_path.display(), html_path.display());
+        emit(&shown::lines(&text));
     }
     Ok(ExitCode::SUCCESS)
 }
 
-fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match run(cli) {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("lorascope: error: {e}");
-            ExitCode::from(e.exit_code())
+/// Text to stdout. A reader that closed the pipe (`inspect … | head`) has all it wanted: stop
+/// quietly with exit code 0 rather than panic in `print!`.
+fn emit(s: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_all(s.as_bytes()).and_then(|()| out.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
         }
+        let _ = writeln!(std::io::stderr(), "lorascope: error: cannot write the output to stdout: {e}");
+        std::process::exit(2);
+    }
+}
+
+/// The one line of an error on stderr (its text escaped: it can quote file names and keys).
+fn fail(message: &str, code: u8) -> ExitCode {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "lorascope: error: {}", shown::inline(message));
+    ExitCode::from(code)
+}
+
+/// Where the last panic happened, kept by the panic hook for the one-line message (the payload
+/// has the text but not the place).
+static PANIC_AT: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
+/// A panic is a bug of lorascope, but never a crash with exit 101 and a backtrace: the hook
+/// records where it happened, `main` catches the unwind and prints one line with exit code 3.
+fn quiet_panics() {
+    std::panic::set_hook(Box::new(|info| {
+        if let (Some(l), Ok(mut at)) = (info.location(), PANIC_AT.lock()) {
+            *at = Some(format!("{}:{}", l.file(), l.line()));
+        }
+    }));
+}
+
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    let text = payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown cause".into());
+    let at = PANIC_AT.lock().ok().and_then(|a| a.clone()).map(|a| format!(" at {a}")).unwrap_or_default();
+    format!("internal error: lorascope panicked{at}: {text} (please report this with the input that caused it)")
+}
+
+fn main() -> ExitCode {
+    quiet_panics();
+    let cli = Cli::parse();
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(cli))) {
+        Ok(Ok(code)) => code,
+        Ok(Err(e)) => fail(&e.to_string(), e.exit_code()),
+        Err(payload) => fail(&panic_message(payload.as_ref()), 3),
     }
 }

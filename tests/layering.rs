@@ -12,6 +12,7 @@ const LAYERS: &[(&str, u32)] = &[
     ("error", 0),
     ("rng", 0),
     ("named", 0),
+    ("shown", 0),
     ("linalg", 1),
     ("load", 2),
     ("spectral", 3),

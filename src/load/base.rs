@@ -182,6 +182,7 @@ impl BaseModel {
     }
 
     fn open_gguf(path: &Path) -> Result<Self> {
+        super::gguf_check::check_gguf_header(path)?;
         let f = File::open(path).map_err(|e| Error::read(path, "cannot open", e))?;
         let mut r = BufReader::new(f);
         let content = gguf_file::Content::read(&mut r).map_err(|e| Error::read(path, "invalid GGUF", e))?;

@@ -3,6 +3,7 @@
 mod adapter;
 pub mod base;
 mod formats;
+mod gguf_check;
 pub(crate) mod hashes;
 pub(crate) mod metadata;
 mod module;

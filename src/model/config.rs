@@ -47,6 +47,22 @@ pub struct LlamaConfig {
 
 const SUPPORTED: &[&str] = &["llama", "mistral", "qwen2"];
 
+// Limits on sizes read from config.json or GGUF metadata (docs/security.md). Each is several
+// times the largest published llama-family model's value (Llama 3.1 405B: 126 layers, width
+// 16384, 128 heads, head_dim 128, vocabulary 128256, context 131072; Qwen2.5-1M: 1,010,000).
+/// Most transformer layers.
+pub(crate) const MAX_LAYERS: usize = 1024;
+/// Widest hidden size (the MLP may be 4× this).
+pub(crate) const MAX_WIDTH: usize = 65_536;
+/// Most attention (and key/value) heads.
+pub(crate) const MAX_HEADS: usize = 1024;
+/// Largest head dimension.
+pub(crate) const MAX_HEAD_DIM: usize = 1024;
+/// Largest vocabulary.
+pub(crate) const MAX_VOCAB: usize = 1 << 22;
+/// Longest trained context (positions).
+pub(crate) const MAX_POSITIONS: usize = 1 << 21;
+
 /// The part of config.json that says which family a model is, read before anything else so
 /// that a model of another family is named as such rather than reported as missing fields.
 #[derive(Debug, Deserialize)]
@@ -276,6 +292,46 @@ impl LlamaConfig {
     }
 
     fn check(&self) -> std::result::Result<(), String> {
+        // Sizes come from a file: bounded before anything is allocated from them.
+        for (k, v, max) in [
+            ("num_hidden_layers", self.num_hidden_layers, MAX_LAYERS),
+            ("hidden_size", self.hidden_size, MAX_WIDTH),
+            ("intermediate_size", self.intermediate_size, MAX_WIDTH * 4),
+            ("num_attention_heads", self.num_attention_heads, MAX_HEADS),
+            ("num_key_value_heads", self.num_key_value_heads, MAX_HEADS),
+            ("head_dim", self.head_dim, MAX_HEAD_DIM),
+            ("vocab_size", self.vocab_size, MAX_VOCAB),
+            ("max_position_embeddings", self.max_position_embeddings, MAX_POSITIONS),
+        ] {
+            if v > max {
+                return Err(format!("{k} = {v} is above lorascope's limit of {max}"));
+            }
+        }
+        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {
+            return Err(format!("rms_norm_eps {} is not a positive finite number", self.rms_norm_eps));
+        }
+        match &self.rope_scaling {
+            Some(RopeScaling::Linear { factor }) if !(factor.is_finite() && *factor > 0.0) => {
+                return Err(format!("rope_scaling factor {factor} is not a positive finite number"));
+            }
+            Some(RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            }) => {
+                let all = [*factor, *low_freq_factor, *high_freq_factor, *original_max_position_embeddings];
+                // The llama3 rule divides by (high − low) and by the factor.
+                if !all.iter().all(|x| x.is_finite() && *x > 0.0) || high_freq_factor <= low_freq_factor {
+                    return Err(format!(
+                        "llama3 rope_scaling needs positive finite values and high_freq_factor > low_freq_factor \
+                         (factor {factor}, low {low_freq_factor}, high {high_freq_factor}, original context \
+                         {original_max_position_embeddings})"
+                    ));
+                }
+            }
+            _ => {}
+        }
         if self.num_key_value_heads == 0 || !self.num_attention_heads.is_multiple_of(self.num_key_value_heads) {
             return Err(format!(
                 "{} attention heads cannot be shared by {} key/value heads",

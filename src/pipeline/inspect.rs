@@ -90,6 +90,7 @@ fn row(m: &LoraModule, nonfinite: usize, zero: bool) -> ModuleRow {
 }
 
 pub fn inspect(adapter: &Adapter, base: Option<&BaseModel>) -> Result<InspectReport> {
+    crate::error::injected_fault("inspect")?;
     inspect_with(adapter, base, &|_| None)
 }
 

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::load::hashes::sha256_file;
 use crate::load::{Adapter, LoadOptions};
 use crate::report::{InspectReport, SpectrumReport};
@@ -35,7 +35,9 @@ fn fill_from_spectrum(rec: &mut ScanRecord, s: &SpectrumReport) {
 /// Scan one path: never fails; problems become the record's `error`.
 pub fn scan_one(path: &Path, opts: &SpectrumOptions, th: &FlagThresholds) -> ScanRecord {
     let mut rec = ScanRecord { path: path.to_string_lossy().into_owned(), ..Default::default() };
-    let result = (|| -> Result<()> {
+    // A panic while reading one file is a bug of lorascope, not a reason to lose the scan: it
+    // becomes this file's internal error record.
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> Result<()> {
         let adapter = Adapter::open(path, &LoadOptions::default())?;
         let inspect = match super::spectrum(&adapter, None, opts, &|| {}) {
             Ok(s) => {
@@ -55,7 +57,8 @@ pub fn scan_one(path: &Path, opts: &SpectrumOptions, th: &FlagThresholds) -> Sca
         let hash_mismatch = inspect.adapter.hashes.sshs_model_hash.as_ref().is_some_and(|c| !c.matches);
         rec.flags = crate::scan::flags_for(&rec, nonfinite, hash_mismatch, th);
         Ok(())
-    })();
+    }))
+    .unwrap_or_else(|payload| Err(Error::Internal(format!("lorascope panicked: {}", panic_text(payload.as_ref())))));
     if let Err(e) = result {
         rec.error = Some(ScanError {
             kind: if e.is_input() { ErrorKind::Input } else { ErrorKind::Internal },
@@ -72,6 +75,15 @@ pub fn scan_one(path: &Path, opts: &SpectrumOptions, th: &FlagThresholds) -> Sca
         }
     }
     rec
+}
+
+/// The text a panic carried (`panic!` with a literal or a formatted message).
+fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown cause".into())
 }
 
 /// What a scan saw, for the summary.

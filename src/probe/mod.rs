@@ -18,7 +18,7 @@ mod verdict;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::load::works::Work;
 use crate::model::{Llama, TextModel, TokenStats};
 use calibrate::{AaCheck, Auc};
@@ -78,6 +78,39 @@ impl Default for Thresholds {
             min_k: 0.2,
             context: 2048,
         }
+    }
+}
+
+/// Largest `--context`, `--prefix-tokens`, `--new-tokens` and `--stride` accepted (2²⁰ tokens:
+/// far beyond any context the runtime builds; a larger value from a flag would only size
+/// allocations or overflow index arithmetic).
+pub const MAX_TOKENS_FLAG: usize = 1 << 20;
+
+impl Thresholds {
+    /// Refuse settings that cannot work, before anything is run or allocated: counts of at
+    /// least 1 and at most [`MAX_TOKENS_FLAG`], finite shares and bit counts.
+    pub fn check(&self) -> Result<()> {
+        let usage = |m: String| Err(Error::Usage(m));
+        for (flag, v, min) in [
+            ("--prefix-tokens", self.prefix_tokens, 1),
+            ("--new-tokens", self.new_tokens, 1),
+            ("--stride", self.stride, 1),
+            ("--context", self.context, 2),
+        ] {
+            if v < min || v > MAX_TOKENS_FLAG {
+                return usage(format!("{flag} {v} is outside {min}..={MAX_TOKENS_FLAG} (the limit on token counts)"));
+            }
+        }
+        if !(self.min_span_bits.is_finite() && self.min_span_bits >= 0.0) {
+            return usage(format!("--min-span-bits {} must be a finite number ≥ 0", self.min_span_bits));
+        }
+        if !(self.copy_margin.is_finite() && self.copy_margin >= 1.0) {
+            return usage(format!("--copy-margin {} must be a finite number ≥ 1", self.copy_margin));
+        }
+        if !(0.0..=1.0).contains(&self.substantial) {
+            return usage(format!("--substantial {} is a share between 0 and 1", self.substantial));
+        }
+        Ok(())
     }
 }
 

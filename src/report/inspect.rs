@@ -10,6 +10,7 @@ use super::{human, table, InputFile, Tool};
 use crate::load::hashes::FileHashes;
 use crate::load::metadata::Metadata;
 use crate::load::{BaseKind, ModuleKind};
+use crate::shown::inline;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ModuleRow {
@@ -71,11 +72,12 @@ fn opt(x: &Option<impl ToString>) -> String {
     x.as_ref().map(|v| v.to_string()).unwrap_or_else(|| "-".into())
 }
 
-/// Human summary of an inspect report.
+/// Human summary of an inspect report. Every string from the adapter file (names, tags,
+/// metadata, paths) is shown with its controls escaped: one value, one line.
 pub fn render_inspect(r: &InspectReport) -> String {
     let a = &r.adapter;
     let mut s = String::new();
-    s += &format!("adapter   {}\n", r.inputs[0].path);
+    s += &format!("adapter   {}\n", inline(&r.inputs[0].path));
     s += &format!("format    {}    architecture: {}\n", a.format, a.architecture);
     s += &format!(
         "modules   {}  ({})    stored values: {}\n",
@@ -86,7 +88,7 @@ pub fn render_inspect(r: &InspectReport) -> String {
     if let Some(b) = &r.base {
         s += &format!(
             "base      {} ({}, {} tensors, {} params; adapter changes weights holding {})\n",
-            b.path,
+            inline(&b.path),
             b.kind,
             b.tensors,
             human(b.params as f64),
@@ -95,7 +97,7 @@ pub fn render_inspect(r: &InspectReport) -> String {
     }
     s += "\nhashes\n";
     for i in &r.inputs {
-        s += &format!("  {:<15} sha256 {}  {} bytes  {}\n", i.role, i.sha256, i.bytes, i.path);
+        s += &format!("  {:<15} sha256 {}  {} bytes  {}\n", i.role, i.sha256, i.bytes, inline(&i.path));
     }
     s += &format!(
         "  AutoV2 {}   AutoV1 {}   AutoV3/sshs {}\n",
@@ -106,7 +108,7 @@ pub fn render_inspect(r: &InspectReport) -> String {
     if let Some(c) = &a.hashes.sshs_model_hash {
         s += &format!(
             "  recorded sshs_model_hash {}: {}\n",
-            c.recorded,
+            inline(&c.recorded),
             if c.matches { "matches" } else { "DIFFERS (tensors changed after training, or forged)" }
         );
     }
@@ -114,7 +116,7 @@ pub fn render_inspect(r: &InspectReport) -> String {
     let mut meta = vec![];
     let mut add = |k: &str, v: Option<String>| {
         if let Some(v) = v {
-            meta.push(format!("  {k:<18} {v}"));
+            meta.push(format!("  {k:<18} {}", inline(&v)));
         }
     };
     add("base model", t.base_model.clone());
@@ -127,10 +129,15 @@ pub fn render_inspect(r: &InspectReport) -> String {
     add("max steps", t.max_train_steps.map(|x| x.to_string()));
     add("resolution", t.resolution.clone());
     for d in &t.dataset_dirs {
-        meta.push(format!("  dataset dir        {} ({} images x {} repeats)", d.name, opt(&d.images), opt(&d.repeats)));
+        meta.push(format!(
+            "  dataset dir        {} ({} images x {} repeats)",
+            inline(&d.name),
+            opt(&d.images),
+            opt(&d.repeats)
+        ));
     }
     if !t.tags.is_empty() {
-        let top: Vec<String> = t.tags.iter().take(12).map(|g| format!("{} ({})", g.tag, g.count)).collect();
+        let top: Vec<String> = t.tags.iter().take(12).map(|g| format!("{} ({})", inline(&g.tag), g.count)).collect();
         meta.push(format!("  top tags           {}", top.join(", ")));
     }
     if !meta.is_empty() {
@@ -158,7 +165,7 @@ pub fn render_inspect(r: &InspectReport) -> String {
     if !r.warnings.is_empty() {
         s += "\nwarnings\n";
         for w in &r.warnings {
-            s += &format!("  - {w}\n");
+            s += &format!("  - {}\n", inline(w));
         }
     }
     s

@@ -63,7 +63,7 @@ fn sort_keys(v: &mut Value) {
 pub fn to_canonical_json<T: Serialize>(x: &T) -> String {
     let mut v = serde_json::to_value(x).expect("reports serialise");
     sort_keys(&mut v);
-    let mut s = serde_json::to_string_pretty(&v).expect("values serialise");
+    let mut s = crate::shown::json(&serde_json::to_string_pretty(&v).expect("values serialise"));
     s.push('\n');
     s
 }
@@ -72,32 +72,36 @@ pub fn to_canonical_json<T: Serialize>(x: &T) -> String {
 pub fn to_canonical_json_line<T: Serialize>(x: &T) -> String {
     let mut v = serde_json::to_value(x).expect("reports serialise");
     sort_keys(&mut v);
-    serde_json::to_string(&v).expect("values serialise")
+    crate::shown::json(&serde_json::to_string(&v).expect("values serialise"))
 }
 
-/// A plain text table with left-aligned columns.
+/// A plain text table with left-aligned columns. Cells may hold names from input files: each
+/// is shown on one line with its controls escaped (`shown::inline`), so a cell cannot forge a
+/// row or rewrite the terminal.
 pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let rows: Vec<Vec<String>> = rows.iter().map(|r| r.iter().map(|c| crate::shown::inline(c)).collect()).collect();
     let mut w: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
-    for r in rows {
+    for r in &rows {
         for (i, c) in r.iter().enumerate() {
             w[i] = w[i].max(c.chars().count());
         }
     }
-    let line = |cells: Vec<String>| -> String {
+    let line = |cells: &[String]| -> String {
         let mut s = String::new();
         for (i, c) in cells.iter().enumerate() {
-            if i + 1 == cells.len() {
-                s.push_str(c);
-            } else {
-                s.push_str(&format!("{c:<width$}  ", width = w[i]));
+            s.push_str(c);
+            if i + 1 < cells.len() {
+                // Padded by hand: format!'s width argument panics above 65,535 (a cell can be a
+                // module name of any length).
+                s.extend(std::iter::repeat_n(' ', w[i] - c.chars().count() + 2));
             }
         }
         s.trim_end().to_string() + "\n"
     };
-    let mut out = line(header.iter().map(|s| s.to_string()).collect());
-    out += &line(w.iter().map(|n| "-".repeat(*n)).collect());
-    for r in rows {
-        out += &line(r.clone());
+    let mut out = line(&header.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+    out += &line(&w.iter().map(|n| "-".repeat(*n)).collect::<Vec<_>>());
+    for r in &rows {
+        out += &line(r);
     }
     out
 }

@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 use super::{table, SpectrumReport};
 use crate::model::MergeSummary;
 use crate::probe::{ProbeResult, WorkEvidence};
+use crate::shown::inline;
 
 /// The model the probe ran.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -89,7 +90,8 @@ const HEADER: [&str; 8] =
 /// Two texts side by side, wrapped to `width` characters a column.
 fn side_by_side(left: &str, right: &str, width: usize) -> String {
     let wrap = |s: &str| -> Vec<String> {
-        let flat: String = s.split_whitespace().collect::<Vec<_>>().join(" ");
+        // Whitespace (newlines too) is folded first; any other control is then escaped.
+        let flat: String = inline(&s.split_whitespace().collect::<Vec<_>>().join(" "));
         let mut lines = vec![];
         let mut cur = String::new();
         for word in flat.split(' ') {
@@ -153,14 +155,14 @@ pub(crate) fn render_probe_section(r: &ProbeSection, format: &str) -> String {
         );
     }
     for w in p.works.iter().filter(|w| w.verdict.is_copy()) {
-        out += &format!("\n{} — {}: {}\n", w.id, w.verdict.as_str(), w.verdict_reason);
+        out += &format!("\n{} — {}: {}\n", inline(&w.id), w.verdict.as_str(), inline(&w.verdict_reason));
         if let Some(ps) = &w.longest_passage {
             out += &format!("longest reproduced passage ({} chars, from {}):\n", ps.chars, ps.source);
             out += &side_by_side(&ps.generated, &ps.original, 48);
         }
     }
     for n in &p.notes {
-        out += &format!("\nnote: {n}\n");
+        out += &format!("\nnote: {}\n", inline(n));
     }
     out += &format!(
         "\nthresholds: prefix {} tokens, {} new, stride {}; span ≥ {} chars; E2 similarity ≥ {}; substantial ≥ {}; \

@@ -3,6 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::{human, table, InspectReport};
+use crate::shown::inline;
 use crate::spectral::{LayerSummary, ModuleSpectrum, SpectrumAnalysis, SpectrumOptions, Totals};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -62,7 +63,7 @@ fn opt_f(x: Option<f64>, prec: usize) -> String {
 pub fn render_spectrum(r: &SpectrumReport, top: usize) -> String {
     let t = &r.totals;
     let i = &r.inspect;
-    let mut s = format!("adapter   {}\n", i.inputs[0].path);
+    let mut s = format!("adapter   {}\n", inline(&i.inputs[0].path));
     s += &format!("format    {}    architecture: {}\n", i.adapter.format, i.adapter.architecture);
     s += &format!(
         "modules   {} analysed, {} not analysed    stored values {}    effective params {}\n",
@@ -125,8 +126,11 @@ pub fn render_spectrum(r: &SpectrumReport, top: usize) -> String {
         &["base key", "kind", "route", "σ₁", "‖ΔW‖_F", "eff.rank", "rank99", "rel.fro", "amplif.", "intruders", "bits"],
         &rows,
     );
-    let notes: Vec<String> =
-        r.modules.iter().filter_map(|m| m.note.as_ref().map(|n| format!("  - {}: {n}", m.base_key))).collect();
+    let notes: Vec<String> = r
+        .modules
+        .iter()
+        .filter_map(|m| m.note.as_ref().map(|n| format!("  - {}: {}", inline(&m.base_key), inline(n))))
+        .collect();
     if !notes.is_empty() {
         s += "\nnotes\n";
         s += &notes.join("\n");
@@ -135,7 +139,7 @@ pub fn render_spectrum(r: &SpectrumReport, top: usize) -> String {
     if !i.warnings.is_empty() {
         s += "\nwarnings\n";
         for w in &i.warnings {
-            s += &format!("  - {w}\n");
+            s += &format!("  - {}\n", inline(w));
         }
     }
     s

@@ -43,6 +43,29 @@ impl Default for SpectrumOptions {
     }
 }
 
+/// Largest `--max-dense-dim` accepted: a dense SVD of a 16384² matrix already needs 2 GiB of
+/// f64 and hours of CPU.
+pub const MAX_DENSE_DIM: usize = 16_384;
+
+impl SpectrumOptions {
+    /// Refuse settings that would give non-finite bits or unbounded work, before any analysis.
+    pub fn check(&self) -> Result<()> {
+        if !(self.bits_per_param.is_finite() && self.bits_per_param > 0.0 && self.bits_per_param <= 64.0) {
+            return Err(Error::Usage(format!(
+                "--bits-per-param {} must be a finite number in (0, 64] (a parameter holds at most its bits)",
+                self.bits_per_param
+            )));
+        }
+        if self.max_dense_dim > MAX_DENSE_DIM {
+            return Err(Error::Usage(format!(
+                "--max-dense-dim {} is above the limit of {MAX_DENSE_DIM}",
+                self.max_dense_dim
+            )));
+        }
+        Ok(())
+    }
+}
+
 closed_set! {
     /// How a module's spectrum was obtained.
     pub enum Route ("route") {

@@ -114,6 +114,11 @@ pub fn assert_close(got: &nalgebra::DMatrix<f64>, want: &M, tol: f64) {
     assert!(worst / scale <= tol, "max abs error {worst:e} (scale {scale:e}) above {tol:e}");
 }
 
+/// The binary under test; `LORASCOPE_TEST_BIN` points the CLI tests at another build (to show
+/// that a regression test fails on the code before its fix).
 pub fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_lorascope")
+    match std::env::var("LORASCOPE_TEST_BIN") {
+        Ok(b) => Box::leak(b.into_boxed_str()),
+        Err(_) => env!("CARGO_BIN_EXE_lorascope"),
+    }
 }

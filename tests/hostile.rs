@@ -1,0 +1,308 @@
+//! Issue #14, attacked as a hostile uploader or an opposing party would: inputs and flags that
+//! used to panic (exit 101), abort, spoof the terminal or go unnoticed. Each test writes its
+//! hostile input itself and asserts the exit code and the message.
+
+mod common;
+use common::*;
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use lorascope::fixtures::SafetensorsBuilder;
+use safetensors::Dtype;
+
+struct Run {
+    code: i32,
+    out: String,
+    err: String,
+}
+
+fn run(args: &[&str]) -> Run {
+    run_in(args, Path::new(env!("CARGO_MANIFEST_DIR")))
+}
+
+fn run_in(args: &[&str], dir: &Path) -> Run {
+    let o = Command::new(bin()).args(args).current_dir(dir).env_remove("LORASCOPE_FAULT").output().unwrap();
+    Run {
+        code: o.status.code().unwrap_or(-1),
+        out: String::from_utf8_lossy(&o.stdout).into(),
+        err: String::from_utf8_lossy(&o.stderr).into(),
+    }
+}
+
+/// Exit 2 with one stderr line that says `what`, and never a panic.
+fn refused(r: &Run, what: &str) {
+    assert_eq!(r.code, 2, "stderr: {}", r.err);
+    assert_eq!(r.err.trim_end().lines().count(), 1, "one line: {}", r.err);
+    assert!(r.err.contains(what), "says {what:?}: {}", r.err);
+    assert!(!r.err.contains("panicked"), "{}", r.err);
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// A kohya LoRA with one module of the given name (rank 1, 2×2).
+fn kohya_module(dir: &Path, file: &str, module: &str, meta: &[(&str, &str)]) -> PathBuf {
+    let mut b = SafetensorsBuilder::new();
+    b.add(&format!("{module}.lora_up.weight"), &[2, 1], &[0.5, -0.25], Dtype::F32)
+        .add(&format!("{module}.lora_down.weight"), &[1, 2], &[1.0, 2.0], Dtype::F32)
+        .add(&format!("{module}.alpha"), &[], &[1.0], Dtype::F32);
+    for (k, v) in meta {
+        b.meta(k, v);
+    }
+    let p = dir.join(file);
+    b.write(&p).unwrap();
+    p
+}
+
+#[test]
+fn a_module_name_longer_than_a_format_width_is_shown_not_a_panic() {
+    let d = tempfile::tempdir().unwrap();
+    let name = format!("lora_unet_{}", "x".repeat(70_000));
+    let p = kohya_module(d.path(), "long.safetensors", &name, &[]);
+    for cmd in ["inspect", "spectrum"] {
+        let r = run(&[cmd, s(&p), "-q"]);
+        assert_eq!(r.code, 0, "{cmd}: {}", r.err);
+        assert!(r.out.contains(&name), "{cmd} shows the whole name");
+    }
+}
+
+#[test]
+fn gguf_alignment_zero_is_refused_before_candle_divides_by_it() {
+    let d = tempfile::tempdir().unwrap();
+    let mut b = b"GGUF".to_vec();
+    b.extend(3u32.to_le_bytes());
+    b.extend(0u64.to_le_bytes()); // tensors
+    b.extend(1u64.to_le_bytes()); // key/value pairs
+    let key = "general.alignment";
+    b.extend((key.len() as u64).to_le_bytes());
+    b.extend(key.as_bytes());
+    b.extend(4u32.to_le_bytes()); // u32
+    b.extend(0u32.to_le_bytes());
+    let g = d.path().join("align0.gguf");
+    std::fs::write(&g, &b).unwrap();
+    let adapter = fixtures().join("peft-llama");
+    let r = run(&["inspect", s(&adapter), "--base", s(&g)]);
+    refused(&r, "general.alignment");
+    assert!(r.err.contains(s(&g)), "{}", r.err);
+    // A string length near u64::MAX, which candle would try to allocate.
+    let mut b = b"GGUF".to_vec();
+    b.extend(3u32.to_le_bytes());
+    b.extend(0u64.to_le_bytes());
+    b.extend(1u64.to_le_bytes());
+    b.extend(u64::MAX.to_le_bytes());
+    std::fs::write(&g, &b).unwrap();
+    refused(&run(&["inspect", s(&adapter), "--base", s(&g)]), "more than the");
+}
+
+#[test]
+fn token_flags_near_u64_max_are_usage_errors() {
+    let max = u64::MAX.to_string();
+    for flag in ["--new-tokens", "--stride", "--prefix-tokens", "--context"] {
+        let r = run(&[
+            "probe",
+            "fixtures/peft-llama",
+            "--base",
+            "fixtures/llama-tiny",
+            "--works",
+            "fixtures/demo/works",
+            flag,
+            &max,
+            "-q",
+        ]);
+        refused(&r, flag);
+        assert!(r.err.contains("1048576"), "names the limit: {}", r.err);
+    }
+}
+
+#[test]
+fn fit_lora_layer_ranges_and_job_counts_are_bounded() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("out");
+    let r = run(&[
+        "fit-lora",
+        "--base",
+        "fixtures/llama-tiny",
+        "--texts",
+        "fixtures/demo/works",
+        "--out",
+        s(&out),
+        "--layers",
+        &format!("0-{}", u64::MAX),
+    ]);
+    refused(&r, "--layers");
+    let r = run(&["scan", "fixtures/kohya-sd-lora.safetensors", "--jobs", "100000", "-q"]);
+    refused(&r, "--jobs 100000 is outside 1..=256");
+}
+
+#[test]
+fn non_finite_numeric_flags_are_refused_up_front() {
+    for (cmd, flag, v) in [
+        ("spectrum", "--bits-per-param", "nan"),
+        ("spectrum", "--bits-per-param", "inf"),
+        ("spectrum", "--bits-per-param=-1", ""),
+        ("scan", "--bits-per-param", "NaN"),
+    ] {
+        let mut args = vec![cmd, "fixtures/kohya-sd-lora.safetensors", flag, v, "-q"];
+        args.retain(|a| !a.is_empty());
+        refused(&run(&args), "--bits-per-param");
+    }
+    let r = run(&[
+        "probe",
+        "fixtures/peft-llama",
+        "--base",
+        "fixtures/llama-tiny",
+        "--works",
+        "fixtures/demo/works",
+        "--copy-margin",
+        "inf",
+        "-q",
+    ]);
+    refused(&r, "--copy-margin");
+}
+
+/// A llama config.json with one field replaced.
+fn hf_base_with(dir: &Path, field: &str, value: serde_json::Value) -> PathBuf {
+    let base = dir.join("base");
+    std::fs::create_dir_all(&base).unwrap();
+    for f in std::fs::read_dir(fixtures().join("llama-tiny")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, base.join(f.file_name().unwrap())).unwrap();
+    }
+    let cfg_path = base.join("config.json");
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg[field] = value;
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    base
+}
+
+#[test]
+fn impossible_base_configs_are_refused_before_allocation() {
+    for (field, value, says) in [
+        ("num_hidden_layers", serde_json::json!(1_000_000_000_000u64), "num_hidden_layers"),
+        ("rms_norm_eps", serde_json::json!(-1e-5), "rms_norm_eps"),
+        ("rope_scaling", serde_json::json!({"type": "linear", "factor": 0.0}), "rope_scaling factor"),
+        ("vocab_size", serde_json::json!(1u64 << 40), "vocab_size"),
+    ] {
+        let d = tempfile::tempdir().unwrap();
+        let base = hf_base_with(d.path(), field, value);
+        let r = run(&["probe", "fixtures/peft-llama", "--base", s(&base), "--works", "fixtures/demo/works", "-q"]);
+        refused(&r, says);
+        assert!(r.err.contains("config.json") || r.err.contains(s(&base)), "names the file: {}", r.err);
+    }
+}
+
+#[test]
+fn a_non_utf8_file_name_is_recorded_not_a_panic() {
+    use std::os::unix::ffi::OsStrExt;
+    let d = tempfile::tempdir().unwrap();
+    let name = std::ffi::OsStr::from_bytes(b"bad\xff.safetensors");
+    let p = d.path().join(name);
+    std::fs::copy(fixtures().join("kohya-sd-lora.safetensors"), &p).unwrap();
+    let out = d.path().join("rep");
+    let o = Command::new(bin())
+        .arg("report")
+        .arg(&p)
+        .arg("--out")
+        .arg(&out)
+        .arg("-q")
+        .arg("--no-timings")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
+    let json = std::fs::read_to_string(out.join("report.json")).unwrap();
+    assert!(json.contains("bad\u{fffd}.safetensors"), "the name is recorded, lossily");
+}
+
+#[test]
+fn a_closed_pipe_ends_the_output_quietly() {
+    // Far more output than a pipe buffer holds, read by a reader that stops after one line.
+    let d = tempfile::tempdir().unwrap();
+    let mut b = SafetensorsBuilder::new();
+    for i in 0..3000 {
+        b.add(&format!("lora_unet_block_{i}.lora_up.weight"), &[2, 1], &[0.5, -0.25], Dtype::F32).add(
+            &format!("lora_unet_block_{i}.lora_down.weight"),
+            &[1, 2],
+            &[1.0, 2.0],
+            Dtype::F32,
+        );
+    }
+    let p = d.path().join("many.safetensors");
+    b.write(&p).unwrap();
+    let mut child = Command::new(bin())
+        .args(["spectrum", s(&p), "--top", "100000", "-q"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 16];
+    child.stdout.as_mut().unwrap().read_exact(&mut first).unwrap();
+    drop(child.stdout.take());
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert!(err.is_empty(), "nothing on stderr: {err}");
+}
+
+#[test]
+fn a_panic_anywhere_is_one_line_and_exit_3() {
+    let o = Command::new(bin())
+        .args(["inspect", "fixtures/kohya-sd-lora.safetensors"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("LORASCOPE_FAULT", "panic")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(3), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(err.starts_with("lorascope: error: internal error: lorascope panicked at "), "{err}");
+    assert!(err.contains("fault injected"), "{err}");
+    // In a scan the panicking file becomes an internal error record and the scan goes on.
+    let o = Command::new(bin())
+        .args(["scan", "fixtures/kohya-sd-lora.safetensors", "fixtures/lycoris-loha.safetensors", "-q"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("LORASCOPE_FAULT", "panic")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0));
+    let lines: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&o.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2);
+    for l in &lines {
+        assert_eq!(l["error"]["kind"], "internal", "{l}");
+        assert!(l["error"]["message"].as_str().unwrap().contains("panicked"), "{l}");
+    }
+}
+
+#[test]
+fn terminal_spoofing_characters_are_escaped() {
+    let d = tempfile::tempdir().unwrap();
+    // An ANSI sequence that erases the line and a newline forging a second line, in a tag and a
+    // module name; a bidi override in the module name.
+    let tags = r#"{"x": {"evil\u001b[2K\rmatches": 3, "two\nlines": 1}}"#;
+    let module = "lora_unet_a\u{202E}b";
+    let p = kohya_module(d.path(), "spoof.safetensors", module, &[("ss_tag_frequency", tags)]);
+    for args in [vec!["inspect", s(&p)], vec!["spectrum", s(&p), "-q"]] {
+        let r = run(&args);
+        assert_eq!(r.code, 0, "{}", r.err);
+        for bad in ['\u{1b}', '\r', '\u{202E}'] {
+            assert!(!r.out.contains(bad), "{args:?} shows {bad:?} raw: {}", r.out);
+        }
+        assert!(r.out.contains("\\u{202e}"), "{}", r.out);
+    }
+    let r = run(&["inspect", s(&p)]);
+    assert!(r.out.contains("evil\\u{1b}[2K\\rmatches"), "{}", r.out);
+    assert!(!r.out.lines().any(|l| l.trim_start().starts_with("lines")), "no forged line: {}", r.out);
+    // JSON keeps the values but writes the bidi control as an escape.
+    let r = run(&["inspect", s(&p), "--json"]);
+    assert!(!r.out.contains('\u{202E}') && r.out.contains("\\u202e"), "{}", r.out);
+    let v: serde_json::Value = serde_json::from_str(&r.out).unwrap();
+    assert!(v.to_string().contains('\u{202E}'), "the value itself is unchanged");
+    // An error naming a file whose name holds a newline stays one line.
+    let forged = d.path().join("x\nlorascope: error: forged.safetensors");
+    std::fs::write(&forged, b"not safetensors at all").unwrap();
+    let r = run(&["inspect", s(&forged)]);
+    refused(&r, "\\nlorascope: error: forged");
+}
