@@ -306,3 +306,48 @@ fn terminal_spoofing_characters_are_escaped() {
     let r = run(&["inspect", s(&forged)]);
     refused(&r, "\\nlorascope: error: forged");
 }
+
+#[test]
+fn metadata_numbers_saturate_and_implausible_resolutions_are_not_believed() {
+    let d = tempfile::tempdir().unwrap();
+    let big = u64::MAX.to_string();
+    let tags = format!(r#"{{"a": {{"t": {big}}}, "b": {{"t": {big}}}}}"#);
+    let plain = kohya_module(d.path(), "plain.safetensors", "lora_unet_m", &[("ss_num_train_images", "1")]);
+    let huge = kohya_module(
+        d.path(),
+        "huge.safetensors",
+        "lora_unet_m",
+        &[("ss_num_train_images", "1"), ("ss_resolution", "(4294967296, 4294967296)"), ("ss_tag_frequency", &tags)],
+    );
+    let r = run(&["inspect", s(&huge), "--json"]);
+    assert_eq!(r.code, 0, "{}", r.err);
+    let v: serde_json::Value = serde_json::from_str(&r.out).unwrap();
+    assert_eq!(v["adapter"]["metadata"]["training"]["tags"][0]["count"], u64::MAX, "saturated, not wrapped");
+    // 2³² × 2³² wraps to 0 in u64 (every adapter would then look able to store its images);
+    // a side above 16384 is not believed, so the flags equal those of the file without it.
+    let flags = |p: &Path| {
+        let r = run(&["scan", s(p), "-q"]);
+        assert_eq!(r.code, 0, "{}", r.err);
+        serde_json::from_str::<serde_json::Value>(&r.out).unwrap()["flags"].clone()
+    };
+    assert_eq!(flags(&huge), flags(&plain));
+}
+
+#[test]
+fn report_html_escapes_bidi_and_breaks_long_tags() {
+    let d = tempfile::tempdir().unwrap();
+    let tag = "y".repeat(3000);
+    let tags = format!(r#"{{"x": {{"{tag}": 2}}}}"#);
+    let p = kohya_module(d.path(), "a.safetensors", "lora_unet_m", &[("ss_tag_frequency", &tags)]);
+    let works = d.path().join("works");
+    std::fs::create_dir(&works).unwrap();
+    std::fs::write(works.join("cat\u{202E}gnp.exe.txt"), "a work").unwrap();
+    let out = d.path().join("rep");
+    let r = run(&["report", s(&p), "--works", s(&works), "--out", s(&out), "-q"]);
+    assert_eq!(r.code, 0, "{}", r.err);
+    let html = std::fs::read_to_string(out.join("report.html")).unwrap();
+    assert!(!html.contains('\u{202E}'), "no raw bidi override in the page");
+    assert!(html.contains("cat\\u{202e}gnp.exe"), "the id is shown with the override escaped");
+    assert!(html.contains(&format!("<p class=\"tags\">{tag}")), "the long tag sits in a breakable paragraph");
+    assert!(html.contains(".tags,.kv td{overflow-wrap:anywhere}"));
+}

@@ -94,7 +94,9 @@ pub(crate) fn parse(meta: &BTreeMap<String, String>) -> Metadata {
             if let Value::Object(tags) = tags {
                 for (tag, c) in tags {
                     let c = c.as_u64().or_else(|| c.as_f64().map(|f| f.max(0.0) as u64)).unwrap_or(0);
-                    *counts.entry(tag.trim().to_string()).or_default() += c;
+                    // Counts come from the file: saturate rather than wrap.
+                    let n = counts.entry(tag.trim().to_string()).or_default();
+                    *n = n.saturating_add(c);
                 }
             }
         }

@@ -46,7 +46,10 @@ pub fn render_html(r: &Report) -> String {
             }
         }
     };
-    page.into_string() + "\n"
+    // Bidi overrides and other hidden controls from input strings would reorder or hide what a
+    // reader sees (a U+202E in a work id mirrors the verdict after it): shown as escapes. The
+    // page's own text has none, and newlines in it are only layout.
+    crate::shown::lines(&page.into_string()) + "\n"
 }
 
 /// The probe stage's record: whether the probe ran and, if not, why.
@@ -133,7 +136,8 @@ fn adapter(r: &Report) -> Markup {
         }
         @if !training.tags.is_empty() {
             p { "Caption tags used in training, most frequent first:" }
-            p {
+            // A tag is one unbroken word from the file, of any length: it may break anywhere.
+            p.tags {
                 @for (i, t) in training.tags.iter().take(40).enumerate() {
                     @if i > 0 { ", " }
                     (t.tag) " " span.muted { "(" (t.count) ")" }
@@ -581,7 +585,8 @@ table{border-collapse:collapse;margin:.6em 0;font-size:.92em}td,th{border:1px so
 th{background:#f4f4f4}table.kv th{width:14em}.summary{background:#f3f7fc;border-left:5px solid #4a78b5;padding:.8em 1.2em}\
 .mono{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:.85em;word-break:break-all}.muted{color:#666}\
 .spectra{display:flex;flex-wrap:wrap;gap:12px}.spectra figure{margin:0}figcaption{font-size:.8em;max-width:360px;word-break:break-all}\
-.alarm{background:#fdecea;border-left:5px solid #c00;padding:.8em 1.2em;margin:.8em 0}";
+.alarm{background:#fdecea;border-left:5px solid #c00;padding:.8em 1.2em;margin:.8em 0}\
+.tags,.kv td{overflow-wrap:anywhere}";
 
 const METHOD: &[&str] = &[
     "Every module's change to the base weights (ΔW) is analysed from the factors stored in the file, without forming the full matrix: its singular values say how large the change is and in how many independent directions it acts.",

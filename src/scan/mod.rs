@@ -155,19 +155,29 @@ pub fn parse_shard(s: &str) -> std::result::Result<(u64, u64), String> {
     Ok((i, n))
 }
 
-/// Width × height from sd-scripts' `ss_resolution` ("(512, 512)", "512,768" or "512").
-fn resolution_pixels(r: Option<&str>, default_side: u64) -> u64 {
+/// Longest image side `ss_resolution` may claim (sd-scripts trains at 512–2048; a claimed
+/// 100000×100000 would only make `capacity-per-image` unreachable).
+pub(crate) const MAX_RESOLUTION_SIDE: u64 = 16_384;
+
+/// Width × height from sd-scripts' `ss_resolution` ("(512, 512)", "512,768" or "512"). A side
+/// of 0 or above [`MAX_RESOLUTION_SIDE`] is not believed: the default side is used instead.
+/// In f64, so no product can wrap.
+fn resolution_pixels(r: Option<&str>, default_side: u64) -> f64 {
     let nums: Vec<u64> = r
         .unwrap_or("")
         .split(|c: char| !c.is_ascii_digit())
         .filter(|s| !s.is_empty())
-        .filter_map(|s| s.parse().ok())
+        .map(|s| s.parse().unwrap_or(u64::MAX))
         .collect();
-    match nums.as_slice() {
-        [w, h, ..] => w * h,
-        [s] => s * s,
-        [] => default_side * default_side,
+    let sides = match nums.as_slice() {
+        [w, h, ..] => [*w, *h],
+        [s] => [*s, *s],
+        [] => [default_side, default_side],
+    };
+    if sides.iter().any(|&x| x == 0 || x > MAX_RESOLUTION_SIDE) {
+        return default_side as f64 * default_side as f64;
     }
+    sides[0] as f64 * sides[1] as f64
 }
 
 /// The risk flags of a filled record. `nonfinite` and `hash_mismatch` come from the
@@ -184,7 +194,7 @@ pub(crate) fn flags_for(rec: &ScanRecord, nonfinite: bool, hash_mismatch: bool, 
         f.push(Flag::FullMatrix);
     }
     if let Some(per) = rec.capacity_bits_per_image {
-        let reference = resolution_pixels(rec.resolution.as_deref(), th.default_resolution) as f64 * th.bytes_per_pixel;
+        let reference = resolution_pixels(rec.resolution.as_deref(), th.default_resolution) * th.bytes_per_pixel;
         if per / 8.0 >= reference {
             f.push(Flag::CapacityPerImage);
         }
