@@ -136,14 +136,19 @@ enum Command {
     /// Static screen of many adapters (no base): one JSON line per file on stdout, in path
     /// order; a summary on stderr.
     Scan(ScanArgs),
-    /// Recompute the SHA-256 of every input named in DIR/report.json (chain of custody).
-    /// Exit code 1 when an input changed or is missing.
+    /// Check a report directory (chain of custody): report.json and report.html against
+    /// report.sha256, and the SHA-256 of every input named in report.json. Exit code 1 when
+    /// anything changed or is missing.
     Verify {
         /// A directory written by `lorascope report`.
         dir: PathBuf,
         /// Machine-readable JSON on stdout.
         #[arg(long)]
         json: bool,
+        /// Also run the recorded `report` command again and require the same findings, byte for
+        /// byte (everything but the timings).
+        #[arg(long)]
+        rerun: bool,
     },
 }
 
@@ -588,24 +593,14 @@ fn run(cli: Cli) -> lorascope::Result<ExitCode> {
         Command::FitLora(a) => return fit_lora(a),
         Command::Report(a) => return write_report(a),
         Command::Scan(a) => return scan(a),
-        Command::Verify { dir, json } => {
-            let v = pipeline::verify(&dir)?;
-            let bad = v.iter().filter(|x| x.status != report::VerifyStatus::Ok).count();
-            if json {
-                emit(&to_canonical_json(&v));
-            } else {
-                let rows: Vec<Vec<String>> =
-                    v.iter().map(|x| vec![x.status.to_string(), x.role.to_string(), x.path.clone()]).collect();
-                emit(&report::table(&["status", "role", "file"], &rows));
-                emit(&format!("{} of {} inputs unchanged\n", v.len() - bad, v.len()));
-            }
-            return Ok(if bad > 0 { ExitCode::from(1) } else { ExitCode::SUCCESS });
-        }
+        Command::Verify { dir, json, rerun } => return verify(&dir, json, rerun),
     }
     Ok(ExitCode::SUCCESS)
 }
 
-fn write_report(a: ReportArgs) -> lorascope::Result<ExitCode> {
+/// The report `a` asks for, computed (nothing written): the report and its terminal summary.
+/// `command_line` is recorded in it.
+fn compute_report(a: &ReportArgs, command_line: Vec<String>) -> lorascope::Result<(report::Report, String)> {
     let c = &a.common;
     let start = Instant::now();
     let mut timings = std::collections::BTreeMap::new();
@@ -614,10 +609,6 @@ fn write_report(a: ReportArgs) -> lorascope::Result<ExitCode> {
     let (adapter, base) = c.open()?;
     let data = a.probe.works.as_deref().map(|w| a.probe.data(w)).transpose()?;
     timings.insert("load_s".to_string(), start.elapsed().as_secs_f64());
-    // args_os: `std::env::args` panics on an argument that is not UTF-8 (a file name can be).
-    let command_line: Vec<String> = std::iter::once("lorascope".to_string())
-        .chain(std::env::args_os().skip(1).map(|a| a.to_string_lossy().into_owned()))
-        .collect();
     let modules = Progress::new(adapter.modules.len(), c.quiet);
     let probe = probe_progress(c.quiet);
     let hooks =
@@ -633,8 +624,17 @@ fn write_report(a: ReportArgs) -> lorascope::Result<ExitCode> {
     if !a.no_timings {
         r.timings = Some(timings);
     }
+    Ok((r, summary))
+}
+
+fn write_report(a: ReportArgs) -> lorascope::Result<ExitCode> {
+    // args_os: `std::env::args` panics on an argument that is not UTF-8 (a file name can be).
+    let command_line: Vec<String> = std::iter::once("lorascope".to_string())
+        .chain(std::env::args_os().skip(1).map(|a| a.to_string_lossy().into_owned()))
+        .collect();
+    let (r, summary) = compute_report(&a, command_line)?;
     let (json_path, html_path) = pipeline::write_report_dir(&r, &a.out)?;
-    if c.json {
+    if a.common.json {
         emit(&to_canonical_json(&r));
     } else {
         let mut text = format!("{summary}\n");
@@ -646,6 +646,62 @@ fn write_report(a: ReportArgs) -> lorascope::Result<ExitCode> {
         emit(&shown::lines(&text));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `verify DIR [--rerun]`: the report's own files, its inputs and, with `--rerun`, its findings.
+fn verify(dir: &Path, json: bool, rerun: bool) -> lorascope::Result<ExitCode> {
+    let mut v = pipeline::verify(dir)?;
+    if rerun {
+        let line = &v.recorded.command_line;
+        let not_runnable = |why: String| lorascope::Error::Input {
+            path: dir.join("report.json"),
+            reason: format!("the recorded command line cannot be run again: {why}"),
+        };
+        let cli = Cli::try_parse_from(line)
+            .map_err(|e| not_runnable(e.to_string().lines().next().unwrap_or("").to_string()))?;
+        let Command::Report(mut a) = cli.command else {
+            return Err(not_runnable("it is not a `lorascope report` command".into()));
+        };
+        a.common.quiet = true;
+        let (again, _) = compute_report(&a, line.clone())?;
+        let r = pipeline::compare_rerun(&v.recorded, &again);
+        v.outcome.ok &= r.reproduced;
+        v.outcome.rerun = Some(r);
+    }
+    let o = &v.outcome;
+    if json {
+        emit(&to_canonical_json(o));
+    } else {
+        emit(&render_verify(o));
+    }
+    Ok(if o.ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+fn render_verify(o: &report::VerifyReport) -> String {
+    let files: Vec<Vec<String>> = o
+        .report_files
+        .iter()
+        .map(|f| vec![f.status.to_string(), f.file.clone()])
+        .chain(std::iter::once(vec![
+            if o.canonical { "ok" } else { "changed" }.to_string(),
+            "report.json in canonical form".to_string(),
+        ]))
+        .collect();
+    let mut text = format!("report files (against {})\n", report::MANIFEST);
+    text += &report::table(&["status", "file"], &files);
+    let rows: Vec<Vec<String>> =
+        o.inputs.iter().map(|x| vec![x.status.to_string(), x.role.to_string(), x.path.clone()]).collect();
+    text += "\ninputs\n";
+    text += &report::table(&["status", "role", "file"], &rows);
+    let same = o.inputs.iter().filter(|x| x.status == report::VerifyStatus::Ok).count();
+    text += &format!("{} of {} inputs unchanged\n", same, o.inputs.len());
+    match &o.rerun {
+        Some(r) if r.reproduced => text += "rerun: the findings were reproduced byte for byte\n",
+        Some(r) => text += &format!("rerun: the findings DIFFER at {}\n", shown::inline(&r.differences.join(", "))),
+        None => {}
+    }
+    text += if o.ok { "verified\n" } else { "NOT verified\n" };
+    text
 }
 
 /// Text to stdout. A reader that closed the pipe (`inspect … | head`) has all it wanted: stop

@@ -351,3 +351,127 @@ fn report_html_escapes_bidi_and_breaks_long_tags() {
     assert!(html.contains(&format!("<p class=\"tags\">{tag}")), "the long tag sits in a breakable paragraph");
     assert!(html.contains(".tags,.kv td{overflow-wrap:anywhere}"));
 }
+
+fn sha256_hex(path: &Path) -> String {
+    let o = Command::new("sha256sum").arg(path).output().unwrap();
+    String::from_utf8_lossy(&o.stdout).split_whitespace().next().unwrap().to_string()
+}
+
+/// A report of the kohya fixture in a fresh directory (with its own copy of the adapter).
+fn kohya_report(d: &Path) -> PathBuf {
+    let a = d.join("adapter.safetensors");
+    std::fs::copy(fixtures().join("kohya-sd-lora.safetensors"), &a).unwrap();
+    let out = d.join("rep");
+    let r = run_in(&["report", "adapter.safetensors", "--out", "rep", "-q"], d);
+    assert_eq!(r.code, 0, "{}", r.err);
+    out
+}
+
+/// Rewrite report.json through lorascope's own types (so it stays canonical) and, when
+/// `rehash`, the manifest too: an opposing party who knows the format.
+fn edit_report(out: &Path, rehash: bool, edit: impl Fn(&mut serde_json::Value)) {
+    let p = out.join("report.json");
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    edit(&mut v);
+    let r: lorascope::report::Report = serde_json::from_value(v).unwrap();
+    std::fs::write(&p, lorascope::report::to_canonical_json(&r)).unwrap();
+    if rehash {
+        let m = format!("{}  report.json\n{}  report.html\n", sha256_hex(&p), sha256_hex(&out.join("report.html")));
+        std::fs::write(out.join("report.sha256"), m).unwrap();
+    }
+}
+
+#[test]
+fn verify_refuses_a_report_with_its_inputs_removed() {
+    let d = tempfile::tempdir().unwrap();
+    let out = kohya_report(d.path());
+    edit_report(&out, true, |v| v["inputs"] = serde_json::json!([]));
+    let r = run_in(&["verify", "rep"], d.path());
+    refused(&r, "records 0 input(s) and no adapter: nothing to verify");
+}
+
+#[test]
+fn verify_catches_edited_findings_and_pages() {
+    let d = tempfile::tempdir().unwrap();
+    let out = kohya_report(d.path());
+    let ok = run_in(&["verify", "rep", "--rerun"], d.path());
+    assert_eq!(ok.code, 0, "{}{}", ok.out, ok.err);
+    assert!(ok.out.contains("rerun: the findings were reproduced byte for byte"), "{}", ok.out);
+    // A finding edited, manifest untouched: report.json no longer matches it.
+    edit_report(&out, false, |v| v["spectrum"]["totals"]["capacity_bits"] = serde_json::json!(1.0));
+    let r = run_in(&["verify", "rep", "--json"], d.path());
+    assert_eq!(r.code, 1, "{}", r.err);
+    let v: serde_json::Value = serde_json::from_str(&r.out).unwrap();
+    assert_eq!(v["report_files"][0]["status"], "changed");
+    assert_eq!(v["report_files"][1]["status"], "ok");
+    assert_eq!(v["ok"], false);
+    // The manifest recomputed as well: only running the analysis again shows the edit.
+    edit_report(&out, true, |_| {});
+    let r = run_in(&["verify", "rep", "--json"], d.path());
+    assert_eq!(r.code, 0, "integrity alone cannot tell (no signatures): {}", r.out);
+    let r = run_in(&["verify", "rep", "--rerun", "--json"], d.path());
+    assert_eq!(r.code, 1, "{}", r.err);
+    let v: serde_json::Value = serde_json::from_str(&r.out).unwrap();
+    assert_eq!(v["rerun"]["reproduced"], false);
+    assert_eq!(v["rerun"]["differences"], serde_json::json!(["/spectrum/totals/capacity_bits"]));
+    // report.html edited (a verdict changed in the page people read).
+    let second = d.path().join("second");
+    std::fs::create_dir(&second).unwrap();
+    let out2 = kohya_report(&second);
+    let html = out2.join("report.html");
+    let page =
+        std::fs::read_to_string(&html).unwrap().replacen("LoRA adapter report", "LoRA adapter report (clean)", 1);
+    std::fs::write(&html, page).unwrap();
+    let r = run_in(&["verify", "second/rep", "--json"], d.path());
+    assert_eq!(r.code, 1);
+    let v: serde_json::Value = serde_json::from_str(&r.out).unwrap();
+    assert_eq!(v["report_files"][1]["status"], "changed");
+    // No manifest at all (deleted): nothing vouches for the files.
+    std::fs::remove_file(out2.join("report.sha256")).unwrap();
+    let r = run_in(&["verify", "second/rep", "--json"], d.path());
+    assert_eq!(r.code, 1);
+    let v: serde_json::Value = serde_json::from_str(&r.out).unwrap();
+    assert_eq!(v["report_files"][0]["status"], "unlisted");
+}
+
+#[test]
+fn a_probe_report_is_reproduced_by_rerun() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("rep");
+    let r = run(&[
+        "report",
+        "fixtures/peft-llama",
+        "--base",
+        "fixtures/llama-tiny",
+        "--works",
+        "fixtures/demo/works",
+        "--controls",
+        "fixtures/demo/controls",
+        "--out",
+        s(&out),
+        "-q",
+    ]);
+    assert_eq!(r.code, 0, "{}", r.err);
+    let r = run(&["verify", s(&out), "--rerun"]);
+    assert_eq!(r.code, 0, "{}{}", r.out, r.err);
+    assert!(r.out.contains("reproduced byte for byte"), "{}", r.out);
+}
+
+#[test]
+fn report_never_writes_through_a_planted_link() {
+    let d = tempfile::tempdir().unwrap();
+    let evidence = d.path().join("evidence.json");
+    std::fs::write(&evidence, "the original evidence").unwrap();
+    let out = d.path().join("rep");
+    std::fs::create_dir(&out).unwrap();
+    std::os::unix::fs::symlink(&evidence, out.join("report.json")).unwrap();
+    std::os::unix::fs::symlink(&evidence, out.join("report.html")).unwrap();
+    let r = run(&["report", "fixtures/kohya-sd-lora.safetensors", "--out", s(&out), "-q"]);
+    assert_eq!(r.code, 0, "{}", r.err);
+    assert_eq!(std::fs::read_to_string(&evidence).unwrap(), "the original evidence");
+    for f in ["report.json", "report.html", "report.sha256"] {
+        let m = std::fs::symlink_metadata(out.join(f)).unwrap();
+        assert!(m.file_type().is_file(), "{f} is a regular file now");
+    }
+    assert!(std::fs::read_dir(&out).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().ends_with(".tmp")));
+}

@@ -120,13 +120,14 @@ fn verify_detects_a_changed_byte_and_a_missing_file() {
     let o = run(&["verify", out.to_str().unwrap(), "--json"]);
     assert_eq!(o.status.code(), Some(1));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(v[0]["status"], "changed");
-    assert_ne!(v[0]["sha256"], v[0]["recorded_sha256"]);
+    assert_eq!(v["inputs"][0]["status"], "changed");
+    assert_ne!(v["inputs"][0]["sha256"], v["inputs"][0]["recorded_sha256"]);
+    assert_eq!(v["report_files"][0]["status"], "ok", "the report itself is unchanged");
     std::fs::remove_file(&a).unwrap();
     let o = run(&["verify", out.to_str().unwrap(), "--json"]);
     assert_eq!(o.status.code(), Some(1));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(v[0]["status"], "missing");
+    assert_eq!(v["inputs"][0]["status"], "missing");
     // Not a report directory: bad input.
     let o = run(&["verify", d.path().to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(2));

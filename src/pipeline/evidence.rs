@@ -1,14 +1,15 @@
 //! `report` and `verify`: assemble everything the inputs allow into one `Report`, and re-check
 //! the recorded input hashes later (chain of custody).
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use crate::error::{Error, Result};
 use crate::load::hashes::sha256_file;
 use crate::load::works::WorkSet;
 use crate::report::{
-    path_string, InputFile, InputRole, ProbeSection, Report, SpectrumReport, SpectrumSection, Stage, StageName,
-    Verified, VerifyStatus, WorkInfo,
+    path_string, FileCheck, InputFile, InputRole, ProbeSection, Report, Rerun, SpectrumReport, SpectrumSection, Stage,
+    StageName, Verified, VerifyReport, VerifyStatus, WorkInfo, MANIFEST,
 };
 
 fn excerpt(text: &str) -> String {
@@ -109,12 +110,62 @@ pub fn build_report(
     })
 }
 
-/// Recompute the SHA-256 of every input named in `dir/report.json` (chain of custody).
-pub fn verify(dir: &Path) -> Result<Vec<Verified>> {
+/// A report directory as `verify` read it: the recorded report (for `--rerun`) and what was
+/// checked.
+pub struct Verification {
+    pub recorded: Report,
+    pub outcome: VerifyReport,
+}
+
+/// The manifest's entries: file name → SHA-256 (`sha256sum` lines; others ignored).
+fn read_manifest(dir: &Path) -> BTreeMap<String, String> {
+    let Ok(text) = std::fs::read_to_string(dir.join(MANIFEST)) else { return BTreeMap::new() };
+    text.lines()
+        .filter_map(|l| {
+            let (hash, name) = l.split_once("  ")?;
+            let ok = hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_hexdigit());
+            ok.then(|| (name.to_string(), hash.to_ascii_lowercase()))
+        })
+        .collect()
+}
+
+fn check_report_file(dir: &Path, name: &str, manifest: &BTreeMap<String, String>) -> FileCheck {
+    let recorded = manifest.get(name).cloned();
+    let now = sha256_file(&dir.join(name)).ok().map(|(h, _)| h);
+    let status = match (&recorded, &now) {
+        (_, None) => VerifyStatus::Missing,
+        (None, Some(_)) => VerifyStatus::Unlisted,
+        (Some(r), Some(h)) if r == h => VerifyStatus::Ok,
+        _ => VerifyStatus::Changed,
+    };
+    FileCheck { file: name.to_string(), status, recorded_sha256: recorded, sha256: now }
+}
+
+/// Check a report directory (chain of custody): report.json and report.html against the
+/// manifest, report.json's canonical form, and the SHA-256 of every recorded input now. A
+/// report that records no inputs, or no adapter, is refused: there is nothing it could vouch
+/// for. Without signatures, this proves the files are unchanged since the manifest was
+/// written, not who wrote it (docs/security.md); `--rerun` reproduces the findings themselves.
+pub fn verify(dir: &Path) -> Result<Verification> {
     let p = dir.join("report.json");
     let text = std::fs::read_to_string(&p).map_err(|e| Error::read(&p, "cannot read", e))?;
     let r: Report = serde_json::from_str(&text).map_err(|e| Error::read(&p, "not a lorascope report", e))?;
-    Ok(r.inputs
+    if !r.inputs.iter().any(|i| i.role == InputRole::Adapter) {
+        return Err(Error::input(
+            &p,
+            format!(
+                "records {} input(s) and no adapter: nothing to verify (every lorascope report records its adapter; \
+                 this one was edited or is not a lorascope report)",
+                r.inputs.len()
+            ),
+        ));
+    }
+    let manifest = read_manifest(dir);
+    let report_files: Vec<FileCheck> =
+        ["report.json", "report.html"].iter().map(|f| check_report_file(dir, f, &manifest)).collect();
+    let canonical = crate::report::to_canonical_json(&r) == text;
+    let inputs: Vec<Verified> = r
+        .inputs
         .iter()
         .map(|i| {
             let now = sha256_file(Path::new(&i.path)).ok().map(|(h, _)| h);
@@ -125,7 +176,51 @@ pub fn verify(dir: &Path) -> Result<Vec<Verified>> {
             };
             Verified { role: i.role, path: i.path.clone(), status, recorded_sha256: i.sha256.clone(), sha256: now }
         })
-        .collect())
+        .collect();
+    let ok = canonical
+        && report_files.iter().all(|f| f.status == VerifyStatus::Ok)
+        && inputs.iter().all(|i| i.status == VerifyStatus::Ok);
+    Ok(Verification { recorded: r, outcome: VerifyReport { report_files, canonical, inputs, rerun: None, ok } })
+}
+
+/// The findings of a report: everything but the wall-clock timings, the only part that may
+/// differ between two runs on the same inputs.
+fn findings(r: &Report) -> serde_json::Value {
+    let mut r = r.clone();
+    r.timings = None;
+    serde_json::from_str(&crate::report::to_canonical_json(&r)).unwrap_or(serde_json::Value::Null)
+}
+
+/// JSON paths (`/a/0/b`) where two values differ, at most `limit`.
+fn differences(a: &serde_json::Value, b: &serde_json::Value, at: &str, out: &mut Vec<String>, limit: usize) {
+    use serde_json::Value;
+    if out.len() >= limit || a == b {
+        return;
+    }
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) => {
+            let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+            for k in keys {
+                let null = Value::Null;
+                differences(x.get(k).unwrap_or(&null), y.get(k).unwrap_or(&null), &format!("{at}/{k}"), out, limit);
+            }
+        }
+        (Value::Array(x), Value::Array(y)) if x.len() == y.len() => {
+            for (i, (p, q)) in x.iter().zip(y).enumerate() {
+                differences(p, q, &format!("{at}/{i}"), out, limit);
+            }
+        }
+        _ => out.push(if at.is_empty() { "/".to_string() } else { at.to_string() }),
+    }
+}
+
+/// Compare a recorded report with the report a rerun of its command produced: reproduced when
+/// their findings serialise to the same bytes.
+pub fn compare_rerun(recorded: &Report, rerun: &Report) -> Rerun {
+    let (a, b) = (findings(recorded), findings(rerun));
+    let mut diffs = vec![];
+    differences(&a, &b, "", &mut diffs, 50);
+    Rerun { reproduced: diffs.is_empty(), differences: diffs }
 }
 
 /// The stages of `report` after the inputs are open: the spectrum, then the probe when the
@@ -192,15 +287,41 @@ pub fn run_report(
     Ok(ReportRun { report, summary })
 }
 
-/// Write report.json and report.html into `out` (created if missing); returns their paths.
+/// Write report.json, report.html and their manifest report.sha256 into `out` (created if
+/// missing); returns the paths of the first two. Each file is written to a new temporary file
+/// in `out` and renamed over its name, so a `report.json` that is a symbolic link is replaced,
+/// never written through (it could point at the evidence itself), and a reader never sees a
+/// half-written file.
 pub fn write_report_dir(r: &Report, out: &Path) -> Result<(std::path::PathBuf, std::path::PathBuf)> {
     std::fs::create_dir_all(out).map_err(|e| Error::read(out, "cannot create", e))?;
-    let write = |name: &str, text: &str| {
-        let p = out.join(name);
-        std::fs::write(&p, text).map_err(|e| Error::read(&p, "cannot write", e))?;
-        Ok::<_, Error>(p)
+    let json = crate::report::to_canonical_json(r);
+    let html = crate::report::html::render_html(r);
+    let manifest = format!(
+        "{}  report.json\n{}  report.html\n",
+        crate::load::hashes::sha256_bytes(json.as_bytes()),
+        crate::load::hashes::sha256_bytes(html.as_bytes())
+    );
+    let json_path = replace_file(out, "report.json", &json)?;
+    let html_path = replace_file(out, "report.html", &html)?;
+    replace_file(out, MANIFEST, &manifest)?;
+    Ok((json_path, html_path))
+}
+
+/// Write `text` to `dir/name` through a fresh temporary file (created exclusively: it cannot be
+/// a planted link) renamed over the name.
+fn replace_file(dir: &Path, name: &str, text: &str) -> Result<std::path::PathBuf> {
+    use std::io::Write;
+    let target = dir.join(name);
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &target)
     };
-    let json = write("report.json", &crate::report::to_canonical_json(r))?;
-    let html = write("report.html", &crate::report::html::render_html(r))?;
-    Ok((json, html))
+    write().map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::read(&target, "cannot write", e)
+    })?;
+    Ok(target)
 }

@@ -6,7 +6,8 @@ mod inspect;
 mod scan;
 
 pub use evidence::{
-    build_report, file_inputs, run_report, verify, write_report_dir, ProbeOutcome, ReportHooks, ReportRun,
+    build_report, compare_rerun, file_inputs, run_report, verify, write_report_dir, ProbeOutcome, ReportHooks,
+    ReportRun, Verification,
 };
 pub use inspect::{input_files, inspect, inspect_with};
 pub use scan::{scan_all, scan_one, ScanSummary};

@@ -1,5 +1,6 @@
 //! `lorascope report`: everything that the inputs allow, in one `Report` (report.json) and a
-//! self-contained report.html; `lorascope verify` re-checks the recorded input hashes.
+//! self-contained report.html, with report.sha256 beside them; `lorascope verify` checks that
+//! manifest, re-hashes the recorded inputs and, with `--rerun`, reproduces the findings.
 
 use std::collections::BTreeMap;
 
@@ -75,6 +76,8 @@ closed_set! {
         Ok = "ok",
         Changed = "changed",
         Missing = "missing",
+        /// The manifest does not list the file, or there is no manifest.
+        Unlisted = "unlisted",
     }
 }
 
@@ -86,4 +89,41 @@ pub struct Verified {
     pub status: VerifyStatus,
     pub recorded_sha256: String,
     pub sha256: Option<String>,
+}
+
+/// The manifest `report` writes beside report.json and report.html: `sha256sum` format, so a
+/// third party can check the two files with `sha256sum -c report.sha256` and no lorascope.
+pub const MANIFEST: &str = "report.sha256";
+
+/// One file of the report directory (report.json, report.html) against the manifest.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FileCheck {
+    pub file: String,
+    pub status: VerifyStatus,
+    /// As the manifest records it; `None` when the manifest does not list the file (or is
+    /// missing).
+    pub recorded_sha256: Option<String>,
+    pub sha256: Option<String>,
+}
+
+/// What re-running the recorded command gave.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Rerun {
+    /// The findings (report.json without its timings) came out byte for byte the same.
+    pub reproduced: bool,
+    /// JSON paths where the rerun differs from the recorded report (the first 50).
+    pub differences: Vec<String>,
+}
+
+/// Everything `verify` found. `ok` holds only when every part holds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VerifyReport {
+    /// report.json and report.html against report.sha256.
+    pub report_files: Vec<FileCheck>,
+    /// report.json is exactly the canonical serialisation of its own content (a hand edit that
+    /// kept the JSON valid usually breaks this as well as the manifest).
+    pub canonical: bool,
+    pub inputs: Vec<Verified>,
+    pub rerun: Option<Rerun>,
+    pub ok: bool,
 }
