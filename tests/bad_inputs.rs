@@ -196,5 +196,5 @@ fn gguf_base_with_an_empty_or_absurd_tensor_shape() {
     rejects(&["inspect", s(&a), "--base", s(&g)], &g, "empty or larger than the file");
     let d = tmp();
     let p = write(d.path(), "junk.gguf", b"GGUF\x03\x00\x00\x00garbage");
-    rejects(&["inspect", s(&a), "--base", s(&p)], &p, "invalid GGUF");
+    rejects(&["inspect", s(&a), "--base", s(&p)], &p, "malformed GGUF header");
 }

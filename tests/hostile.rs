@@ -475,3 +475,24 @@ fn report_never_writes_through_a_planted_link() {
     }
     assert!(std::fs::read_dir(&out).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().ends_with(".tmp")));
 }
+
+#[test]
+fn an_overflowing_scale_is_an_error_not_a_null_in_the_report() {
+    let d = tempfile::tempdir().unwrap();
+    let a = d.path().join("a");
+    std::fs::create_dir(&a).unwrap();
+    for f in ["adapter_model.safetensors", "adapter_config.json"] {
+        std::fs::copy(fixtures().join("peft-llama").join(f), a.join(f)).unwrap();
+    }
+    let cfg_path = a.join("adapter_config.json");
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["lora_alpha"] = serde_json::json!(1e308);
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let r = run(&["spectrum", s(&a), "--json", "-q"]);
+    refused(&r, "overflows f64");
+    assert!(r.out.is_empty(), "no JSON with nulls in it");
+    let out = d.path().join("rep");
+    let r = run(&["report", s(&a), "--out", s(&out), "-q"]);
+    refused(&r, "overflows f64");
+    assert!(!out.join("report.json").exists());
+}

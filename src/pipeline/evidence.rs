@@ -112,6 +112,7 @@ pub fn build_report(
 
 /// A report directory as `verify` read it: the recorded report (for `--rerun`) and what was
 /// checked.
+#[derive(Debug)]
 pub struct Verification {
     pub recorded: Report,
     pub outcome: VerifyReport,

@@ -70,7 +70,9 @@ pub fn probe(
     let capacity_check = report::CapacityCheck::new(&result.works, spectrum.totals.capacity_bits);
     let probe =
         report::ProbeSection { model: model_info(&text_model, thresholds.context), merge, capacity_check, result };
-    Ok(report::ProbeReport { spectrum, probe })
+    let r = report::ProbeReport { spectrum, probe };
+    report::check_finite("probe", &r)?;
+    Ok(r)
 }
 
 /// `spectrum`: inspect plus the spectral analysis. The adapter file is hashed on one thread
@@ -93,7 +95,9 @@ pub fn spectrum(
         matches!(s.route, spectral::Route::Factored | spectral::Route::Kronecker).then_some((0, s.fro == 0.0))
     };
     let inspect = inspect_with(adapter, base, &known)?;
-    Ok(report::spectrum_report(inspect, analysis, opts))
+    let r = report::spectrum_report(inspect, analysis, opts);
+    report::check_finite("spectrum", &r)?;
+    Ok(r)
 }
 
 /// What the probe ran on, for the report.

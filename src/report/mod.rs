@@ -1,6 +1,7 @@
 //! Report structures (serde), canonical JSON and terminal summaries.
 
 mod evidence;
+mod finite;
 pub(crate) mod html;
 mod inspect;
 mod probe;
@@ -56,6 +57,18 @@ fn sort_keys(v: &mut Value) {
         }
         Value::Array(a) => a.iter_mut().for_each(sort_keys),
         _ => {}
+    }
+}
+
+/// Refuse a result holding NaN or ±Inf anywhere: JSON would show it as `null` (as if not
+/// computed) and the report could not be read back. The error names the field.
+pub fn check_finite<T: Serialize + ?Sized>(what: &str, x: &T) -> crate::error::Result<()> {
+    match finite::first_non_finite(x) {
+        None => Ok(()),
+        Some(path) => Err(crate::error::Error::Numeric(format!(
+            "the {what} result has a non-finite number (NaN or ±Inf) at {path}; refusing to report it as if it were \
+             missing"
+        ))),
     }
 }
 

@@ -280,6 +280,13 @@ fn analyse_module(m: &LoraModule, base: Option<&BaseModel>, opts: &SpectrumOptio
         (route, Some(s), e)
     };
     let values = svd.as_ref().map(|s| s.values.clone()).unwrap_or_default();
+    if !total_energy.is_finite() || values.iter().any(|x| !x.is_finite()) {
+        // Finite factors whose product overflows (alpha 1e308, say): the file's values, not ours.
+        return Err(Error::Numeric(format!(
+            "ΔW = scale × factors overflows f64 (scale {:e}): its singular values are not finite",
+            m.scale
+        )));
+    }
     let (mut relative_fro, mut relative_spectral, mut amp, mut intruders) = (None, None, None, None);
     if let (Some(w), Some(s)) = (&w, &svd) {
         let bs = base_stats(w, opts)?;
