@@ -44,3 +44,44 @@ pub fn gguf_bytes(data: &[u8], scratch: &Path) {
         let _ = base.weight(&k);
     }
 }
+
+/// The small PEFT adapter the config target pairs every fuzzed config with.
+const PEFT_WEIGHTS: &[u8] = include_bytes!("../fixtures/peft-llama/adapter_model.safetensors");
+
+/// A PEFT `adapter_config.json` from bytes (written to `dir` beside a fixed small adapter):
+/// config parsing, `target_modules`/`rank_pattern`/`alpha_pattern` compilation and matching,
+/// rsLoRA and DoRA settings, and the whole spectrum under the resulting scales.
+pub fn peft_config_bytes(data: &[u8], dir: &Path) {
+    if std::fs::create_dir_all(dir).is_err()
+        || std::fs::write(dir.join("adapter_model.safetensors"), PEFT_WEIGHTS).is_err()
+        || std::fs::write(dir.join("adapter_config.json"), data).is_err()
+    {
+        return;
+    }
+    let Ok(adapter) = Adapter::open(dir, &LoadOptions::default()) else { return };
+    let _ = crate::pipeline::spectrum(&adapter, None, &SpectrumOptions::default(), &|| {});
+}
+
+/// A GGUF base from bytes, all the way to a runnable model: the header walk, candle's reader,
+/// the llama hyper-parameters and the tokenizer from metadata, and every weight the runtime
+/// loads.
+pub fn gguf_model_bytes(data: &[u8], scratch: &Path) {
+    if std::fs::write(scratch, data).is_err() {
+        return;
+    }
+    let Ok(base) = BaseModel::open(scratch) else { return };
+    let _ = crate::model::TextModel::load(&base, &candle_core::Device::Cpu);
+}
+
+/// A report.json from bytes (written into `dir`): `verify`'s reading and checks, the rerun
+/// comparison of the report with itself, and report.html rendered from whatever it holds.
+pub fn report_bytes(data: &[u8], dir: &Path) {
+    if std::fs::create_dir_all(dir).is_err() || std::fs::write(dir.join("report.json"), data).is_err() {
+        return;
+    }
+    let Ok(v) = crate::pipeline::verify(dir) else { return };
+    let again = crate::pipeline::compare_rerun(&v.recorded, &v.recorded);
+    assert!(again.reproduced, "a report differs from itself at {:?}", again.differences);
+    let _ = crate::report::html::render_html(&v.recorded);
+    let _ = crate::report::to_canonical_json(&v.recorded);
+}
