@@ -24,7 +24,8 @@ use lorascope::{Adapter, BaseModel};
     name = "lorascope",
     version,
     about = "LoRA-adapter forensics: what an adapter is, how much it adds, whether it copies works",
-    after_help = "Exit codes: 0 ok; 1 a finding (--fail-on matched, or verify found a changed or missing input); \
+    after_help = "Exit codes: 0 ok; 1 a finding (--fail-on matched, or verify found a changed or missing file or an \
+                  unreproduced finding); \
                   2 bad input or usage (the message names the file and the problem); 3 an internal error of lorascope."
 )]
 struct Cli {
