@@ -25,6 +25,10 @@ pub enum Error {
     /// The adapter and the base model do not fit together.
     #[error("{}: {reason}", path.display())]
     Mismatch { path: PathBuf, reason: String },
+    /// The input's values cannot be analysed: NaN/Inf, magnitudes beyond the analysis limit,
+    /// or an overflow in the arithmetic on them. An input error; `scan` flags it.
+    #[error("{}: {reason}", path.display())]
+    Values { path: PathBuf, reason: String },
     /// A command-line value or combination that cannot work (a usage error).
     #[error("{0}")]
     Usage(String),
@@ -57,7 +61,10 @@ impl Error {
     /// Whether the error is the user's input or usage (exit code 2) rather than a failure of
     /// lorascope (exit code 3).
     pub(crate) fn is_input(&self) -> bool {
-        matches!(self, Error::Input { .. } | Error::Read { .. } | Error::Mismatch { .. } | Error::Usage(_))
+        matches!(
+            self,
+            Error::Input { .. } | Error::Read { .. } | Error::Mismatch { .. } | Error::Values { .. } | Error::Usage(_)
+        )
     }
     /// The process exit code for this error: 2 bad input or usage, 3 internal.
     pub fn exit_code(&self) -> u8 {

@@ -286,13 +286,15 @@ fn forced_format_and_pattern_precedence() {
         "rank_pattern": {"q_proj": 4, "model.layers.1.self_attn.q_proj": 2},
         "alpha_pattern": {"layers\\.[0-9]+\\.mlp\\..*": 3}
     }));
+    let rank = |m: &str| cfg.rank_for(m).unwrap();
+    let alpha = |m: &str| cfg.alpha_for(m).unwrap();
     // An exact key wins over an earlier suffix pattern.
-    assert_eq!(cfg.rank_for("model.layers.1.self_attn.q_proj"), Some(2));
-    assert_eq!(cfg.rank_for("model.layers.0.self_attn.q_proj"), Some(4));
+    assert_eq!(rank("model.layers.1.self_attn.q_proj"), Some(2));
+    assert_eq!(rank("model.layers.0.self_attn.q_proj"), Some(4));
     // Patterns are regular expressions matched on a dotted suffix.
-    assert_eq!(cfg.alpha_for("model.layers.3.mlp.up_proj"), Some(3.0));
-    assert_eq!(cfg.alpha_for("model.layers.3.self_attn.v_proj"), Some(16.0));
-    assert_eq!(cfg.rank_for("model.layers.0.self_attn.xq_proj"), Some(8), "no match inside a name part");
+    assert_eq!(alpha("model.layers.3.mlp.up_proj"), Some(3.0));
+    assert_eq!(alpha("model.layers.3.self_attn.v_proj"), Some(16.0));
+    assert_eq!(rank("model.layers.0.self_attn.xq_proj"), Some(8), "no match inside a name part");
     let opts = LoadOptions { format: Some(Format::Kohya), ..Default::default() };
     let err = Adapter::open(&fixtures().join("peft-llama"), &opts).err().expect("kohya parse of a PEFT file fails");
     assert!(err.to_string().contains("adapter_model.safetensors"), "{err}");

@@ -489,10 +489,10 @@ fn an_overflowing_scale_is_an_error_not_a_null_in_the_report() {
     cfg["lora_alpha"] = serde_json::json!(1e308);
     std::fs::write(&cfg_path, cfg.to_string()).unwrap();
     let r = run(&["spectrum", s(&a), "--json", "-q"]);
-    refused(&r, "overflows f64");
+    refused(&r, "beyond ±1e15 (limit MAX_ABS_VALUE)");
     assert!(r.out.is_empty(), "no JSON with nulls in it");
     let out = d.path().join("rep");
     let r = run(&["report", s(&a), "--out", s(&out), "-q"]);
-    refused(&r, "overflows f64");
+    refused(&r, "beyond ±1e15 (limit MAX_ABS_VALUE)");
     assert!(!out.join("report.json").exists());
 }

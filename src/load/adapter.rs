@@ -31,7 +31,11 @@ pub struct Adapter {
     pub config_path: Option<PathBuf>,
     pub config_json: Option<Value>,
     pub config: Option<LoraConfig>,
+    /// The naming scheme of the most modules (see `naming`).
     pub format: Format,
+    /// Modules read under each naming scheme the keys follow, in precedence order (PEFT,
+    /// diffusers, kohya/LyCORIS); a file of one scheme has one entry.
+    pub(crate) naming: Vec<(Format, usize)>,
     /// Sorted by base key, then name.
     pub modules: Vec<LoraModule>,
     pub metadata: Metadata,
@@ -54,34 +58,32 @@ impl Adapter {
             }
             None => None,
         };
-        let mut a = Self::from_file(file, config_json, opts)?;
+        let mut a = Self::from_file(file, src.config.zip(config_json), opts)?;
         a.path = path.to_path_buf();
-        a.config_path = src.config;
         Ok(a)
     }
 
-    /// An adapter from an opened tensor file (and its PEFT config, if any).
-    pub(crate) fn from_file(file: Arc<TensorFile>, config_json: Option<Value>, opts: &LoadOptions) -> Result<Self> {
-        let parsed = formats::parse(&file, opts.format, config_json.as_ref())?;
+    /// An adapter from an opened tensor file (and its PEFT config, if any: the path it was read
+    /// from, which errors about it name, and its JSON).
+    pub(crate) fn from_file(
+        file: Arc<TensorFile>,
+        config: Option<(PathBuf, Value)>,
+        opts: &LoadOptions,
+    ) -> Result<Self> {
+        let parsed = formats::parse(&file, opts.format, config.as_ref().map(|(p, v)| (p.as_path(), v)))?;
         let metadata = metadata::parse(&file.metadata);
         let warnings = parsed.warnings;
         let mut modules = parsed.modules;
-        for m in &mut modules {
-            // Without a base, the best guess at the base key: dotted names denote the weight
-            // directly; kohya names stay as they are until a base resolves them.
-            m.base_key = match parsed.format {
-                Format::Peft | Format::Diffusers => format!("{}.weight", m.name),
-                Format::Kohya | Format::Lycoris => m.name.clone(),
-            };
-        }
         modules.sort_by(|a, b| a.base_key.cmp(&b.base_key).then_with(|| a.name.cmp(&b.name)));
+        let (config_path, config_json) = config.unzip();
         Ok(Adapter {
             path: file.path.clone(),
             file,
-            config_path: None,
+            config_path,
             config_json,
             config: parsed.config,
             format: parsed.format,
+            naming: parsed.naming,
             modules,
             metadata,
             hashes: OnceLock::new(),
@@ -89,6 +91,11 @@ impl Adapter {
             warnings,
             base_attached: false,
         })
+    }
+
+    /// Whether the file's keys follow more than one naming scheme (scan flag `mixed-naming`).
+    pub(crate) fn mixed_naming(&self) -> bool {
+        self.naming.len() > 1
     }
 
     /// Map every module to its base weight and check shapes. Unmatched modules are an error

@@ -1,10 +1,14 @@
 //! Reading adapter files of every format into `LoraModule`s.
 //!
 //! Sources: PEFT `tuners/lora` and `utils/save_and_load.py` (key names, DoRA magnitude key
-//! without `.weight`, `get_pattern_key`), sd-scripts `networks/lora.py` (kohya names, `.alpha`),
+//! without `.weight`; `get_pattern_key` in `patterns.rs`), sd-scripts `networks/lora.py` (kohya names, `.alpha`),
 //! LyCORIS `modules/{loha,lokr}.py` and `functional/` (LoHa/LoKr factors, Tucker cores, scale
 //! rules), diffusers `loaders/lora_*` (component prefixes, legacy processor keys,
 //! `lora_adapter_metadata`).
+//!
+//! A file whose keys follow several naming schemes (PEFT's `base_model.model.…`, diffusers'
+//! component prefixes, kohya's `lora_unet_…`) has the modules of every scheme read, and says so
+//! in a warning: reading only one scheme would let a few tensors of another hide the rest.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -15,6 +19,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::Value;
 
 use super::module::{Delta, KronPart, LoraModule, Magnitude, ModuleKind, NormAxis};
+use super::patterns::{self, PatternWork, Patterns, MAX_PATTERN_KEYS};
 use super::tensor::TensorRef;
 use super::tensorfile::{refuse_pickle, TensorFile};
 use crate::error::{Error, Result};
@@ -83,6 +88,13 @@ pub struct LoraConfig {
     pub base_model: Option<String>,
     #[serde(deserialize_with = "lenient")]
     pub peft_type: Option<String>,
+    /// Why the patterns cannot be evaluated (too many keys, a key that does not compile), set
+    /// when the config is read; every pattern lookup then fails with it.
+    #[serde(skip)]
+    pattern_problem: Option<String>,
+    /// Pattern evaluations so far, shared by every config one adapter reads.
+    #[serde(skip)]
+    work: Arc<PatternWork>,
 }
 
 /// The value if it has the type PEFT writes, else the type's default.
@@ -103,13 +115,32 @@ fn strings<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Vec<String>, 
 }
 
 impl LoraConfig {
-    /// A config that is not a JSON object holds no settings.
+    /// A config that is not a JSON object holds no settings. The pattern keys are compiled
+    /// here, once; a problem with them is kept for [`LoraConfig::pattern_problem`] and every
+    /// lookup.
     pub fn from_json(v: &Value) -> Self {
-        if !v.is_object() {
+        let Some(map) = v.as_object() else {
             return Self::default();
+        };
+        let keys = patterns::count_keys(map);
+        if keys > MAX_PATTERN_KEYS {
+            return LoraConfig { pattern_problem: Some(too_many_keys(keys)), ..Self::default() };
         }
         // Every field is read leniently, so an object always deserializes.
-        Self::deserialize(v).unwrap_or_default()
+        let mut c = Self::deserialize(v).unwrap_or_default();
+        c.pattern_problem = c
+            .rank_pattern
+            .compile()
+            .map_err(|e| format!("rank_pattern {e}"))
+            .and_then(|()| c.alpha_pattern.compile().map_err(|e| format!("alpha_pattern {e}")))
+            .err();
+        c
+    }
+
+    /// Why `rank_pattern`/`alpha_pattern` cannot be evaluated, naming the field and the key or
+    /// the limit; an adapter with such a config is refused.
+    pub(crate) fn pattern_problem(&self) -> Option<&str> {
+        self.pattern_problem.as_deref()
     }
 
     pub(crate) fn alpha(&self) -> Option<f64> {
@@ -118,64 +149,29 @@ impl LoraConfig {
             None => self.other_alpha,
         }
     }
-    pub fn rank_for(&self, module: &str) -> Option<usize> {
-        self.rank_pattern.get(module).copied().or(self.r)
+    /// The module's rank: `rank_pattern` (patterns.rs), else `r`. An error names the field and
+    /// the key that could not be evaluated, or the limit reached.
+    pub fn rank_for(&self, module: &str) -> std::result::Result<Option<usize>, String> {
+        self.check_patterns()?;
+        let p = self.rank_pattern.get(module, &self.work).map_err(|e| format!("rank_pattern {e}"))?;
+        Ok(p.copied().or(self.r))
     }
-    pub fn alpha_for(&self, module: &str) -> Option<f64> {
-        self.alpha_pattern.get(module).copied().or(self.alpha())
+    /// The module's alpha: `alpha_pattern`, else `lora_alpha` (or `alpha`).
+    pub fn alpha_for(&self, module: &str) -> std::result::Result<Option<f64>, String> {
+        self.check_patterns()?;
+        let p = self.alpha_pattern.get(module, &self.work).map_err(|e| format!("alpha_pattern {e}"))?;
+        Ok(p.copied().or(self.alpha()))
     }
-}
-
-/// PEFT's `rank_pattern` or `alpha_pattern`: module-name patterns in file order, each compiled
-/// once when the config is read. Entries whose value has the wrong type are dropped.
-#[derive(Debug, Clone)]
-pub struct Patterns<T> {
-    entries: Vec<Pattern<T>>,
-}
-
-#[derive(Debug, Clone)]
-struct Pattern<T> {
-    key: String,
-    /// PEFT's `re.match(rf"(.*\.)?({key})$", name)`; `None` when the key is no valid regular
-    /// expression here, and such a key then matches only a module of exactly its name.
-    re: Option<regex::Regex>,
-    value: T,
-}
-
-impl<T> Default for Patterns<T> {
-    fn default() -> Self {
-        Patterns { entries: vec![] }
+    fn check_patterns(&self) -> std::result::Result<(), String> {
+        match &self.pattern_problem {
+            Some(p) => Err(p.clone()),
+            None => Ok(()),
+        }
     }
 }
 
-impl<'de, T: DeserializeOwned> Deserialize<'de> for Patterns<T> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-        let Value::Object(map) = Value::deserialize(d)? else {
-            return Ok(Patterns::default());
-        };
-        let entries = map
-            .into_iter()
-            .filter_map(|(key, v)| {
-                let value = serde_json::from_value(v).ok()?;
-                let re = regex::Regex::new(&format!(r"^(?:.*\.)?(?:{key})$")).ok();
-                Some(Pattern { key, re, value })
-            })
-            .collect();
-        Ok(Patterns { entries })
-    }
-}
-
-impl<T> Patterns<T> {
-    /// The value for a module: an exact key first, then the first key in file order whose
-    /// pattern matches the whole name or a dotted suffix of it. PEFT's `get_pattern_key`
-    /// (peft `utils/other.py`) takes the first matching pattern and looks the name up exactly
-    /// only when none matches; the two differ only when a module has an exact key and another
-    /// key's pattern matches it too.
-    pub(crate) fn get(&self, module: &str) -> Option<&T> {
-        let exact = self.entries.iter().find(|p| p.key == module);
-        let matched = || self.entries.iter().find(|p| p.re.as_ref().is_some_and(|re| re.is_match(module)));
-        exact.or_else(matched).map(|p| &p.value)
-    }
+fn too_many_keys(n: usize) -> String {
+    format!("rank_pattern and alpha_pattern hold {n} keys (limit MAX_PATTERN_KEYS = {MAX_PATTERN_KEYS})")
 }
 
 /// Where an adapter lives: its tensor file and, for PEFT, its config.
@@ -348,43 +344,99 @@ fn legacy_processor_key(key: &str) -> Option<(String, &'static str)> {
     Some((format!("{parent}.{name}"), role))
 }
 
+/// The format of an adapter with these keys: of the naming scheme that claims the most keys
+/// ([`naming_schemes`]); `None` when no scheme recognises any.
 pub fn detect_format(keys: &[&str]) -> Option<Format> {
-    if keys.iter().any(|k| k.starts_with("base_model.model.")) {
-        return Some(Format::Peft);
-    }
-    if keys
+    let schemes = naming_schemes(keys);
+    // `max_by_key` keeps the last of equals: reverse so that precedence order breaks ties.
+    schemes.iter().rev().max_by_key(|(_, k)| k.len()).map(|(f, _)| *f)
+}
+
+/// The naming schemes the keys follow, in precedence order (PEFT, diffusers, kohya/LyCORIS),
+/// each with the keys it claims: PEFT the keys under `base_model.model.`, diffusers those under
+/// a component prefix (`unet.`, …) that its suffixes recognise, kohya the other keys of the
+/// form `module.role`. A scheme counts only if it has a weight (kohya keys that are all
+/// `alpha`/`scalar`/`on_input` do not). When only one scheme is present it claims every key,
+/// so a file of one scheme reads as it always has.
+fn naming_schemes<'k>(keys: &[&'k str]) -> Vec<(Format, Vec<&'k str>)> {
+    let is_peft = |k: &str| k.starts_with("base_model.model.");
+    let is_diffusers = |k: &str| {
+        !is_peft(k)
+            && DIFFUSERS_COMPONENTS.iter().any(|c| k.starts_with(c))
+            && split_key(Format::Diffusers, k).is_some()
+    };
+    let peft: Vec<&str> = keys.iter().copied().filter(|k| is_peft(k)).collect();
+    let diffusers: Vec<&str> = keys.iter().copied().filter(|k| is_diffusers(k)).collect();
+    let kohya: Vec<(&str, &str)> = keys
         .iter()
-        .any(|k| DIFFUSERS_COMPONENTS.iter().any(|c| k.starts_with(c)) && split_key(Format::Diffusers, k).is_some())
-    {
-        return Some(Format::Diffusers);
-    }
-    let kohya: Vec<&str> = keys.iter().copied().filter_map(|k| split_key(Format::Kohya, k).map(|(_, r)| r)).collect();
+        .copied()
+        .filter(|k| !is_peft(k) && !is_diffusers(k))
+        .filter_map(|k| split_key(Format::Kohya, k).map(|(_, r)| (k, r)))
+        .collect();
     // A bare `.weight` is (IA)³ only beside its `on_input` flag; a base model's `lm_head.weight`
     // must not make a base file look like an adapter.
-    let has_on_input = kohya.contains(&"on_input");
-    let kohya: Vec<&str> = kohya.into_iter().filter(|r| has_on_input || *r != "ia3").collect();
-    if kohya.iter().all(|r| matches!(*r, "alpha" | "scalar" | "on_input")) {
-        return None;
+    let has_on_input = kohya.iter().any(|(_, r)| *r == "on_input");
+    let kohya: Vec<(&str, &str)> = kohya.into_iter().filter(|(_, r)| has_on_input || *r != "ia3").collect();
+    let mut out = vec![];
+    if !peft.is_empty() {
+        out.push((Format::Peft, peft));
     }
-    if kohya.iter().any(|r| {
-        r.starts_with("hada_")
-            || r.starts_with("lokr_")
-            || r.starts_with("oft")
-            || r.starts_with("boft")
-            || r.starts_with("glora")
-            || *r == "diff"
-            || *r == "ia3"
-    }) {
-        Some(Format::Lycoris)
-    } else {
-        Some(Format::Kohya)
+    if !diffusers.is_empty() {
+        out.push((Format::Diffusers, diffusers));
     }
+    if !kohya.iter().all(|(_, r)| matches!(*r, "alpha" | "scalar" | "on_input")) {
+        let lycoris = kohya.iter().any(|(_, r)| {
+            r.starts_with("hada_")
+                || r.starts_with("lokr_")
+                || r.starts_with("oft")
+                || r.starts_with("boft")
+                || r.starts_with("glora")
+                || *r == "diff"
+                || *r == "ia3"
+        });
+        out.push((if lycoris { Format::Lycoris } else { Format::Kohya }, kohya.into_iter().map(|(k, _)| k).collect()));
+    }
+    if let [(_, claimed)] = out.as_mut_slice() {
+        *claimed = keys.to_vec();
+    }
+    out
 }
 
 /// Per-module settings that come from outside the tensors.
 struct Settings<'a> {
     config: Option<&'a LoraConfig>,
     is_peft: bool,
+    /// The file the config came from, for errors about it: `adapter_config.json`, or the
+    /// adapter itself for diffusers' `lora_adapter_metadata`.
+    config_source: &'a ConfigSource,
+}
+
+impl Settings<'_> {
+    fn rank_for(&self, module: &str) -> Result<Option<usize>> {
+        match self.config {
+            Some(c) => c.rank_for(module).map_err(|e| self.config_source.error(e)),
+            None => Ok(None),
+        }
+    }
+    fn alpha_for(&self, module: &str) -> Result<Option<f64>> {
+        match self.config {
+            Some(c) => c.alpha_for(module).map_err(|e| self.config_source.error(e)),
+            None => Ok(None),
+        }
+    }
+}
+
+/// Where a config was read from, for the errors that name it.
+struct ConfigSource {
+    path: PathBuf,
+    /// Prepended to the reason: the metadata key for a config inside the adapter file.
+    within: &'static str,
+}
+
+impl ConfigSource {
+    fn error(&self, reason: impl std::fmt::Display) -> Error {
+        Error::input(&self.path, format!("{}{reason}", self.within))
+    }
 }
 
 pub(crate) struct Parsed {
@@ -392,47 +444,99 @@ pub(crate) struct Parsed {
     pub modules: Vec<LoraModule>,
     pub warnings: Vec<String>,
     pub config: Option<LoraConfig>,
+    /// Modules read under each naming scheme the keys follow; more than one is `mixed-naming`.
+    pub naming: Vec<(Format, usize)>,
 }
 
-/// Group the file's tensors by module and build each module.
-pub(crate) fn parse(file: &Arc<TensorFile>, forced: Option<Format>, config_json: Option<&Value>) -> Result<Parsed> {
+/// Group the file's tensors by module and build each module, under every naming scheme the keys
+/// follow (or the one forced). `config` is PEFT's `adapter_config.json`: its path and contents.
+pub(crate) fn parse(file: &Arc<TensorFile>, forced: Option<Format>, config: Option<(&Path, &Value)>) -> Result<Parsed> {
     let keys: Vec<&str> = file.tensors.keys().map(String::as_str).collect();
     if keys.is_empty() {
         return Err(Error::input(&file.path, "file holds no tensors, so no adapter"));
     }
-    let format = choose_format(file, &keys, forced)?;
-    let mut warnings = vec![];
-    let configs = ModuleConfigs::read(format, file, config_json);
-    if format == Format::Peft && configs.whole.is_none() {
-        warnings.push(
-            "no adapter_config.json beside the PEFT weights: alpha unknown, assuming alpha = r (scale 1)".to_string(),
-        );
-    }
-    let groups = group_by_module(file, format, &keys, &mut warnings)?;
-    let mut modules = vec![];
-    for (name, roles) in &groups {
-        let s = Settings { config: configs.for_module(name), is_peft: format == Format::Peft };
-        if let Some(m) = build_module(file, name, roles, &s, &mut warnings)? {
-            modules.push(m);
-        }
-    }
-    if modules.is_empty() {
-        return Err(Error::input(&file.path, "no adapter modules found in the file"));
-    }
-    Ok(Parsed { format, modules, warnings, config: configs.whole })
-}
-
-/// The format the user forced, else the one the key names show.
-fn choose_format(file: &TensorFile, keys: &[&str], forced: Option<Format>) -> Result<Format> {
-    forced.or_else(|| detect_format(keys)).ok_or_else(|| {
+    let schemes = match forced {
+        Some(f) => vec![(f, keys.clone())],
+        None => naming_schemes(&keys),
+    };
+    if schemes.is_empty() {
         let sample: Vec<&str> = keys.iter().take(3).copied().collect();
-        Error::input(
+        return Err(Error::input(
             &file.path,
             format!(
                 "no adapter tensors recognised (keys such as {sample:?}); is this a base model rather than an adapter?"
             ),
-        )
-    })
+        ));
+    }
+    let mut warnings = vec![];
+    let work = Arc::new(PatternWork::default());
+    let mut modules: Vec<LoraModule> = vec![];
+    let mut scheme_of: BTreeMap<String, Format> = BTreeMap::new();
+    let mut naming = vec![];
+    let mut whole_config = None;
+    for (format, claimed) in &schemes {
+        let format = *format;
+        let configs = ModuleConfigs::read(format, file, config, &work)?;
+        if format == Format::Peft && configs.whole.is_none() {
+            warnings.push(
+                "no adapter_config.json beside the PEFT weights: alpha unknown, assuming alpha = r (scale 1)"
+                    .to_string(),
+            );
+        }
+        let groups = group_by_module(file, format, claimed, &mut warnings)?;
+        let mut count = 0;
+        for (name, roles) in &groups {
+            let s = Settings {
+                config: configs.for_module(name),
+                is_peft: format == Format::Peft,
+                config_source: &configs.source,
+            };
+            let Some(mut m) = build_module(file, name, roles, &s, &mut warnings)? else { continue };
+            if let Some(other) = scheme_of.insert(name.clone(), format) {
+                return Err(Error::input(
+                    &file.path,
+                    format!(
+                        "module {name} is stored twice, under {} and under {} key names",
+                        other.as_str(),
+                        format.as_str()
+                    ),
+                ));
+            }
+            // Without a base, the best guess at the base key: dotted names denote the weight
+            // directly; kohya names stay as they are until a base resolves them.
+            m.base_key = match format {
+                Format::Peft | Format::Diffusers => format!("{}.weight", m.name),
+                Format::Kohya | Format::Lycoris => m.name.clone(),
+            };
+            modules.push(m);
+            count += 1;
+        }
+        naming.push((format, count));
+        whole_config = whole_config.or(configs.whole);
+    }
+    if modules.is_empty() {
+        return Err(Error::input(&file.path, "no adapter modules found in the file"));
+    }
+    if schemes.len() > 1 {
+        let claimed: usize = schemes.iter().map(|(_, k)| k.len()).sum();
+        if claimed < keys.len() {
+            let first = keys.iter().find(|k| !schemes.iter().any(|(_, c)| c.contains(k))).copied().unwrap_or_default();
+            warnings.push(format!(
+                "{} tensor(s) not recognised as adapter weights and ignored, e.g. {first}",
+                keys.len() - claimed
+            ));
+        }
+        let list: Vec<String> = naming.iter().map(|(f, n)| format!("{} ({n} module(s))", f.as_str())).collect();
+        warnings.push(format!(
+            "mixed naming: the keys follow {} naming schemes, {}; every module of each is analysed, and the \
+             format reported is the one with the most modules",
+            schemes.len(),
+            list.join(", ")
+        ));
+    }
+    // The scheme with the most modules names the adapter's format; precedence order breaks ties.
+    let format = naming.iter().rev().max_by_key(|(_, n)| *n).map(|(f, _)| *f).expect("at least one scheme");
+    Ok(Parsed { format, modules, warnings, config: whole_config, naming })
 }
 
 /// Each module's tensors by role; keys that belong to no module are counted in a warning.
@@ -477,34 +581,66 @@ struct ModuleConfigs {
     /// (diffusers `loaders/lora_base.py`, `_pack_dict_with_prefix`); a module of a component
     /// with no such keys reads the whole config.
     components: BTreeMap<String, LoraConfig>,
+    source: ConfigSource,
 }
 
 impl ModuleConfigs {
-    fn read(format: Format, file: &TensorFile, config_json: Option<&Value>) -> Self {
-        let none = ModuleConfigs { whole: None, components: BTreeMap::new() };
-        match format {
-            Format::Peft => ModuleConfigs { whole: config_json.map(LoraConfig::from_json), ..none },
-            Format::Diffusers => {
+    /// The configs of one naming scheme, their pattern keys compiled (all the configs of one
+    /// adapter count their pattern evaluations in `work`). A config whose patterns cannot be
+    /// evaluated refuses the adapter.
+    fn read(format: Format, file: &TensorFile, peft: Option<(&Path, &Value)>, work: &Arc<PatternWork>) -> Result<Self> {
+        let mut c = match (format, peft) {
+            (Format::Peft, Some((path, v))) => ModuleConfigs {
+                whole: Some(LoraConfig::from_json(v)),
+                components: BTreeMap::new(),
+                source: ConfigSource { path: path.to_path_buf(), within: "" },
+            },
+            (Format::Diffusers, _) => {
+                let source = ConfigSource { path: file.path.clone(), within: "lora_adapter_metadata: " };
                 // Metadata that is not valid JSON gives no config, as an absent one does.
                 let meta = file.metadata.get("lora_adapter_metadata");
                 match meta.and_then(|raw| serde_json::from_str::<Value>(raw).ok()) {
-                    Some(v) => Self::diffusers(&v),
-                    None => none,
+                    Some(v) => Self::diffusers(&v, source)?,
+                    None => ModuleConfigs { whole: None, components: BTreeMap::new(), source },
                 }
             }
-            Format::Kohya | Format::Lycoris => none,
+            _ => ModuleConfigs {
+                whole: None,
+                components: BTreeMap::new(),
+                source: ConfigSource { path: file.path.clone(), within: "" },
+            },
+        };
+        if let Some(w) = &c.whole {
+            if let Some(p) = w.pattern_problem() {
+                return Err(c.source.error(p));
+            }
         }
+        for (component, cfg) in &c.components {
+            if let Some(p) = cfg.pattern_problem() {
+                return Err(c.source.error(format!("{component}.{p}")));
+            }
+        }
+        for cfg in c.whole.iter_mut().chain(c.components.values_mut()) {
+            cfg.work = work.clone();
+        }
+        Ok(c)
     }
 
-    fn diffusers(v: &Value) -> Self {
+    fn diffusers(v: &Value, source: ConfigSource) -> Result<Self> {
         let mut parts: BTreeMap<String, serde_json::Map<String, Value>> = BTreeMap::new();
         for (k, x) in v.as_object().into_iter().flatten() {
             if let Some((component, key)) = k.split_once('.') {
                 parts.entry(component.to_string()).or_default().insert(key.to_string(), x.clone());
             }
         }
+        // The limit on pattern keys holds for the adapter, over every component's config.
+        let keys =
+            v.as_object().map_or(0, patterns::count_keys) + parts.values().map(patterns::count_keys).sum::<usize>();
+        if keys > MAX_PATTERN_KEYS {
+            return Err(source.error(too_many_keys(keys)));
+        }
         let components = parts.into_iter().map(|(c, m)| (c, LoraConfig::from_json(&Value::Object(m)))).collect();
-        ModuleConfigs { whole: Some(LoraConfig::from_json(v)), components }
+        Ok(ModuleConfigs { whole: Some(LoraConfig::from_json(v)), components, source })
     }
 
     fn for_module(&self, name: &str) -> Option<&LoraConfig> {
@@ -564,7 +700,7 @@ fn build_module(
         return Ok(None);
     };
     check_config_rank(&m, s, &b)?;
-    let (alpha, scale) = alpha_and_scale(&m, s, &b, alpha_tensor);
+    let (alpha, scale) = alpha_and_scale(&m, s, &b, alpha_tensor)?;
     let magnitude = dora_magnitude(&m, &b.shape);
     let kind = if magnitude.is_some() && matches!(b.kind, ModuleKind::Lora | ModuleKind::Locon) {
         ModuleKind::Dora
@@ -887,7 +1023,7 @@ fn check_config_rank(m: &ModuleTensors, s: &Settings, b: &Built) -> Result<()> {
     if !s.is_peft || !matches!(b.kind, ModuleKind::Lora | ModuleKind::Locon | ModuleKind::Embedding) {
         return Ok(());
     }
-    match s.config.and_then(|c| c.rank_for(m.name)) {
+    match s.rank_for(m.name)? {
         Some(r_cfg) if r_cfg != b.rank => Err(m.err(format!(
             "rank mismatch with adapter_config.json: config gives r={r_cfg}, tensors have rank {}",
             b.rank
@@ -900,11 +1036,16 @@ fn check_config_rank(m: &ModuleTensors, s: &Settings, b: &Built) -> Result<()> {
 /// config's; a missing or zero alpha means alpha = rank (sd-scripts `networks/lora.py`);
 /// rsLoRA divides by √r instead of r (PEFT `use_rslora`). Kinds scaled by 1 report only a
 /// stored alpha.
-fn alpha_and_scale(m: &ModuleTensors, s: &Settings, b: &Built, alpha_tensor: Option<f64>) -> (Option<f64>, f64) {
+fn alpha_and_scale(
+    m: &ModuleTensors,
+    s: &Settings,
+    b: &Built,
+    alpha_tensor: Option<f64>,
+) -> Result<(Option<f64>, f64)> {
     if !b.scaled {
-        return (alpha_tensor, 1.0);
+        return Ok((alpha_tensor, 1.0));
     }
-    let cfg_alpha = s.config.and_then(|c| c.alpha_for(m.name));
+    let cfg_alpha = s.alpha_for(m.name)?;
     let rank = b.rank as f64;
     let alpha = alpha_tensor.or(cfg_alpha).filter(|a| *a != 0.0).unwrap_or(rank);
     let scale = match (b.rank, s.config.is_some_and(|c| c.use_rslora)) {
@@ -912,7 +1053,7 @@ fn alpha_and_scale(m: &ModuleTensors, s: &Settings, b: &Built, alpha_tensor: Opt
         (_, true) => alpha / rank.sqrt(),
         (_, false) => alpha / rank,
     };
-    (Some(alpha), scale)
+    Ok((Some(alpha), scale))
 }
 
 /// DoRA's magnitude and the axis its norm runs along. PEFT's `lora_magnitude_vector` holds one
@@ -1001,19 +1142,68 @@ mod tests {
     }
 
     #[test]
-    fn patterns_keep_file_order_and_invalid_regexes_match_exactly() {
+    fn patterns_keep_file_order_and_a_key_that_does_not_compile_refuses_the_config() {
         let cfg = LoraConfig::from_json(&json!({
             "r": 8,
-            "rank_pattern": {"q_proj": 2, ".*_proj": 1, "k_proj": 2.5, "up_proj(": 6}
+            "rank_pattern": {"q_proj": 2, ".*_proj": 1, "k_proj": 2.5}
         }));
+        let rank = |m: &str| cfg.rank_for(m).unwrap();
         // File order, not key order: "q_proj" comes before ".*_proj".
-        assert_eq!(cfg.rank_for("model.layers.0.self_attn.q_proj"), Some(2));
-        assert_eq!(cfg.rank_for("model.layers.0.self_attn.v_proj"), Some(1));
+        assert_eq!(rank("model.layers.0.self_attn.q_proj"), Some(2));
+        assert_eq!(rank("model.layers.0.self_attn.v_proj"), Some(1));
         // A non-integer rank is dropped, so the wider pattern applies.
-        assert_eq!(cfg.rank_for("model.layers.0.self_attn.k_proj"), Some(1));
-        // "up_proj(" is no regular expression: only a module of exactly that name takes it.
-        assert_eq!(cfg.rank_for("up_proj("), Some(6));
-        assert_eq!(cfg.rank_for("mlp.up_proj("), Some(8));
-        assert_eq!(cfg.rank_for("model.layers.0.mlp.gate"), Some(8));
+        assert_eq!(rank("model.layers.0.self_attn.k_proj"), Some(1));
+        assert_eq!(rank("model.layers.0.mlp.gate"), Some(8));
+        // "up_proj(" is no regular expression: PEFT's re.match would raise, so every lookup
+        // fails, naming the field and the key, and the adapter is refused.
+        let bad = LoraConfig::from_json(&json!({"r": 8, "alpha_pattern": {"q_proj": 4, "up_proj(": 6}}));
+        let why = bad.pattern_problem().expect("a problem");
+        assert!(why.starts_with("alpha_pattern key \"up_proj(\" is not a regular expression"), "{why}");
+        assert_eq!(bad.alpha_for("model.layers.0.self_attn.q_proj").unwrap_err(), why);
+        assert_eq!(bad.rank_for("model.layers.0.self_attn.q_proj").unwrap_err(), why);
+    }
+
+    #[test]
+    fn every_naming_scheme_of_a_file_claims_its_own_keys() {
+        use super::{detect_format, naming_schemes, Format};
+        // One scheme claims every key, the unrecognised ones too (reported when grouping).
+        let kohya = ["lora_unet_a.lora_down.weight", "lora_unet_a.lora_up.weight", "lora_unet_a.alpha", "notes"];
+        assert_eq!(naming_schemes(&kohya), vec![(Format::Kohya, kohya.to_vec())]);
+        // A PEFT file with a base model's `lm_head.weight`: not (IA)³ without `on_input`.
+        let peft = ["base_model.model.q.lora_A.weight", "base_model.model.q.lora_B.weight", "lm_head.weight"];
+        assert_eq!(naming_schemes(&peft), vec![(Format::Peft, peft.to_vec())]);
+        // Stray kohya alphas make no scheme of their own.
+        let stray = ["base_model.model.q.lora_A.weight", "base_model.model.q.lora_B.weight", "lora_unet_a.alpha"];
+        assert_eq!(naming_schemes(&stray).len(), 1);
+        let mixed = [
+            "base_model.model.q.lora_A.weight",
+            "base_model.model.q.lora_B.weight",
+            "unet.x.lora_A.weight",
+            "lora_te_b.hada_w1_a",
+            "lora_te_b.hada_w1_b",
+            "lora_te_b.hada_w2_a",
+            "lora_te_b.hada_w2_b",
+            "text_encoder.y.bias_not_adapter",
+        ];
+        assert_eq!(
+            naming_schemes(&mixed),
+            vec![
+                (Format::Peft, mixed[..2].to_vec()),
+                (Format::Diffusers, vec![mixed[2]]),
+                (Format::Lycoris, mixed[3..7].to_vec()),
+            ]
+        );
+        assert_eq!(detect_format(&mixed), Some(Format::Lycoris), "the scheme with the most keys");
+        assert_eq!(detect_format(&mixed[1..3]), Some(Format::Peft), "ties go to precedence order");
+        assert_eq!(detect_format(&["model.embed_tokens.weight", "x.alpha"]), None);
+    }
+
+    #[test]
+    fn too_many_pattern_keys_are_refused_before_compiling() {
+        let keys: serde_json::Map<String, serde_json::Value> =
+            (0..=super::MAX_PATTERN_KEYS).map(|i| (format!("layers\\.{i}\\..*"), json!(4))).collect();
+        let cfg = LoraConfig::from_json(&json!({"r": 8, "rank_pattern": keys}));
+        let why = cfg.pattern_problem().expect("a problem");
+        assert!(why.contains("2049 keys (limit MAX_PATTERN_KEYS = 2048)"), "{why}");
     }
 }

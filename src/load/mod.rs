@@ -8,6 +8,7 @@ pub(crate) mod hashes;
 pub(crate) mod metadata;
 mod module;
 pub mod names;
+mod patterns;
 mod tensor;
 pub(crate) mod tensorfile;
 pub mod works;

@@ -104,7 +104,15 @@ impl LoraModule {
 
     /// An input error about this module, naming its file.
     pub(crate) fn error(&self, reason: impl std::fmt::Display) -> Error {
-        let path = self.tensors.first().map(|t| t.file.path.clone()).unwrap_or_default();
-        Error::input(path, format!("module {}: {reason}", self.name))
+        Error::input(self.path(), format!("module {}: {reason}", self.name))
+    }
+
+    /// An input error about this module's values (NaN/Inf, extreme magnitudes, overflow).
+    pub(crate) fn value_error(&self, reason: impl std::fmt::Display) -> Error {
+        Error::Values { path: self.path(), reason: format!("module {}: {reason}", self.name) }
+    }
+
+    fn path(&self) -> std::path::PathBuf {
+        self.tensors.first().map(|t| t.file.path.clone()).unwrap_or_default()
     }
 }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use nalgebra::DMatrix;
 use safetensors::Dtype;
 
-use super::tensorfile::{dtype_name, TensorFile};
+use super::tensorfile::{dtype_name, FloatStats, TensorFile};
 use crate::error::{Error, Result};
 
 #[derive(Clone)]
@@ -36,9 +36,10 @@ impl TensorRef {
     pub(crate) fn numel(&self) -> usize {
         self.shape().iter().product()
     }
-    /// (NaN/Inf count, all zero) without converting the values.
-    pub(crate) fn float_stats(&self) -> Result<(usize, bool)> {
-        super::tensorfile::float_stats(self.file.raw(&self.name)?, self.dtype())
+    /// NaN/Inf count, whether all are zero, and the count of finite values beyond ±`limit`,
+    /// without converting the values.
+    pub(crate) fn float_stats(&self, limit: f64) -> Result<FloatStats> {
+        super::tensorfile::float_stats(self.file.raw(&self.name)?, self.dtype(), limit)
             .ok_or_else(|| self.err(format!("has dtype {}, not a float type", self.dtype_name())))
     }
     pub(crate) fn values(&self) -> Result<Vec<f64>> {

@@ -253,26 +253,58 @@ fn decode_values(bytes: &[u8], dtype: Dtype, out: &mut [f64], scratch: &mut Vec<
     true
 }
 
-/// Count of NaN/±Inf values, and whether every value is ±0, read straight from the bits
-/// (no conversion). `None` for non-float dtypes.
-pub(crate) fn float_stats(bytes: &[u8], dtype: Dtype) -> Option<(usize, bool)> {
-    fn scan<const N: usize>(bytes: &[u8], exp: u64, mag: u64) -> (usize, bool) {
-        let mut nonfinite = 0;
-        let mut zero = true;
+/// What one pass over a tensor's bits tells: NaN/±Inf count, whether every value is ±0, and
+/// how many finite values lie beyond ±`limit`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct FloatStats {
+    pub nonfinite: usize,
+    pub zero: bool,
+    pub beyond: usize,
+}
+
+/// [`FloatStats`] read straight from the bits (no conversion): a float's magnitude orders as
+/// its bits without the sign, so |x| > `limit` is a comparison with the largest value of the
+/// dtype not above `limit`. `None` for non-float dtypes.
+pub(crate) fn float_stats(bytes: &[u8], dtype: Dtype, limit: f64) -> Option<FloatStats> {
+    fn scan<const N: usize>(bytes: &[u8], exp: u64, mag: u64, top: u64) -> FloatStats {
+        let mut s = FloatStats { nonfinite: 0, zero: true, beyond: 0 };
         for c in bytes.chunks_exact(N) {
             let mut buf = [0u8; 8];
             buf[..N].copy_from_slice(c);
             let v = u64::from_le_bytes(buf);
-            nonfinite += usize::from(v & exp == exp);
-            zero &= v & mag == 0;
+            let nonfinite = v & exp == exp;
+            s.nonfinite += usize::from(nonfinite);
+            s.beyond += usize::from(!nonfinite && v & mag > top);
+            s.zero &= v & mag == 0;
         }
-        (nonfinite, zero)
+        s
     }
+    /// The bits of the largest value of a dtype not above `limit` (≥ 0), from its rounded
+    /// conversion `bits` and the conversion back.
+    fn top(limit: f64, bits: u64, back: impl Fn(u64) -> f64) -> u64 {
+        if back(bits) > limit {
+            bits - 1
+        } else {
+            bits
+        }
+    }
+    let limit = limit.abs();
     Some(match dtype {
-        Dtype::F16 => scan::<2>(bytes, 0x7c00, 0x7fff),
-        Dtype::BF16 => scan::<2>(bytes, 0x7f80, 0x7fff),
-        Dtype::F32 => scan::<4>(bytes, 0x7f80_0000, 0x7fff_ffff),
-        Dtype::F64 => scan::<8>(bytes, 0x7ff0_0000_0000_0000, 0x7fff_ffff_ffff_ffff),
+        Dtype::F16 => {
+            let t =
+                top(limit, half::f16::from_f64(limit).to_bits() as u64, |b| half::f16::from_bits(b as u16).to_f64());
+            scan::<2>(bytes, 0x7c00, 0x7fff, t)
+        }
+        Dtype::BF16 => {
+            let t =
+                top(limit, half::bf16::from_f64(limit).to_bits() as u64, |b| half::bf16::from_bits(b as u16).to_f64());
+            scan::<2>(bytes, 0x7f80, 0x7fff, t)
+        }
+        Dtype::F32 => {
+            let t = top(limit, (limit as f32).to_bits() as u64, |b| f32::from_bits(b as u32) as f64);
+            scan::<4>(bytes, 0x7f80_0000, 0x7fff_ffff, t)
+        }
+        Dtype::F64 => scan::<8>(bytes, 0x7ff0_0000_0000_0000, 0x7fff_ffff_ffff_ffff, limit.to_bits()),
         _ => return None,
     })
 }
@@ -301,4 +333,33 @@ fn header_error(path: &Path, e: SafeTensorError, size: u64, n: u64) -> Error {
         other => format!("invalid safetensors file: {other}"),
     };
     Error::input(path, reason)
+}
+
+#[cfg(test)]
+mod tests {
+    use safetensors::Dtype;
+
+    use super::{float_stats, FloatStats};
+
+    #[test]
+    fn values_beyond_a_limit_are_counted_from_the_bits_in_every_float_dtype() {
+        let v = [0.0, -1e15, 1e15, 2e15, -3e20, f64::INFINITY, f64::NAN];
+        let f64s: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        // ±1e15 is not beyond the limit; 2e15 and -3e20 are; ±Inf and NaN are non-finite.
+        assert_eq!(float_stats(&f64s, Dtype::F64, 1e15), Some(FloatStats { nonfinite: 2, zero: false, beyond: 2 }));
+        let f32s: Vec<u8> = v.iter().flat_map(|x| (*x as f32).to_le_bytes()).collect();
+        // 1e15 rounds to 999999986991104 in f32, below the limit.
+        assert_eq!(float_stats(&f32s, Dtype::F32, 1e15).unwrap().beyond, 2);
+        let bf16s: Vec<u8> = v.iter().flat_map(|x| half::bf16::from_f64(*x).to_le_bytes()).collect();
+        // In bf16 ±1e15 rounds down to ±9.98e14; 2e15 and 3e20 stay beyond.
+        assert_eq!(float_stats(&bf16s, Dtype::BF16, 1e15).unwrap().beyond, 2);
+        let f16s: Vec<u8> =
+            [1.0f64, 65504.0, -65504.0].iter().flat_map(|x| half::f16::from_f64(*x).to_le_bytes()).collect();
+        // f16 cannot exceed 65504: nothing is beyond 1e15, everything beyond 1e4 but the 1.
+        assert_eq!(float_stats(&f16s, Dtype::F16, 1e15).unwrap().beyond, 0);
+        assert_eq!(float_stats(&f16s, Dtype::F16, 1e4).unwrap().beyond, 2);
+        let zeros: Vec<u8> = [0.0f32, -0.0].iter().flat_map(|x| x.to_le_bytes()).collect();
+        assert_eq!(float_stats(&zeros, Dtype::F32, 1.0), Some(FloatStats { nonfinite: 0, zero: true, beyond: 0 }));
+        assert_eq!(float_stats(&[0u8; 4], Dtype::I32, 1.0), None);
+    }
 }

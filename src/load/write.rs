@@ -37,6 +37,13 @@ impl SafetensorsBuilder {
         self.tensors.insert(name.to_string(), (dtype, shape.to_vec(), encode(values, dtype)));
         self
     }
+    /// An f64 tensor, for values f32 cannot hold.
+    pub fn add_f64(&mut self, name: &str, shape: &[usize], values: &[f64]) -> &mut Self {
+        assert_eq!(shape.iter().product::<usize>(), values.len(), "{name}");
+        let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.tensors.insert(name.to_string(), (Dtype::F64, shape.to_vec(), bytes));
+        self
+    }
     /// A random tensor with entries uniform in [-scale, scale).
     pub fn random(&mut self, rng: &mut Rng, name: &str, shape: &[usize], scale: f64, dtype: Dtype) -> &mut Self {
         let v = rng.values(shape.iter().product(), scale);

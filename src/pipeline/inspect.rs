@@ -11,6 +11,7 @@ use crate::load::{Adapter, BaseModel, Delta, KronPart, LoraModule, TensorRef};
 use crate::report::{
     path_string, tool, AdapterInfo, BaseInfo, InputFile, InputRole, InspectReport, ModuleRow, SCHEMA_VERSION,
 };
+use crate::spectral::{within_abs_limit, MAX_ABS_VALUE};
 
 /// Every input file with its SHA-256. The adapter's hash was computed when it was opened.
 pub fn input_files(adapter: &Adapter, base: Option<&BaseModel>) -> Result<Vec<InputFile>> {
@@ -33,25 +34,26 @@ pub fn input_files(adapter: &Adapter, base: Option<&BaseModel>) -> Result<Vec<In
     Ok(inputs)
 }
 
-struct TensorStats {
-    nonfinite: usize,
-    zero: bool,
+/// What the values of a module are known to be: NaN/Inf count, ΔW exactly zero, and the count
+/// of values beyond ±`MAX_ABS_VALUE` (spectral/delta.rs).
+#[derive(Debug, Clone, Copy)]
+pub struct ValueFacts {
+    pub nonfinite: usize,
+    pub zero: bool,
+    pub extreme: usize,
 }
 
-fn stats(t: &TensorRef) -> Result<TensorStats> {
-    let (nonfinite, zero) = t.float_stats()?;
-    Ok(TensorStats { nonfinite, zero })
-}
-
-fn module_row(m: &LoraModule, known: Option<(usize, bool)>) -> Result<ModuleRow> {
-    if let Some((nonfinite, zero)) = known {
-        return Ok(row(m, nonfinite, zero));
+fn module_row(m: &LoraModule, known: Option<ValueFacts>) -> Result<ModuleRow> {
+    if let Some(k) = known {
+        return Ok(row(m, k));
     }
     let mut nonfinite = 0;
+    let mut extreme = 0;
     let mut zero_of: BTreeMap<String, bool> = BTreeMap::new();
     for t in &m.tensors {
-        let s = stats(t)?;
+        let s = t.float_stats(MAX_ABS_VALUE)?;
         nonfinite += s.nonfinite;
+        extreme += s.beyond;
         zero_of.insert(t.name.clone(), s.zero);
     }
     let z = |t: &TensorRef| zero_of.get(&t.name).copied().unwrap_or(false);
@@ -67,10 +69,10 @@ fn module_row(m: &LoraModule, known: Option<(usize, bool)>) -> Result<ModuleRow>
         Delta::Ia3 { weight, .. } => z(weight),
         Delta::Replace { .. } | Delta::Unsupported { .. } => false,
     };
-    Ok(row(m, nonfinite, zero))
+    Ok(row(m, ValueFacts { nonfinite, zero, extreme }))
 }
 
-fn row(m: &LoraModule, nonfinite: usize, zero: bool) -> ModuleRow {
+fn row(m: &LoraModule, ValueFacts { nonfinite, zero, extreme }: ValueFacts) -> ModuleRow {
     ModuleRow {
         base_key: m.base_key.clone(),
         name: m.name.clone(),
@@ -84,6 +86,7 @@ fn row(m: &LoraModule, nonfinite: usize, zero: bool) -> ModuleRow {
         resolved: m.resolved,
         tensors: m.tensors.iter().map(|t| t.name.clone()).collect(),
         nonfinite,
+        extreme,
         zero: zero && m.magnitude.is_none(),
         dora: m.magnitude.is_some(),
     }
@@ -94,12 +97,12 @@ pub fn inspect(adapter: &Adapter, base: Option<&BaseModel>) -> Result<InspectRep
     inspect_with(adapter, base, &|_| None)
 }
 
-/// `inspect`, taking (NaN/Inf count, ΔW is zero) from `known` for modules whose values were
-/// already read and checked elsewhere (the spectrum), so the file is not scanned twice.
+/// `inspect`, taking the value facts from `known` for modules whose values were already read
+/// and checked elsewhere (the spectrum), so the file is not scanned twice.
 pub fn inspect_with(
     adapter: &Adapter,
     base: Option<&BaseModel>,
-    known: &(dyn Fn(&LoraModule) -> Option<(usize, bool)> + Sync),
+    known: &(dyn Fn(&LoraModule) -> Option<ValueFacts> + Sync),
 ) -> Result<InspectReport> {
     let mut warnings = adapter.warnings.clone();
     if let Some(c) = &adapter.hashes().sshs_model_hash {
@@ -115,6 +118,18 @@ pub fn inspect_with(
     for (m, row) in adapter.modules.iter().zip(rows) {
         if row.nonfinite > 0 {
             warnings.push(format!("module {}: {} NaN/Inf value(s)", m.name, row.nonfinite));
+        }
+        if row.extreme > 0 {
+            warnings.push(format!(
+                "module {}: {} value(s) beyond ±{MAX_ABS_VALUE:e} (limit MAX_ABS_VALUE): the spectrum refuses it",
+                m.name, row.extreme
+            ));
+        }
+        if !within_abs_limit(m.scale) {
+            warnings.push(format!(
+                "module {}: scale {:e} beyond ±{MAX_ABS_VALUE:e} (limit MAX_ABS_VALUE): the spectrum refuses it",
+                m.name, m.scale
+            ));
         }
         if row.zero {
             warnings.push(format!("module {}: ΔW is exactly zero", m.name));

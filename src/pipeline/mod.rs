@@ -9,7 +9,7 @@ pub use evidence::{
     build_report, compare_rerun, file_inputs, run_report, verify, write_report_dir, ProbeOutcome, ReportHooks,
     ReportRun, Verification,
 };
-pub use inspect::{input_files, inspect, inspect_with};
+pub use inspect::{input_files, inspect, inspect_with, ValueFacts};
 pub use scan::{scan_all, scan_one, ScanSummary};
 
 use crate::error::Result;
@@ -86,15 +86,24 @@ pub fn spectrum(
     crate::error::injected_fault("spectrum")?;
     let (_, analysis) = rayon::join(|| adapter.hashes(), || spectral::analyse(adapter, base, opts, tick));
     let analysis = analysis?;
-    // Factored and Kronecker routes decoded every tensor of their module and refuse NaN/Inf,
-    // so those modules need no second scan: no bad values, and ΔW is zero iff its norm is.
+    // Factored and Kronecker routes decoded every tensor of their module and refuse NaN/Inf and
+    // values beyond MAX_ABS_VALUE, so those modules need no second scan: no bad values, and ΔW
+    // is zero iff its norm is.
     let by_name: std::collections::HashMap<&str, &spectral::ModuleSpectrum> =
         analysis.modules.iter().map(|s| (s.name.as_str(), s)).collect();
     let known = |m: &LoraModule| {
         let s = by_name.get(m.name.as_str())?;
-        matches!(s.route, spectral::Route::Factored | spectral::Route::Kronecker).then_some((0, s.fro == 0.0))
+        matches!(s.route, spectral::Route::Factored | spectral::Route::Kronecker).then_some(ValueFacts {
+            nonfinite: 0,
+            zero: s.fro == 0.0,
+            extreme: 0,
+        })
     };
-    let inspect = inspect_with(adapter, base, &known)?;
+    let mut inspect = inspect_with(adapter, base, &known)?;
+    // A module the spectrum bounded instead of analysing says so where warnings are read.
+    for s in analysis.modules.iter().filter(|s| s.route == spectral::Route::RankBound) {
+        inspect.warnings.push(format!("module {}: {}", s.name, s.note.as_deref().unwrap_or_default()));
+    }
     let r = report::spectrum_report(inspect, analysis, opts);
     report::check_finite("spectrum", &r)?;
     Ok(r)

@@ -6,8 +6,8 @@ use crate::error::{Error, Result};
 use crate::load::hashes::sha256_file;
 use crate::load::{Adapter, LoadOptions};
 use crate::report::{InspectReport, SpectrumReport};
-use crate::scan::{ErrorKind, Flag, FlagThresholds, ScanError, ScanRecord};
-use crate::spectral::SpectrumOptions;
+use crate::scan::{ErrorKind, Findings, Flag, FlagThresholds, ScanError, ScanRecord};
+use crate::spectral::{within_abs_limit, SpectrumOptions};
 
 fn fill_from_inspect(rec: &mut ScanRecord, r: &InspectReport) {
     let a = &r.adapter;
@@ -39,13 +39,16 @@ pub fn scan_one(path: &Path, opts: &SpectrumOptions, th: &FlagThresholds) -> Sca
     // becomes this file's internal error record.
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> Result<()> {
         let adapter = Adapter::open(path, &LoadOptions::default())?;
+        let mut refused_values = false;
         let inspect = match super::spectrum(&adapter, None, opts, &|| {}) {
             Ok(s) => {
                 fill_from_spectrum(&mut rec, &s);
                 s.inspect
             }
-            // NaN/Inf in the factors stops the spectrum but not the screen.
+            // Bad values (NaN/Inf, beyond MAX_ABS_VALUE, an overflow) stop the spectrum but not
+            // the screen, nor do the spectrum's other input errors.
             Err(e) if e.is_input() => {
+                refused_values = matches!(e, Error::Values { .. });
                 let mut r = super::inspect(&adapter, None)?;
                 r.warnings.push(format!("spectrum not computed: {e}"));
                 r
@@ -53,9 +56,17 @@ pub fn scan_one(path: &Path, opts: &SpectrumOptions, th: &FlagThresholds) -> Sca
             Err(e) => return Err(e),
         };
         fill_from_inspect(&mut rec, &inspect);
-        let nonfinite = inspect.adapter.modules.iter().any(|m| m.nonfinite > 0);
-        let hash_mismatch = inspect.adapter.hashes.sshs_model_hash.as_ref().is_some_and(|c| !c.matches);
-        rec.flags = crate::scan::flags_for(&rec, nonfinite, hash_mismatch, th);
+        let modules = &inspect.adapter.modules;
+        let nonfinite = modules.iter().any(|m| m.nonfinite > 0);
+        let extreme = modules.iter().any(|m| m.extreme > 0 || !within_abs_limit(m.scale));
+        let found = Findings {
+            nonfinite,
+            hash_mismatch: inspect.adapter.hashes.sshs_model_hash.as_ref().is_some_and(|c| !c.matches),
+            mixed_naming: adapter.mixed_naming(),
+            // A refusal for values that no NaN/Inf explains is an overflow: flagged with them.
+            extreme_values: extreme || (refused_values && !nonfinite),
+        };
+        rec.flags = crate::scan::flags_for(&rec, found, th);
         Ok(())
     }))
     .unwrap_or_else(|payload| Err(Error::Internal(format!("lorascope panicked: {}", panic_text(payload.as_ref())))));

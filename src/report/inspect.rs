@@ -27,9 +27,17 @@ pub struct ModuleRow {
     pub tensors: Vec<String>,
     /// Count of NaN and ±Inf values over the module's tensors.
     pub nonfinite: usize,
+    /// Count of finite values beyond ±1e15 (`MAX_ABS_VALUE`, spectral/delta.rs), which the
+    /// spectrum refuses; written only when there are any, so ordinary reports keep their shape.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub extreme: usize,
     /// ΔW is exactly zero (a factor of the product is all zeros).
     pub zero: bool,
     pub dora: bool,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

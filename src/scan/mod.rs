@@ -27,6 +27,8 @@ closed_set! {
         CapacityPerImage = "capacity-per-image",
         FewImagesManySteps = "few-images-many-steps",
         UnsupportedAlgorithm = "unsupported-algorithm",
+        MixedNaming = "mixed-naming",
+        ExtremeValues = "extreme-values",
     }
 }
 
@@ -180,14 +182,26 @@ fn resolution_pixels(r: Option<&str>, default_side: u64) -> f64 {
     sides[0] as f64 * sides[1] as f64
 }
 
-/// The risk flags of a filled record. `nonfinite` and `hash_mismatch` come from the
-/// inspection (NaN/Inf in any module; recorded sshs_model_hash differs from the recomputed).
-pub(crate) fn flags_for(rec: &ScanRecord, nonfinite: bool, hash_mismatch: bool, th: &FlagThresholds) -> Vec<Flag> {
+/// What the inspection and the spectrum of one file found, beyond the record's fields.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Findings {
+    /// NaN/Inf in any module's tensors.
+    pub nonfinite: bool,
+    /// The recorded sshs_model_hash differs from the recomputed one.
+    pub hash_mismatch: bool,
+    /// The keys follow more than one naming scheme.
+    pub mixed_naming: bool,
+    /// A value or a scale beyond ±1e15, or the spectrum refused the values (an overflow).
+    pub extreme_values: bool,
+}
+
+/// The risk flags of a filled record.
+pub(crate) fn flags_for(rec: &ScanRecord, found: Findings, th: &FlagThresholds) -> Vec<Flag> {
     let mut f = vec![];
-    if nonfinite {
+    if found.nonfinite {
         f.push(Flag::NonfiniteWeights);
     }
-    if hash_mismatch {
+    if found.hash_mismatch {
         f.push(Flag::HashMismatch);
     }
     if rec.kinds.contains_key(&ModuleKind::Full) {
@@ -206,6 +220,12 @@ pub(crate) fn flags_for(rec: &ScanRecord, nonfinite: bool, hash_mismatch: bool, 
     }
     if [ModuleKind::Oft, ModuleKind::Boft, ModuleKind::Glora].iter().any(|k| rec.kinds.contains_key(k)) {
         f.push(Flag::UnsupportedAlgorithm);
+    }
+    if found.mixed_naming {
+        f.push(Flag::MixedNaming);
+    }
+    if found.extreme_values {
+        f.push(Flag::ExtremeValues);
     }
     f
 }

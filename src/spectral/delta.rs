@@ -154,19 +154,19 @@ impl DeltaW for LoraModule {
         let (ud, dd) = (up.dtype(), down.dtype());
         let (usz, dsz) = (ud.bitsize() / 8, dd.bitsize() / 8);
         let mut scratch = Vec::new();
+        // A block with a value beyond ±MAX_ABS_VALUE (or NaN/Inf) stops this route; the caller's
+        // value check then refuses the module.
+        let within = |v: &[f64]| v.iter().all(|x| within_abs_limit(*x));
         let g_up = linalg::gram_streamed_rows(m, k, |r0, buf| {
             let start = r0 * k * usz;
             crate::load::tensorfile::decode_into(&ub[start..start + buf.len() * usz], ud, buf, &mut scratch)
+                && within(buf)
         })?;
         let g_down = linalg::gram_streamed_cols(k, n, |c0, nc, buf| {
             (0..k).all(|i| {
+                let row = &mut buf[i * nc..(i + 1) * nc];
                 let start = (i * n + c0) * dsz;
-                crate::load::tensorfile::decode_into(
-                    &db[start..start + nc * dsz],
-                    dd,
-                    &mut buf[i * nc..(i + 1) * nc],
-                    &mut scratch,
-                )
+                crate::load::tensorfile::decode_into(&db[start..start + nc * dsz], dd, row, &mut scratch) && within(row)
             })
         })?;
         let (rb, ra) = (linalg::cholesky_upper(g_up)?, linalg::cholesky_upper(g_down)?);
@@ -196,6 +196,37 @@ pub(crate) const MAX_WORK_VALUES: usize = 1 << 25;
 /// Largest rank of a factored ΔW (the side of the core matrix whose dense SVD is taken); a
 /// LoHa of rank 64 reaches 64² = 4096.
 pub(crate) const MAX_CORE_RANK: usize = 4096;
+
+/// Largest magnitude of a stored value, and of a module's scale, that the analysis accepts. A
+/// module with a larger one (or a NaN/Inf scale) is refused by `spectrum` and flagged
+/// `extreme-values` by `scan` (docs/scan.md). Trained adapters hold values below 10³; f16 cannot
+/// exceed 65504. Within ±10¹⁵ no f64 intermediate of the base-free analysis can overflow: the
+/// largest, a LoHa's dense ΔW entries scale·(r₁·10³⁰)·(r₂·10³⁰) = 10⁷⁵·r₁r₂, squared and summed
+/// over the ≤ 2²⁵ entries MAX_WORK_VALUES allows, stay below 10²⁰⁰ for any r₁·r₂ ≤ 10¹⁸ a file
+/// can hold (f64 holds 1.8·10³⁰⁸).
+pub(crate) const MAX_ABS_VALUE: f64 = 1e15;
+
+/// Whether `x` is within ±[`MAX_ABS_VALUE`] (false for NaN).
+pub(crate) fn within_abs_limit(x: f64) -> bool {
+    matches!(x.abs().partial_cmp(&MAX_ABS_VALUE), Some(std::cmp::Ordering::Less | std::cmp::Ordering::Equal))
+}
+
+/// Widest SVD (min(m, n, r₁·r₂)) a LoHa's exact spectrum may take: with r₁·r₂ ≥ min(m, n) ΔW is
+/// formed whole, else its face-splitting factors are r₁·r₂ wide; either way the SVD costs
+/// O(max(m, n)·width²). 2048 takes a few seconds; a 3.6 MB file asking for width 5792 took
+/// 137 CPU-seconds and 0.8 GB. Above it the module's spectrum is not computed and its capacity
+/// is the rank bound (route `rank-bound`, with a warning). SDXL LoHa at rank 64 needs 1280.
+pub(crate) const MAX_EXACT_SVD_DIM: usize = 2048;
+
+/// For a LoHa whose exact spectrum would need an SVD wider than [`MAX_EXACT_SVD_DIM`]: its
+/// r₁·r₂ and the SVD's width min(m, n, r₁·r₂), the largest rank ΔW can have.
+pub(crate) fn loha_beyond_exact_svd(m: &LoraModule) -> Option<(usize, usize)> {
+    let Delta::Hadamard { w1b, w2b, .. } = &m.delta else { return None };
+    let k = w1b.shape().first()?.saturating_mul(*w2b.shape().first()?);
+    let (rows, cols) = m.matrix_shape();
+    let width = rows.min(cols).min(k);
+    (width > MAX_EXACT_SVD_DIM).then_some((k, width))
+}
 
 /// up `[out, r]` and downᵀ `[in·kh·kw, r]` of a (possibly Tucker, possibly conv) LoRA.
 fn low_rank_pair(up: &TensorRef, down: &TensorRef, mid: Option<&TensorRef>) -> Result<(DMatrix<f64>, DMatrix<f64>)> {

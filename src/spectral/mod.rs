@@ -11,9 +11,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::linalg::{randomized_svd, svd_dense, svd_factors, Factors, Svd};
-use crate::load::{Adapter, BaseModel, Delta, LoraModule, ModuleKind};
+use crate::load::{Adapter, BaseModel, Delta, LoraModule, ModuleKind, TensorRef};
 use crate::named::closed_set;
 pub use delta::DeltaW;
+pub(crate) use delta::{within_abs_limit, MAX_ABS_VALUE};
 use metrics::*;
 
 #[derive(Debug, Clone)]
@@ -83,6 +84,9 @@ closed_set! {
         NeedsBase = "needs-base",
         /// Recognised algorithm whose analysis is not implemented.
         Unsupported = "unsupported",
+        /// A LoHa whose exact spectrum needs an SVD wider than `delta::MAX_EXACT_SVD_DIM`: no
+        /// spectrum, capacity from the largest rank ΔW can have.
+        RankBound = "rank-bound",
     }
 }
 
@@ -166,6 +170,28 @@ pub(crate) fn layer_of(key: &str) -> String {
     out.join(&sep.to_string())
 }
 
+/// The scale and every stored value of the module within ±`MAX_ABS_VALUE` (delta.rs), else a
+/// value error: beyond it f64 products may overflow. Tensors in `checked` (the factors the fast
+/// route already read under the same limit) are not read again.
+fn check_magnitudes(m: &LoraModule, checked: &[&TensorRef]) -> Result<()> {
+    use delta::MAX_ABS_VALUE;
+    let why = format!(
+        "beyond ±{MAX_ABS_VALUE:e} (limit MAX_ABS_VALUE), where f64 products of the values could overflow; \
+         no spectrum can be computed"
+    );
+    if !delta::within_abs_limit(m.scale) {
+        return Err(m.value_error(format!("scale {:e} is {why}", m.scale)));
+    }
+    let mut beyond = 0;
+    for t in m.tensors.iter().filter(|t| !checked.iter().any(|c| c.name == t.name)) {
+        beyond += t.float_stats(MAX_ABS_VALUE)?.beyond;
+    }
+    if beyond > 0 {
+        return Err(m.value_error(format!("{beyond} value(s) {why}")));
+    }
+    Ok(())
+}
+
 fn check_finite(m: &LoraModule, f: &Factors) -> Result<()> {
     let bad = |x: &DMatrix<f64>| x.iter().filter(|v| !v.is_finite()).count();
     fn count(f: &Factors, bad: &dyn Fn(&DMatrix<f64>) -> usize) -> usize {
@@ -177,7 +203,7 @@ fn check_finite(m: &LoraModule, f: &Factors) -> Result<()> {
     }
     let n = count(f, &bad);
     if n > 0 {
-        return Err(m.error(format!("{n} NaN/Inf value(s) in its factors; no spectrum can be computed")));
+        return Err(m.value_error(format!("{n} NaN/Inf value(s) in its factors; no spectrum can be computed")));
     }
     Ok(())
 }
@@ -230,6 +256,14 @@ fn analyse_module(m: &LoraModule, base: Option<&BaseModel>, opts: &SpectrumOptio
     let mut note = None;
     let mut truncated = false;
     let mut dense_delta: Option<DMatrix<f64>> = None;
+    let unsupported = matches!(m.delta, Delta::Unsupported { .. });
+    let fast = (!vectors && !unsupported && !m.needs_base()).then(|| m.fast_singular_values()).flatten();
+    let streamed: Vec<&TensorRef> = match (&fast, &m.delta) {
+        (Some(_), Delta::LowRank { up, down, .. }) => vec![up, down],
+        _ => vec![],
+    };
+    check_magnitudes(m, &streamed)?;
+    let beyond_exact = delta::loha_beyond_exact_svd(m);
     let (route, svd, total_energy): (Route, Option<Svd>, f64) = if let Delta::Unsupported { algo, .. } = &m.delta {
         note = Some(format!("{algo} is recognised but not analysed yet"));
         (Route::Unsupported, None, 0.0)
@@ -261,9 +295,16 @@ fn analyse_module(m: &LoraModule, base: Option<&BaseModel>, opts: &SpectrumOptio
                 (Route::NeedsBase, None, 0.0)
             }
         }
-    } else if let Some(values) = (!vectors).then(|| m.fast_singular_values()).flatten() {
+    } else if let Some(values) = fast {
         let e = values.iter().map(|x| x * x).sum();
         (Route::Factored, Some(Svd { values, u: None, v: None }), e)
+    } else if let Some((k, width)) = beyond_exact {
+        note = Some(format!(
+            "LoHa with r₁·r₂ = {k}: its exact spectrum needs an SVD of width {width}, above the limit of {} \
+             (MAX_EXACT_SVD_DIM); spectrum not computed, capacity from the rank bound {width}",
+            delta::MAX_EXACT_SVD_DIM
+        ));
+        (Route::RankBound, None, 0.0)
     } else {
         let f = m.factors()?.expect("base-free kinds have factors");
         check_finite(m, &f)?;
@@ -280,12 +321,10 @@ fn analyse_module(m: &LoraModule, base: Option<&BaseModel>, opts: &SpectrumOptio
         (route, Some(s), e)
     };
     let values = svd.as_ref().map(|s| s.values.clone()).unwrap_or_default();
-    if !total_energy.is_finite() || values.iter().any(|x| !x.is_finite()) {
-        // Finite factors whose product overflows (alpha 1e308, say): the file's values, not ours.
-        return Err(Error::Numeric(format!(
-            "ΔW = scale × factors overflows f64 (scale {:e}): its singular values are not finite",
-            m.scale
-        )));
+    if !total_energy.is_finite() || values.iter().any(|v| !v.is_finite()) {
+        return Err(
+            m.value_error("its spectrum overflowed f64 (non-finite singular values); no spectrum can be computed")
+        );
     }
     let (mut relative_fro, mut relative_spectral, mut amp, mut intruders) = (None, None, None, None);
     if let (Some(w), Some(s)) = (&w, &svd) {
@@ -310,6 +349,7 @@ fn analyse_module(m: &LoraModule, base: Option<&BaseModel>, opts: &SpectrumOptio
             Delta::Replace { .. } => rows * cols,
             _ => m.params,
         },
+        Route::RankBound => rank_k_params(beyond_exact.map_or(0, |(_, width)| width), rows, cols),
         _ => {
             let k = rank_99.unwrap_or(values.len());
             rank_k_params(k, rows, cols) + m.magnitude.as_ref().map_or(0, |g| g.tensor.numel())
@@ -359,7 +399,7 @@ pub(crate) fn analyse(
             // A numerical failure here comes from the file's values (overflow): report it as
             // bad input naming the file and the module.
             let r = analyse_module(m, base, opts).map_err(|e| match e {
-                Error::Numeric(msg) => m.error(msg),
+                Error::Numeric(msg) => m.value_error(msg),
                 other => other,
             });
             tick();
@@ -386,7 +426,8 @@ pub(crate) fn analyse(
     let effective_params: usize = modules.iter().map(|m| m.effective_params).sum();
     let capacity_bits = effective_params as f64 * opts.bits_per_param;
     let train_images = adapter.metadata.training.num_train_images.filter(|&n| n > 0);
-    let not = modules.iter().filter(|m| matches!(m.route, Route::NeedsBase | Route::Unsupported)).count();
+    let not =
+        modules.iter().filter(|m| matches!(m.route, Route::NeedsBase | Route::Unsupported | Route::RankBound)).count();
     Ok(SpectrumAnalysis {
         totals: Totals {
             params: adapter.params(),
