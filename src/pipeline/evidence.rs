@@ -112,8 +112,10 @@ pub fn build_report(
 /// Recompute the SHA-256 of every input named in `dir/report.json` (chain of custody).
 pub fn verify(dir: &Path) -> Result<Vec<Verified>> {
     let p = dir.join("report.json");
-    let text = std::fs::read_to_string(&p).map_err(|e| Error::read(&p, "cannot read", e))?;
-    let r: Report = serde_json::from_str(&text).map_err(|e| Error::read(&p, "not a lorascope report", e))?;
+    // Through load::fsguard, as every recorded path below (`sha256_file`): a FIFO or device in
+    // place of a file is an error, never a hang.
+    let text = crate::load::fsguard::read(&p, None, crate::load::fsguard::MAX_JSON_BYTES, "a report")?;
+    let r: Report = serde_json::from_slice(&text).map_err(|e| Error::read(&p, "not a lorascope report", e))?;
     Ok(r.inputs
         .iter()
         .map(|i| {
