@@ -22,6 +22,10 @@ pub enum Error {
         #[source]
         source: Source,
     },
+    /// A file lorascope would not open (load::fsguard): a symbolic link leading outside the tree
+    /// the user named, or not a regular file (FIFO, socket, device). Nothing of it was read.
+    #[error("{}: {reason}", path.display())]
+    Refused { path: PathBuf, reason: String },
     /// The adapter and the base model do not fit together.
     #[error("{}: {reason}", path.display())]
     Mismatch { path: PathBuf, reason: String },
@@ -51,6 +55,9 @@ impl Error {
     pub(crate) fn input(path: impl AsRef<Path>, reason: impl Into<String>) -> Self {
         Error::Input { path: path.as_ref().to_path_buf(), reason: reason.into() }
     }
+    pub(crate) fn refused(path: impl AsRef<Path>, reason: impl Into<String>) -> Self {
+        Error::Refused { path: path.as_ref().to_path_buf(), reason: reason.into() }
+    }
     pub(crate) fn mismatch(path: impl AsRef<Path>, reason: impl Into<String>) -> Self {
         Error::Mismatch { path: path.as_ref().to_path_buf(), reason: reason.into() }
     }
@@ -63,7 +70,12 @@ impl Error {
     pub(crate) fn is_input(&self) -> bool {
         matches!(
             self,
-            Error::Input { .. } | Error::Read { .. } | Error::Mismatch { .. } | Error::Values { .. } | Error::Usage(_)
+            Error::Input { .. }
+                | Error::Read { .. }
+                | Error::Refused { .. }
+                | Error::Mismatch { .. }
+                | Error::Values { .. }
+                | Error::Usage(_)
         )
     }
     /// The process exit code for this error: 2 bad input or usage, 3 internal.

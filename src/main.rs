@@ -481,7 +481,7 @@ fn scan(a: ScanArgs) -> lorascope::Result<ExitCode> {
     }
     let mut files = scan::discover(&paths)?;
     if let Some((i, n)) = a.shard {
-        files.retain(|p| scan::in_shard(p, i, n));
+        files.retain(|c| scan::in_shard(&c.path, i, n));
     }
     let opts = SpectrumOptions { bits_per_param: a.bits_per_param, ..Default::default() };
     opts.check()?;
@@ -503,6 +503,7 @@ fn scan(a: ScanArgs) -> lorascope::Result<ExitCode> {
         vec!["files".to_string(), sum.files.to_string()],
         vec!["read".to_string(), (sum.files - sum.errors).to_string()],
         vec!["errors".to_string(), sum.errors.to_string()],
+        vec!["of which skipped (not opened)".to_string(), sum.skipped.to_string()],
     ];
     for f in scan::Flag::ALL {
         rows.push(vec![format!("flag {f}"), sum.flags.get(f).copied().unwrap_or(0).to_string()]);

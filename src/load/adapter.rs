@@ -1,4 +1,6 @@
 //! An adapter file (or PEFT directory) read into normalised modules, optionally tied to a base.
+//! The weights file is read into memory once (through `fsguard`): its hashes and its analysis
+//! come from the same bytes (issue #14, finding 10).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
@@ -6,13 +8,34 @@ use std::sync::{Arc, OnceLock};
 use serde_json::Value;
 
 use super::base::BaseModel;
-use super::formats::{self, Format, LoraConfig};
-use super::hashes::{self, FileHashes};
+use super::formats::{self, AdapterSource, Format, LoraConfig};
+use super::fsguard::{self, Tree};
+use super::hashes::{self, FileDigest, FileHashes};
 use super::metadata::{self, Metadata};
 use super::module::{Delta, LoraModule, ModuleKind};
 use super::names::KeyResolver;
 use super::tensorfile::TensorFile;
 use crate::error::{Error, Result};
+
+/// Largest adapter file the single-file commands read into memory (16 GiB: LoRA and LyCORIS
+/// files of SDXL, Flux and 70B language models are well under it; a full-weight difference of a
+/// 12B model fits). A scan, which reads `--jobs` files at once, has its own lower limit
+/// (`scan::MAX_SCAN_ADAPTER_BYTES`).
+pub(crate) const MAX_ADAPTER_BYTES: u64 = 16 << 30;
+
+/// Read a JSON file (through `fsguard`) and the digest of the bytes parsed.
+pub(crate) fn read_json(p: &Path, tree: Option<&Tree>) -> Result<(Value, FileDigest)> {
+    let bytes = fsguard::read(p, tree, fsguard::MAX_JSON_BYTES, "a JSON file")?;
+    let v = serde_json::from_slice(&bytes).map_err(|e| Error::read(p, "invalid JSON", e))?;
+    Ok((v, FileDigest::of(&bytes)))
+}
+
+/// An adapter's files found and its weights read into memory, not yet parsed.
+pub(crate) struct AdapterRead {
+    src: AdapterSource,
+    /// The weights file's bytes (a scan keeps a handle to hash them when parsing fails).
+    pub(crate) bytes: Arc<Vec<u8>>,
+}
 
 #[derive(Debug, Clone, Default)]
 pub struct LoadOptions {
@@ -29,6 +52,8 @@ pub struct Adapter {
     pub path: PathBuf,
     pub file: Arc<TensorFile>,
     pub config_path: Option<PathBuf>,
+    /// Digest of the config bytes that were parsed into `config_json`.
+    pub(crate) config_digest: Option<FileDigest>,
     pub config_json: Option<Value>,
     pub config: Option<LoraConfig>,
     /// The naming scheme of the most modules (see `naming`).
@@ -48,18 +73,37 @@ pub struct Adapter {
 }
 
 impl Adapter {
+    /// Open an adapter the user named: a file or a PEFT directory (see `formats::locate`), its
+    /// weights read into memory (at most `MAX_ADAPTER_BYTES`).
     pub fn open(path: &Path, opts: &LoadOptions) -> Result<Self> {
-        let src = formats::locate(path)?;
-        let file = Arc::new(TensorFile::open_with(&src.weights, true)?);
-        let config_json = match &src.config {
-            Some(p) => {
-                let s = std::fs::read_to_string(p).map_err(|e| Error::input(p, format!("cannot read: {e}")))?;
-                Some(serde_json::from_str::<Value>(&s).map_err(|e| Error::input(p, format!("invalid JSON: {e}")))?)
+        Self::parse_read(path, Self::read(path, None, MAX_ADAPTER_BYTES)?, opts)
+    }
+
+    /// Find the adapter's files (`tree`: `None` when the user named `path`, else the tree a scan
+    /// found it under) and read its weights file, at most `limit` bytes.
+    pub(crate) fn read(path: &Path, tree: Option<&Tree>, limit: u64) -> Result<AdapterRead> {
+        let src = formats::locate(path, tree)?;
+        let w = &src.weights;
+        super::tensorfile::refuse_pickle(w)?;
+        let bytes = Arc::new(fsguard::read(w, src.weights_tree.as_ref(), limit, "an adapter read into memory")?);
+        Ok(AdapterRead { src, bytes })
+    }
+
+    /// Parse what [`Adapter::read`] read; `path` is what the user or the scan named.
+    pub(crate) fn parse_read(path: &Path, read: AdapterRead, opts: &LoadOptions) -> Result<Self> {
+        let AdapterRead { src, bytes } = read;
+        let file = Arc::new(TensorFile::from_shared(&src.weights, bytes)?);
+        let (config_json, config_digest) = match &src.config {
+            Some((p, tree)) => {
+                let (v, d) = read_json(p, Some(tree))?;
+                (Some(v), Some(d))
             }
-            None => None,
+            None => (None, None),
         };
-        let mut a = Self::from_file(file, src.config.zip(config_json), opts)?;
+        let config = src.config.as_ref().map(|(p, _)| p.clone()).zip(config_json);
+        let mut a = Self::from_file(file, config, opts)?;
         a.path = path.to_path_buf();
+        a.config_digest = config_digest;
         Ok(a)
     }
 
@@ -80,6 +124,7 @@ impl Adapter {
             path: file.path.clone(),
             file,
             config_path,
+            config_digest: None,
             config_json,
             config: parsed.config,
             format: parsed.format,

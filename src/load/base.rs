@@ -1,20 +1,30 @@
 //! Base model weights: a safetensors file, a Hugging Face directory (sharded or not), a
 //! diffusers pipeline directory, or a GGUF file (dequantised on demand, names mapped to
 //! Hugging Face names, llama.cpp's q/k row permutation undone).
+//!
+//! Every file is opened through `fsguard` (a directory's files must stay inside it). Each file
+//! is recorded with the digest of the bytes lorascope reads: JSON and tokenizer.json are read
+//! into memory and parsed from those bytes; safetensors files are memory-mapped and hashed
+//! before their header is parsed; a GGUF file is hashed through the descriptor its tensors are
+//! later read from. After an analysis, `check_unchanged` hashes the mapped and GGUF bytes again
+//! and refuses a file that changed (issue #14, finding 10).
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::BufReader;
+use std::io::{BufReader, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use candle_core::quantized::gguf_file;
 use candle_core::Device;
 use nalgebra::DMatrix;
 use serde_json::Value;
 
+use super::adapter::read_json;
+use super::fsguard::{self, is_entry, Tree, MAX_JSON_BYTES};
+use super::hashes::{sha256_stream, FileDigest};
 use super::names::gguf_to_hf;
-use super::tensorfile::{dtype_name, refuse_pickle, TensorFile};
+use super::tensorfile::{changed, dtype_name, refuse_pickle, TensorFile};
 use crate::error::{Error, Result};
 
 crate::named::closed_set! {
@@ -47,15 +57,29 @@ pub struct BaseEntry {
     source: Source,
 }
 
+/// A GGUF base: its parsed header, and the descriptor its tensors are read through (one reader
+/// at a time: they share the file offset).
+struct Gguf {
+    path: PathBuf,
+    content: gguf_file::Content,
+    file: Mutex<File>,
+    digest: FileDigest,
+}
+
 pub struct BaseModel {
     pub path: PathBuf,
     pub kind: BaseKind,
     /// Every file the weights were read from (for hashes).
     pub files: Vec<PathBuf>,
+    /// The digest of each of `files` (same order), of the bytes lorascope read.
+    pub(crate) digests: Vec<FileDigest>,
     pub entries: BTreeMap<String, BaseEntry>,
     st_files: Vec<Arc<TensorFile>>,
-    gguf: Option<(PathBuf, gguf_file::Content)>,
+    gguf: Option<Gguf>,
     pub config: Option<Value>,
+    /// tokenizer.json of a Hugging Face directory, read with the other files (the model runtime
+    /// builds its tokenizer from these bytes, the recorded hash is theirs).
+    tokenizer_json: Option<(PathBuf, Vec<u8>)>,
 }
 
 impl std::fmt::Debug for BaseModel {
@@ -65,22 +89,26 @@ impl std::fmt::Debug for BaseModel {
 }
 
 impl BaseModel {
+    /// Open a base model the user named: a safetensors or GGUF file (it may be a link), or a
+    /// directory whose files must stay inside it (a Hugging Face cache snapshot is one tree with
+    /// its repository folder).
     pub fn open(path: &Path) -> Result<Self> {
         if !path.exists() {
             return Err(Error::input(path, "base model: no such file or directory"));
         }
         if path.is_dir() {
-            if path.join("model_index.json").is_file() {
-                return Self::open_pipeline(path);
+            let tree = Tree::named(path, "the base model directory")?;
+            if is_entry(&path.join("model_index.json")) {
+                return Self::open_pipeline(path, &tree);
             }
-            return Self::open_hf_dir(path);
+            return Self::open_hf_dir(path, &tree);
         }
         refuse_pickle(path)?;
         match path.extension().and_then(|e| e.to_str()) {
             Some("gguf") => Self::open_gguf(path),
             _ => {
                 let mut b = Self::empty(path, BaseKind::Safetensors);
-                b.add_st(path, "")?;
+                b.add_st(path, None, "")?;
                 Ok(b)
             }
         }
@@ -91,15 +119,22 @@ impl BaseModel {
             path: path.to_path_buf(),
             kind,
             files: vec![],
+            digests: vec![],
             entries: BTreeMap::new(),
             st_files: vec![],
             gguf: None,
             config: None,
+            tokenizer_json: None,
         }
     }
 
-    fn add_st(&mut self, file: &Path, prefix: &str) -> Result<()> {
-        let tf = Arc::new(TensorFile::open(file)?);
+    fn record(&mut self, file: &Path, digest: FileDigest) {
+        self.files.push(file.to_path_buf());
+        self.digests.push(digest);
+    }
+
+    fn add_st(&mut self, file: &Path, tree: Option<&Tree>, prefix: &str) -> Result<()> {
+        let tf = Arc::new(TensorFile::map(file, tree)?);
         let idx = self.st_files.len();
         for (name, e) in &tf.tensors {
             self.entries.insert(
@@ -111,22 +146,24 @@ impl BaseModel {
                 },
             );
         }
-        self.files.push(file.to_path_buf());
+        let digest = tf.mapped_digest().cloned().ok_or_else(|| Error::Internal("base file not mapped".into()))?;
+        self.record(file, digest);
         self.st_files.push(tf);
         Ok(())
     }
 
-    fn open_hf_dir(dir: &Path) -> Result<Self> {
+    fn open_hf_dir(dir: &Path, tree: &Tree) -> Result<Self> {
         let mut b = Self::empty(dir, BaseKind::HfDirectory);
         let cfg = dir.join("config.json");
-        if cfg.is_file() {
-            b.config = Some(read_json(&cfg)?);
-            b.files.push(cfg);
+        if is_entry(&cfg) {
+            let (v, d) = read_json(&cfg, Some(tree))?;
+            b.config = Some(v);
+            b.record(&cfg, d);
         }
         let index = dir.join("model.safetensors.index.json");
         let single = dir.join("model.safetensors");
-        if index.is_file() {
-            let v = read_json(&index)?;
+        if is_entry(&index) {
+            let (v, d) = read_json(&index, Some(tree))?;
             let map = v
                 .get("weight_map")
                 .and_then(Value::as_object)
@@ -134,44 +171,48 @@ impl BaseModel {
             let mut shards: Vec<&str> = map.values().filter_map(Value::as_str).collect();
             shards.sort();
             shards.dedup();
-            b.files.push(index.clone());
+            b.record(&index, d);
             for s in shards {
                 if s.contains('/') || s.contains('\\') || s.contains("..") {
                     return Err(Error::input(&index, format!("shard name {s:?} leaves the model directory")));
                 }
                 let p = dir.join(s);
-                if !p.is_file() {
+                if !is_entry(&p) {
                     return Err(Error::input(&index, format!("shard {s} named in the index is missing")));
                 }
-                b.add_st(&p, "")?;
+                b.add_st(&p, Some(tree), "")?;
             }
-        } else if single.is_file() {
-            b.add_st(&single, "")?;
+        } else if is_entry(&single) {
+            b.add_st(&single, Some(tree), "")?;
         } else {
             for pickle in ["pytorch_model.bin", "model.ckpt"] {
-                if dir.join(pickle).is_file() {
+                if is_entry(&dir.join(pickle)) {
                     refuse_pickle(&dir.join(pickle))?;
                 }
             }
             return Err(Error::input(dir, "base directory has no model.safetensors or model.safetensors.index.json"));
         }
         let tok = dir.join("tokenizer.json");
-        if tok.is_file() {
-            b.files.push(tok);
+        if is_entry(&tok) {
+            let bytes = fsguard::read(&tok, Some(tree), MAX_JSON_BYTES, "a JSON file")?;
+            b.record(&tok, FileDigest::of(&bytes));
+            b.tokenizer_json = Some((tok, bytes));
         }
         Ok(b)
     }
 
     /// A diffusers pipeline: weights of each component under its folder, keys prefixed with
     /// the component name (`unet.`, `text_encoder.`, `text_encoder_2.`, `transformer.`).
-    fn open_pipeline(dir: &Path) -> Result<Self> {
+    fn open_pipeline(dir: &Path, tree: &Tree) -> Result<Self> {
         let mut b = Self::empty(dir, BaseKind::DiffusersPipeline);
-        b.files.push(dir.join("model_index.json"));
+        let index = dir.join("model_index.json");
+        let bytes = fsguard::read(&index, Some(tree), MAX_JSON_BYTES, "a JSON file")?;
+        b.record(&index, FileDigest::of(&bytes));
         for comp in ["unet", "text_encoder", "text_encoder_2", "transformer"] {
             let d = dir.join(comp);
             for f in ["diffusion_pytorch_model.safetensors", "model.safetensors"] {
-                if d.join(f).is_file() {
-                    b.add_st(&d.join(f), &format!("{comp}."))?;
+                if is_entry(&d.join(f)) {
+                    b.add_st(&d.join(f), Some(tree), &format!("{comp}."))?;
                 }
             }
         }
@@ -182,9 +223,14 @@ impl BaseModel {
     }
 
     fn open_gguf(path: &Path) -> Result<Self> {
-        super::gguf_check::check_gguf_header(path)?;
-        let f = File::open(path).map_err(|e| Error::read(path, "cannot open", e))?;
-        let mut r = BufReader::new(f);
+        let o = fsguard::open(path, None)?;
+        // Hashed through the descriptor before the header is parsed from it.
+        let digest = sha256_stream(&o.file, path)?;
+        // The header's sizes are checked before candle's reader trusts them.
+        (&o.file).seek(SeekFrom::Start(0)).map_err(|e| Error::read(path, "cannot seek", e))?;
+        super::gguf_check::check_gguf_header(path, &o.file)?;
+        (&o.file).seek(SeekFrom::Start(0)).map_err(|e| Error::read(path, "cannot seek", e))?;
+        let mut r = BufReader::new(&o.file);
         let content = gguf_file::Content::read(&mut r).map_err(|e| Error::read(path, "invalid GGUF", e))?;
         let arch = content
             .metadata
@@ -201,7 +247,7 @@ impl BaseModel {
         let heads = meta_usize("attention.head_count");
         let kv_heads = meta_usize("attention.head_count_kv").or(heads);
         let mut b = Self::empty(path, BaseKind::Gguf);
-        let file_bits = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0).saturating_mul(8);
+        let file_bits = digest.bytes.saturating_mul(8);
         for (name, info) in &content.tensor_infos {
             // candle's reader trusts the declared shape: a zero dimension makes it build a slice
             // from a dangling pointer, and no real tensor stores under one bit per value.
@@ -230,9 +276,33 @@ impl BaseModel {
                 },
             );
         }
-        b.files.push(path.to_path_buf());
-        b.gguf = Some((path.to_path_buf(), content));
+        b.record(path, digest.clone());
+        b.gguf = Some(Gguf { path: path.to_path_buf(), content, file: Mutex::new(o.file), digest });
         Ok(b)
+    }
+
+    /// Hash the memory-mapped and GGUF files again and refuse any that changed since they were
+    /// opened (the numbers computed from them would not belong to the recorded hashes). Called
+    /// at the end of every command that uses a base. A change undone before this check is not
+    /// seen (docs/security.md).
+    pub(crate) fn check_unchanged(&self) -> Result<()> {
+        for f in &self.st_files {
+            f.recheck()?;
+        }
+        if let Some(g) = &self.gguf {
+            let file = g.file.lock().map_err(|_| Error::Internal("GGUF reader lock poisoned".into()))?;
+            (&*file).seek(SeekFrom::Start(0)).map_err(|e| Error::read(&g.path, "cannot seek", e))?;
+            let now = sha256_stream(&*file, &g.path)?;
+            if now != g.digest {
+                return Err(changed(&g.path, &g.digest.sha256, &now.sha256));
+            }
+        }
+        Ok(())
+    }
+
+    /// tokenizer.json of a Hugging Face directory: its path and the bytes read at open.
+    pub(crate) fn tokenizer_json(&self) -> Option<(&Path, &[u8])> {
+        self.tokenizer_json.as_ref().map(|(p, b)| (p.as_path(), b.as_slice()))
     }
 
     pub fn keys(&self) -> impl Iterator<Item = &str> + Clone {
@@ -250,7 +320,7 @@ impl BaseModel {
 
     /// The parsed GGUF header (metadata and tensor index) when the base is a GGUF file.
     pub(crate) fn gguf(&self) -> Option<&gguf_file::Content> {
-        self.gguf.as_ref().map(|(_, c)| c)
+        self.gguf.as_ref().map(|g| &g.content)
     }
 
     fn entry(&self, key: &str) -> Result<&BaseEntry> {
@@ -283,10 +353,13 @@ impl BaseModel {
     /// Dequantise a GGUF tensor, undoing the q/k row permutation.
     fn gguf_values(&self, e: &BaseEntry) -> Result<Vec<f32>> {
         let Source::Gguf { name, heads } = &e.source else { unreachable!("gguf entry") };
-        let (path, content) = self.gguf.as_ref().expect("gguf source");
-        let mut r = BufReader::new(File::open(path).map_err(|e| Error::read(path, "cannot open", e))?);
-        let q =
-            content.tensor(&mut r, name, &Device::Cpu).map_err(|e| Error::read(path, format!("tensor {name}"), e))?;
+        let g = self.gguf.as_ref().expect("gguf source");
+        let (path, content) = (&g.path, &g.content);
+        let q = {
+            let file = g.file.lock().map_err(|_| Error::Internal("GGUF reader lock poisoned".into()))?;
+            let mut r = BufReader::new(&*file);
+            content.tensor(&mut r, name, &Device::Cpu).map_err(|e| Error::read(path, format!("tensor {name}"), e))?
+        };
         let v = q
             .dequantize(&Device::Cpu)
             .and_then(|t| t.flatten_all())
@@ -304,11 +377,6 @@ impl BaseModel {
 
 fn matrix_dims(shape: &[usize]) -> (usize, usize) {
     (shape.first().copied().unwrap_or(1), shape.iter().skip(1).product())
-}
-
-fn read_json(p: &Path) -> Result<Value> {
-    let s = std::fs::read_to_string(p).map_err(|e| Error::read(p, "cannot read", e))?;
-    serde_json::from_str(&s).map_err(|e| Error::read(p, "invalid JSON", e))
 }
 
 /// Undo llama.cpp's `permute(w, n_head)` (convert_hf_to_gguf.py), which interleaves the two

@@ -18,6 +18,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::Value;
 
+use super::fsguard::{is_entry, Tree};
 use super::module::{Delta, KronPart, LoraModule, Magnitude, ModuleKind, NormAxis};
 use super::patterns::{self, PatternWork, Patterns, MAX_PATTERN_KEYS};
 use super::tensor::TensorRef;
@@ -174,26 +175,41 @@ fn too_many_keys(n: usize) -> String {
     format!("rank_pattern and alpha_pattern hold {n} keys (limit MAX_PATTERN_KEYS = {MAX_PATTERN_KEYS})")
 }
 
-/// Where an adapter lives: its tensor file and, for PEFT, its config.
+/// Where an adapter lives: its tensor file and, for PEFT, its config, each with the tree it
+/// must stay inside (`weights_tree` is `None` when the user named the weights file itself).
 pub(crate) struct AdapterSource {
     pub weights: PathBuf,
-    pub config: Option<PathBuf>,
+    pub weights_tree: Option<Tree>,
+    pub config: Option<(PathBuf, Tree)>,
 }
 
 /// A PEFT directory, or a single `.safetensors` file (with `adapter_config.json` beside it when
-/// the file is a PEFT `adapter_model.safetensors`).
-pub(crate) fn locate(path: &Path) -> Result<AdapterSource> {
-    if !path.exists() {
-        return Err(Error::input(path, "no such file or directory"));
+/// the file is a PEFT `adapter_model.safetensors`). `tree` is `None` when the user named `path`
+/// (it may be a link; a directory is then its own tree), or the tree a scan found it under
+/// (`path` must resolve inside it). Entries are taken whatever their type, so that a weights
+/// file that is a link out or a FIFO is refused when opened, not passed over.
+pub(crate) fn locate(path: &Path, tree: Option<&Tree>) -> Result<AdapterSource> {
+    const WHAT: &str = "the adapter directory";
+    match tree {
+        Some(t) => {
+            t.resolve(path)?;
+        }
+        None if !path.exists() => return Err(Error::input(path, "no such file or directory")),
+        None => {}
     }
     if path.is_dir() {
+        let tree = match tree {
+            Some(t) => t.clone(),
+            None => Tree::named(path, WHAT)?,
+        };
         let w = path.join("adapter_model.safetensors");
         let cfg = path.join("adapter_config.json");
-        if w.is_file() {
-            return Ok(AdapterSource { weights: w, config: cfg.is_file().then_some(cfg) });
+        let config = is_entry(&cfg).then(|| (cfg, tree.clone()));
+        if is_entry(&w) {
+            return Ok(AdapterSource { weights: w, weights_tree: Some(tree), config });
         }
         for pickle in ["adapter_model.bin", "adapter_model.pt"] {
-            if path.join(pickle).is_file() {
+            if is_entry(&path.join(pickle)) {
                 refuse_pickle(&path.join(pickle))?;
             }
         }
@@ -204,7 +220,7 @@ pub(crate) fn locate(path: &Path) -> Result<AdapterSource> {
             .collect();
         st.sort();
         return match st.len() {
-            1 => Ok(AdapterSource { weights: st.remove(0), config: cfg.is_file().then_some(cfg) }),
+            1 => Ok(AdapterSource { weights: st.remove(0), weights_tree: Some(tree), config }),
             0 => Err(Error::input(
                 path,
                 "directory has no adapter in it (no adapter_model.safetensors or other .safetensors file)",
@@ -213,10 +229,17 @@ pub(crate) fn locate(path: &Path) -> Result<AdapterSource> {
         };
     }
     refuse_pickle(path)?;
-    let config = (path.file_name().is_some_and(|f| f == "adapter_model.safetensors"))
-        .then(|| path.with_file_name("adapter_config.json"))
-        .filter(|p| p.is_file());
-    Ok(AdapterSource { weights: path.to_path_buf(), config })
+    let cfg = path.with_file_name("adapter_config.json");
+    let config = if path.file_name().is_some_and(|f| f == "adapter_model.safetensors") && is_entry(&cfg) {
+        let t = match tree {
+            Some(t) => t.clone(),
+            None => Tree::around(path, WHAT)?,
+        };
+        Some((cfg, t))
+    } else {
+        None
+    };
+    Ok(AdapterSource { weights: path.to_path_buf(), weights_tree: tree.cloned(), config })
 }
 
 const KOHYA_ROLES: &[(&str, &str)] = &[

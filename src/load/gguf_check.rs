@@ -165,10 +165,10 @@ impl<R: Read> Walk<R> {
 
 /// Check `path`'s GGUF header before candle reads it; the error names the file and what is
 /// impossible about the header.
-pub(crate) fn check_gguf_header(path: &Path) -> Result<()> {
-    let f = std::fs::File::open(path).map_err(|e| Error::read(path, "cannot open", e))?;
-    let size = f.metadata().map_err(|e| Error::read(path, "cannot stat", e))?.len();
-    let mut w = Walk { r: std::io::BufReader::new(f), left: size, v1: false };
+/// `file` is the opened file, read from its current position (the start).
+pub(crate) fn check_gguf_header(path: &Path, file: &std::fs::File) -> Result<()> {
+    let size = file.metadata().map_err(|e| Error::read(path, "cannot stat", e))?.len();
+    let mut w = Walk { r: std::io::BufReader::new(file), left: size, v1: false };
     w.header().map_err(|m| Error::input(path, format!("malformed GGUF header: {m}")))
 }
 

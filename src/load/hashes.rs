@@ -1,8 +1,8 @@
 //! File hashes a court or a hub can check: SHA-256 of the whole file, Civitai's AutoV1/AutoV2,
 //! and sd-scripts' `sshs_model_hash` (SHA-256 of the tensor data, ignoring the header so that
-//! metadata edits do not change it).
+//! metadata edits do not change it). Recorded inputs carry a `FileDigest` of the very bytes
+//! that were parsed (issue #14, finding 10).
 
-use std::fs::File;
 use std::io::Read;
 use std::path::Path;
 
@@ -19,9 +19,30 @@ pub(crate) fn sha256_bytes(bytes: &[u8]) -> String {
     hex(&Sha256::digest(bytes))
 }
 
-/// Streamed SHA-256 of a file of any size (1 MiB reads).
+/// SHA-256 and size of bytes that were read: what a report records for an input file, computed
+/// from the same read that was parsed, so that the record describes what was analysed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileDigest {
+    pub sha256: String,
+    pub bytes: u64,
+}
+
+impl FileDigest {
+    pub(crate) fn of(bytes: &[u8]) -> Self {
+        FileDigest { sha256: sha256_bytes(bytes), bytes: bytes.len() as u64 }
+    }
+}
+
+/// Streamed SHA-256 of a file of any size (1 MiB reads), opened through `fsguard` (a regular
+/// file only: a FIFO or device in its place is an error, never a hang).
 pub(crate) fn sha256_file(path: &Path) -> Result<(String, u64)> {
-    let mut f = File::open(path).map_err(|e| Error::read(path, "cannot open", e))?;
+    let o = super::fsguard::open(path, None)?;
+    let d = sha256_stream(&o.file, path)?;
+    Ok((d.sha256, d.bytes))
+}
+
+/// Streamed SHA-256 of everything `f` yields; `path` names it in errors.
+pub(crate) fn sha256_stream(mut f: impl Read, path: &Path) -> Result<FileDigest> {
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut total = 0u64;
@@ -33,7 +54,7 @@ pub(crate) fn sha256_file(path: &Path) -> Result<(String, u64)> {
         total += n as u64;
         h.update(&buf[..n]);
     }
-    Ok((hex(&h.finalize()), total))
+    Ok(FileDigest { sha256: hex(&h.finalize()), bytes: total })
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

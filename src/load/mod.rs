@@ -1,8 +1,10 @@
-//! Loading: safetensors and GGUF reading, adapter formats, name mapping to base modules.
+//! Loading: safe opening of every input file (fsguard), safetensors and GGUF reading, adapter
+//! formats, name mapping to base modules.
 
 mod adapter;
 pub mod base;
 mod formats;
+pub(crate) mod fsguard;
 mod gguf_check;
 pub(crate) mod hashes;
 pub(crate) mod metadata;
@@ -17,6 +19,8 @@ pub(crate) mod write;
 pub use adapter::{Adapter, LoadOptions};
 pub use base::{BaseKind, BaseModel};
 pub use formats::{detect_format, Format, LoraConfig};
+pub use fsguard::Tree;
+pub use hashes::FileDigest;
 pub use module::{Delta, KronPart, LoraModule, Magnitude, ModuleKind, NormAxis};
 pub use tensor::TensorRef;
 pub use tensorfile::TensorFile;

@@ -1,20 +1,26 @@
-//! A memory-mapped safetensors file: header parsed and validated by the `safetensors` crate,
-//! tensors read on demand and converted to f64.
+//! A safetensors file: header parsed and validated by the `safetensors` crate, tensors read on
+//! demand and converted to f64. Adapters are read into memory (`from_shared`): their
+//! hashes and their analysis share one copy of the bytes, and a file truncated under a scan
+//! cannot raise SIGBUS. Base models are memory-mapped (`map`): copying gigabytes is not an
+//! option, so the mapped bytes are hashed before the header is parsed and again after the
+//! analysis (`recheck`), and a change in between is refused (issue #14, findings 6 and 10).
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensorError, SafeTensors};
 
+use super::fsguard::{self, Tree};
+use super::hashes::FileDigest;
 use crate::error::{Error, Result};
 
 /// Header limit we accept (the crate allows 100 MB; real adapters have headers of a few MB).
 pub(crate) const MAX_HEADER_BYTES: usize = 100_000_000;
 /// Most tensors we accept in one file (real adapters have thousands).
 pub(crate) const MAX_TENSORS: usize = 200_000;
-/// Largest file we read (64 GiB: full fine-tunes of 30B models fit; adapters are far smaller).
+/// Largest file we map (64 GiB: full fine-tunes of 30B models fit; adapters are far smaller).
 pub(crate) const MAX_FILE_BYTES: u64 = 64 << 30;
 
 #[derive(Debug, Clone)]
@@ -32,12 +38,11 @@ impl TensorEntry {
     }
 }
 
-/// The file's bytes: memory-mapped from disk, or owned (parsed from memory).
+/// The file's bytes: memory-mapped from disk, or read into memory (shared with a scan, which
+/// hashes them when the file turns out not to be an adapter).
 enum Storage {
     Map(Mmap),
-    /// In-memory bytes (the fuzz entry points).
-    #[cfg_attr(not(feature = "fuzzing"), allow(dead_code))]
-    Owned(Vec<u8>),
+    Owned(Arc<Vec<u8>>),
 }
 
 impl std::ops::Deref for Storage {
@@ -53,6 +58,8 @@ impl std::ops::Deref for Storage {
 pub struct TensorFile {
     pub path: PathBuf,
     mmap: Storage,
+    /// SHA-256 of the mapped bytes, taken before the header was parsed (mapped files only).
+    mapped: Option<FileDigest>,
     header_len: usize,
     pub tensors: BTreeMap<String, TensorEntry>,
     pub metadata: BTreeMap<String, String>,
@@ -81,33 +88,60 @@ pub(crate) fn refuse_pickle(path: &Path) -> Result<()> {
 }
 
 impl TensorFile {
+    /// Memory-map a file the user named (see [`TensorFile::map`]).
     pub fn open(path: &Path) -> Result<Self> {
-        Self::open_with(path, false)
+        Self::map(path, None)
     }
 
-    /// Open, prefaulting the whole map when `populate` (an adapter that will be read whole: one
-    /// bulk fault instead of one per page).
-    pub(crate) fn open_with(path: &Path, populate: bool) -> Result<Self> {
+    /// Memory-map `path` (opened through `fsguard`: a regular file, inside `tree` when given),
+    /// hash the mapped bytes, then parse the header from them.
+    pub(crate) fn map(path: &Path, tree: Option<&Tree>) -> Result<Self> {
         refuse_pickle(path)?;
-        let file = File::open(path).map_err(|e| Error::read(path, "cannot open", e))?;
-        let size = file.metadata().map_err(|e| Error::read(path, "cannot stat", e))?.len();
+        let o = fsguard::open(path, tree)?;
         // Checked before mapping: an empty file cannot be mapped.
-        check_length(path, size)?;
-        // SAFETY: the map is read-only; a file changed underneath us would give wrong numbers,
-        // not memory unsafety beyond what every mmap-based loader (safetensors, candle) accepts.
-        let mut opts = memmap2::MmapOptions::new();
-        if populate {
-            opts.populate();
+        check_length(path, o.len)?;
+        if o.len > MAX_FILE_BYTES {
+            return Err(Error::input(path, format!("{} bytes, more than the {MAX_FILE_BYTES}-byte limit", o.len)));
         }
-        let mmap = unsafe { opts.map(&file) }.map_err(|e| Error::read(path, "cannot memory-map", e))?;
-        Self::parse(path, Storage::Map(mmap))
+        // SAFETY: the map is read-only. A file changed underneath gives bytes that differ from
+        // those hashed here, which `recheck` refuses; a file truncated underneath raises SIGBUS
+        // (base models only: adapters are read into memory).
+        let mmap = unsafe { memmap2::MmapOptions::new().map(&o.file) }
+            .map_err(|e| Error::read(path, "cannot memory-map", e))?;
+        let digest = FileDigest::of(&mmap);
+        let mut tf = Self::parse(path, Storage::Map(mmap))?;
+        tf.mapped = Some(digest);
+        Ok(tf)
     }
 
     /// Parse a safetensors file held in memory (fuzzing, tests); `path` names it in errors.
     #[cfg_attr(not(feature = "fuzzing"), allow(dead_code))]
     pub(crate) fn from_bytes(path: &Path, bytes: Vec<u8>) -> Result<Self> {
+        Self::from_shared(path, Arc::new(bytes))
+    }
+
+    /// Parse bytes already read (the caller may keep a handle on them).
+    pub(crate) fn from_shared(path: &Path, bytes: Arc<Vec<u8>>) -> Result<Self> {
         check_length(path, bytes.len() as u64)?;
         Self::parse(path, Storage::Owned(bytes))
+    }
+
+    /// The SHA-256 of a memory-mapped file's bytes as they were when it was opened (`None` for
+    /// bytes in memory, which cannot change).
+    pub(crate) fn mapped_digest(&self) -> Option<&FileDigest> {
+        self.mapped.as_ref()
+    }
+
+    /// For a memory-mapped file: hash the mapped bytes again and refuse if they differ from the
+    /// hash taken when it was opened (the file was changed while lorascope read it). A change
+    /// that is undone before this check is not seen (docs/security.md).
+    pub(crate) fn recheck(&self) -> Result<()> {
+        let Some(before) = &self.mapped else { return Ok(()) };
+        let now = FileDigest::of(&self.mmap);
+        if now != *before {
+            return Err(changed(&self.path, &before.sha256, &now.sha256));
+        }
+        Ok(())
     }
 
     fn parse(path: &Path, data: Storage) -> Result<Self> {
@@ -164,7 +198,7 @@ impl TensorFile {
             .as_ref()
             .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
             .unwrap_or_default();
-        Ok(TensorFile { path: path.to_path_buf(), mmap: data, header_len, tensors, metadata })
+        Ok(TensorFile { path: path.to_path_buf(), mmap: data, mapped: None, header_len, tensors, metadata })
     }
 
     pub(crate) fn bytes(&self) -> &[u8] {
@@ -191,6 +225,17 @@ impl TensorFile {
         decode_f64(self.raw(name)?, e.dtype)
             .ok_or_else(|| Error::input(&self.path, format!("tensor {name} has dtype {:?}, not a float type", e.dtype)))
     }
+}
+
+/// A file whose bytes changed between the hash taken when it was opened and the one after.
+pub(crate) fn changed(path: &Path, before: &str, after: &str) -> Error {
+    Error::input(
+        path,
+        format!(
+            "changed while lorascope read it (SHA-256 {before} when opened, {after} after the analysis); \
+             the results were discarded: run again on a file that is not being written"
+        ),
+    )
 }
 
 /// A safetensors file holds at least its 8-byte header length.

@@ -55,11 +55,10 @@ impl TextModel {
                 let json = base.config.as_ref().ok_or_else(|| {
                     Error::input(&base.path, "a text-model base directory needs config.json to run the model")
                 })?;
-                let tok = base.path.join("tokenizer.json");
-                if !tok.is_file() {
+                let Some((tok, bytes)) = base.tokenizer_json() else {
                     return Err(Error::input(&base.path, "a text-model base directory needs tokenizer.json"));
-                }
-                (LlamaConfig::from_hf_json(&cfg_path, json)?, TextTokenizer::from_file(&tok)?)
+                };
+                (LlamaConfig::from_hf_json(&cfg_path, json)?, TextTokenizer::from_json_bytes(tok, bytes)?)
             }
             BaseKind::Gguf => {
                 let c = base.gguf().expect("GGUF base has its header");
@@ -91,7 +90,7 @@ impl TextModel {
 /// between text and image probes).
 pub(crate) fn is_text_base(base: &BaseModel) -> bool {
     match base.kind {
-        BaseKind::HfDirectory => base.path.join("tokenizer.json").is_file() && base.config.is_some(),
+        BaseKind::HfDirectory => base.tokenizer_json().is_some() && base.config.is_some(),
         BaseKind::Gguf => true,
         _ => false,
     }

@@ -32,9 +32,11 @@ impl TextTokenizer {
         TextTokenizer { inner, source: source.to_path_buf() }
     }
 
-    pub(crate) fn from_file(path: &Path) -> Result<Self> {
+    /// From the bytes of a tokenizer.json (read by `load::BaseModel` with the other base files);
+    /// `path` names it.
+    pub(crate) fn from_json_bytes(path: &Path, bytes: &[u8]) -> Result<Self> {
         let inner =
-            Tokenizer::from_file(path).map_err(|e| Error::input(path, format!("invalid tokenizer.json: {e}")))?;
+            Tokenizer::from_bytes(bytes).map_err(|e| Error::input(path, format!("invalid tokenizer.json: {e}")))?;
         Ok(Self::new(inner, path))
     }
 

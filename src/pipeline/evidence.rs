@@ -149,7 +149,10 @@ fn check_report_file(dir: &Path, name: &str, manifest: &BTreeMap<String, String>
 /// written, not who wrote it (docs/security.md); `--rerun` reproduces the findings themselves.
 pub fn verify(dir: &Path) -> Result<Verification> {
     let p = dir.join("report.json");
-    let text = std::fs::read_to_string(&p).map_err(|e| Error::read(&p, "cannot read", e))?;
+    // Through load::fsguard, as every recorded path below (`sha256_file`): a FIFO or device in
+    // place of a file is an error, never a hang.
+    let bytes = crate::load::fsguard::read(&p, None, crate::load::fsguard::MAX_JSON_BYTES, "a report")?;
+    let text = String::from_utf8(bytes).map_err(|e| Error::read(&p, "not a lorascope report", e))?;
     let r: Report = serde_json::from_str(&text).map_err(|e| Error::read(&p, "not a lorascope report", e))?;
     if !r.inputs.iter().any(|i| i.role == InputRole::Adapter) {
         return Err(Error::input(

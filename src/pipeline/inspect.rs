@@ -2,18 +2,25 @@
 //! warnings about odd settings, and every input file with its SHA-256.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 
 use rayon::prelude::*;
 
 use crate::error::Result;
-use crate::load::hashes::sha256_file;
-use crate::load::{Adapter, BaseModel, Delta, KronPart, LoraModule, TensorRef};
+use crate::load::{Adapter, BaseModel, Delta, FileDigest, KronPart, LoraModule, TensorRef};
 use crate::report::{
     path_string, tool, AdapterInfo, BaseInfo, InputFile, InputRole, InspectReport, ModuleRow, SCHEMA_VERSION,
 };
 use crate::spectral::{within_abs_limit, MAX_ABS_VALUE};
 
-/// Every input file with its SHA-256. The adapter's hash was computed when it was opened.
+/// The record of an input file: its path and the digest of the bytes that were read from it.
+pub(crate) fn recorded(role: InputRole, path: &Path, d: &FileDigest) -> InputFile {
+    InputFile { role, path: path_string(path), bytes: d.bytes, sha256: d.sha256.clone() }
+}
+
+/// Every input file with its SHA-256, each of the bytes that were read and analysed (the
+/// adapter's from its bytes in memory, the config's and the base's from when they were opened);
+/// nothing is read again here.
 pub fn input_files(adapter: &Adapter, base: Option<&BaseModel>) -> Result<Vec<InputFile>> {
     let mut inputs = vec![InputFile {
         role: InputRole::Adapter,
@@ -21,15 +28,11 @@ pub fn input_files(adapter: &Adapter, base: Option<&BaseModel>) -> Result<Vec<In
         bytes: adapter.file.bytes().len() as u64,
         sha256: adapter.hashes().sha256.clone(),
     }];
-    if let Some(c) = &adapter.config_path {
-        let (sha256, bytes) = sha256_file(c)?;
-        inputs.push(InputFile { role: InputRole::AdapterConfig, path: path_string(c), bytes, sha256 });
+    if let (Some(c), Some(d)) = (&adapter.config_path, &adapter.config_digest) {
+        inputs.push(recorded(InputRole::AdapterConfig, c, d));
     }
     if let Some(b) = base {
-        for f in &b.files {
-            let (sha256, bytes) = sha256_file(f)?;
-            inputs.push(InputFile { role: InputRole::Base, path: path_string(f), bytes, sha256 });
-        }
+        inputs.extend(b.files.iter().zip(&b.digests).map(|(f, d)| recorded(InputRole::Base, f, d)));
     }
     Ok(inputs)
 }
@@ -94,7 +97,12 @@ fn row(m: &LoraModule, ValueFacts { nonfinite, zero, extreme }: ValueFacts) -> M
 
 pub fn inspect(adapter: &Adapter, base: Option<&BaseModel>) -> Result<InspectReport> {
     crate::error::injected_fault("inspect")?;
-    inspect_with(adapter, base, &|_| None)
+    let r = inspect_with(adapter, base, &|_| None)?;
+    if let Some(b) = base {
+        // The shapes above came from the base as hashed when it was opened.
+        b.check_unchanged()?;
+    }
+    Ok(r)
 }
 
 /// `inspect`, taking the value facts from `known` for modules whose values were already read

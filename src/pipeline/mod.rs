@@ -9,6 +9,7 @@ pub use evidence::{
     build_report, compare_rerun, file_inputs, run_report, verify, write_report_dir, ProbeOutcome, ReportHooks,
     ReportRun, Verification,
 };
+use inspect::recorded;
 pub use inspect::{input_files, inspect, inspect_with, ValueFacts};
 pub use scan::{scan_all, scan_one, ScanSummary};
 
@@ -37,7 +38,7 @@ pub struct ProbeInputs<'a> {
     pub works: &'a load::works::WorkSet,
     pub controls: Option<&'a load::works::WorkSet>,
     /// Neutral prompts and the file they came from.
-    pub prompts: Option<(&'a Path, &'a [String])>,
+    pub prompts: Option<&'a load::works::Prompts>,
 }
 
 /// `probe`: the spectrum report plus the merged model's evidence on each work. The base must
@@ -55,17 +56,21 @@ pub fn probe(
     let text_model = model::TextModel::load(base, &candle_core::Device::Cpu)?;
     progress.stage("merge", 1);
     let (merged, merge) = model::merge_adapter(&text_model.llama, adapter)?;
-    let no_controls = load::works::WorkSet { works: vec![], files: vec![] };
+    let no_controls = load::works::WorkSet { works: vec![], files: vec![], digests: vec![] };
     let controls = inputs.controls.unwrap_or(&no_controls);
-    let prompts = inputs.prompts.map(|(_, p)| p).unwrap_or(&[]);
+    let prompts = inputs.prompts.map(|p| p.lines.as_slice()).unwrap_or(&[]);
     let result =
         crate::probe::run(&text_model, &merged, &inputs.works.works, &controls.works, prompts, thresholds, progress)?;
+    // The numbers above came from the base as hashed when it was opened, or not at all.
+    base.check_unchanged()?;
     let mut spectrum = spectrum;
-    let recorded = &mut spectrum.inspect.inputs;
-    recorded.extend(file_inputs(report::InputRole::Work, &inputs.works.files)?);
-    recorded.extend(file_inputs(report::InputRole::Control, &controls.files)?);
-    if let Some((path, _)) = inputs.prompts {
-        recorded.extend(file_inputs(report::InputRole::Prompts, &[path.to_path_buf()])?);
+    // Recorded with the digests of the bytes that were read and parsed, not read again.
+    let inputs_rec = &mut spectrum.inspect.inputs;
+    for (role, set) in [(report::InputRole::Work, inputs.works), (report::InputRole::Control, controls)] {
+        inputs_rec.extend(set.files.iter().zip(&set.digests).map(|(f, d)| recorded(role, f, d)));
+    }
+    if let Some(p) = inputs.prompts {
+        inputs_rec.push(recorded(report::InputRole::Prompts, &p.path, &p.digest));
     }
     let capacity_check = report::CapacityCheck::new(&result.works, spectrum.totals.capacity_bits);
     let probe =
@@ -104,6 +109,9 @@ pub fn spectrum(
     for s in analysis.modules.iter().filter(|s| s.route == spectral::Route::RankBound) {
         inspect.warnings.push(format!("module {}: {}", s.name, s.note.as_deref().unwrap_or_default()));
     }
+    if let Some(b) = base {
+        b.check_unchanged()?;
+    }
     let r = report::spectrum_report(inspect, analysis, opts);
     report::check_finite("spectrum", &r)?;
     Ok(r)
@@ -132,7 +140,7 @@ fn model_info(m: &model::TextModel, context: usize) -> report::ModelInfo {
 pub struct ProbeData {
     pub works: load::works::WorkSet,
     pub controls: Option<load::works::WorkSet>,
-    pub prompts: Option<(std::path::PathBuf, Vec<String>)>,
+    pub prompts: Option<load::works::Prompts>,
 }
 
 impl ProbeData {
@@ -142,19 +150,12 @@ impl ProbeData {
         Ok(ProbeData {
             works: load::works::load_works(works)?,
             controls: controls.map(load::works::load_works).transpose()?,
-            prompts: match prompts {
-                Some(p) => Some((p.to_path_buf(), load::works::load_prompts(p)?)),
-                None => None,
-            },
+            prompts: prompts.map(load::works::load_prompts).transpose()?,
         })
     }
 
     /// Borrowed view for [`probe`].
     pub fn inputs(&self) -> ProbeInputs<'_> {
-        ProbeInputs {
-            works: &self.works,
-            controls: self.controls.as_ref(),
-            prompts: self.prompts.as_ref().map(|(p, v)| (p.as_path(), v.as_slice())),
-        }
+        ProbeInputs { works: &self.works, controls: self.controls.as_ref(), prompts: self.prompts.as_ref() }
     }
 }

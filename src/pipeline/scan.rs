@@ -1,12 +1,16 @@
-//! `scan`: one record per adapter file, errors as records, the flags of docs/scan.md.
+//! `scan`: one record per adapter file, errors as records, the flags of docs/scan.md. Each file
+//! is read into memory (at most `scan::MAX_SCAN_ADAPTER_BYTES`) through `load::fsguard`, so a
+//! file truncated or replaced under a running scan gives an error record for that file, never a
+//! crash of the scan (issue #14, finding 6).
 
-use std::path::Path;
+use std::sync::Arc;
 
 use crate::error::{Error, Result};
-use crate::load::hashes::sha256_file;
-use crate::load::{Adapter, LoadOptions};
+use crate::load::{Adapter, FileDigest, LoadOptions};
 use crate::report::{InspectReport, SpectrumReport};
-use crate::scan::{ErrorKind, Findings, Flag, FlagThresholds, ScanError, ScanRecord};
+use crate::scan::{
+    Candidate, ErrorKind, Findings, Flag, FlagThresholds, ScanError, ScanRecord, MAX_SCAN_ADAPTER_BYTES,
+};
 use crate::spectral::{within_abs_limit, SpectrumOptions};
 
 fn fill_from_inspect(rec: &mut ScanRecord, r: &InspectReport) {
@@ -32,13 +36,17 @@ fn fill_from_spectrum(rec: &mut ScanRecord, s: &SpectrumReport) {
     rec.capacity_bits_per_image = s.totals.capacity_bits_per_image;
 }
 
-/// Scan one path: never fails; problems become the record's `error`.
-pub fn scan_one(path: &Path, opts: &SpectrumOptions, th: &FlagThresholds) -> ScanRecord {
+/// Scan one file or PEFT directory: never fails; problems become the record's `error`.
+pub fn scan_one(c: &Candidate, opts: &SpectrumOptions, th: &FlagThresholds) -> ScanRecord {
+    let path = c.path.as_path();
     let mut rec = ScanRecord { path: path.to_string_lossy().into_owned(), ..Default::default() };
+    let mut read: Option<Arc<Vec<u8>>> = None;
     // A panic while reading one file is a bug of lorascope, not a reason to lose the scan: it
     // becomes this file's internal error record.
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> Result<()> {
-        let adapter = Adapter::open(path, &LoadOptions::default())?;
+        let r = Adapter::read(path, c.tree.as_ref(), MAX_SCAN_ADAPTER_BYTES)?;
+        read = Some(r.bytes.clone());
+        let adapter = Adapter::parse_read(path, r, &LoadOptions::default())?;
         let mut refused_values = false;
         let inspect = match super::spectrum(&adapter, None, opts, &|| {}) {
             Ok(s) => {
@@ -71,18 +79,20 @@ pub fn scan_one(path: &Path, opts: &SpectrumOptions, th: &FlagThresholds) -> Sca
     }))
     .unwrap_or_else(|payload| Err(Error::Internal(format!("lorascope panicked: {}", panic_text(payload.as_ref())))));
     if let Err(e) = result {
-        rec.error = Some(ScanError {
-            kind: if e.is_input() { ErrorKind::Input } else { ErrorKind::Internal },
-            message: e.to_string(),
-        });
+        let kind = match e {
+            Error::Refused { .. } => ErrorKind::Skipped,
+            _ if e.is_input() => ErrorKind::Input,
+            _ => ErrorKind::Internal,
+        };
+        rec.error = Some(ScanError { kind, message: e.to_string() });
         rec.flags = vec![Flag::Unreadable];
-        // The hash of a bad file is still worth recording (a file, not a PEFT directory).
-        if path.is_file() {
-            if let Ok((h, n)) = sha256_file(path) {
-                rec.autov2 = Some(h[..10].to_string());
-                rec.sha256 = Some(h);
-                rec.bytes = Some(n);
-            }
+        // The hash of a bad file is still worth recording: of the bytes that were read (none
+        // when the file was refused or over the limit).
+        if let Some(bytes) = read {
+            let d = FileDigest::of(&bytes);
+            rec.autov2 = Some(d.sha256[..10].to_string());
+            rec.sha256 = Some(d.sha256);
+            rec.bytes = Some(d.bytes);
         }
     }
     rec
@@ -102,6 +112,8 @@ fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
 pub struct ScanSummary {
     pub files: usize,
     pub errors: usize,
+    /// Of the errors, files not opened at all (links out of the tree, FIFOs, sockets, devices).
+    pub skipped: usize,
     /// Files carrying each flag.
     pub flags: std::collections::BTreeMap<Flag, usize>,
     /// Files carrying a flag named in `fail_on`.
@@ -111,7 +123,7 @@ pub struct ScanSummary {
 /// Scan `files` on `jobs` threads, handing each record to `emit` in path order (workers run
 /// ahead within a chunk, so the output order never depends on timing).
 pub fn scan_all(
-    files: &[std::path::PathBuf],
+    files: &[Candidate],
     jobs: usize,
     opts: &SpectrumOptions,
     th: &FlagThresholds,
@@ -138,6 +150,7 @@ pub fn scan_all(
         });
         for r in &records {
             sum.errors += usize::from(r.error.is_some());
+            sum.skipped += usize::from(r.error.as_ref().is_some_and(|e| e.kind == ErrorKind::Skipped));
             for f in &r.flags {
                 *sum.flags.entry(*f).or_default() += 1;
             }

@@ -1,21 +1,28 @@
 //! `lorascope scan`: a static screen of many adapter files for hub moderators. One JSON line
 //! per file in a deterministic order, errors as records (one bad file never stops a scan),
-//! risk flags with documented thresholds (docs/scan.md), stable sharding by path hash.
+//! risk flags with documented thresholds (docs/scan.md), stable sharding by path hash. Discovery
+//! never follows a symbolic link out of a scanned tree and lists each file once (issue #14,
+//! findings 4 and 14).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
+use crate::load::fsguard::{self, is_entry, FileId, MAX_TEXT_BYTES};
 use crate::load::metadata::Tag;
-use crate::load::ModuleKind;
+use crate::load::{ModuleKind, Tree};
 use crate::named::closed_set;
 
 /// File extensions a scan picks up: adapters, and pickle checkpoints (reported as errors, never
 /// read as pickle).
 const CANDIDATE_EXTS: &[&str] = &["safetensors", "bin", "pt", "pth", "ckpt", "pkl"];
+
+/// Largest adapter a scan reads into memory (4 GiB; `--jobs` files are read at once). Larger
+/// files become an error record naming the limit, unread.
+pub const MAX_SCAN_ADAPTER_BYTES: u64 = 4 << 30;
 
 closed_set! {
     /// The risk flags a record can carry (thresholds and reasons: docs/scan.md).
@@ -37,6 +44,9 @@ closed_set! {
     pub enum ErrorKind ("error kind") {
         /// A bad or refused file.
         Input = "input",
+        /// A file not opened at all: a symbolic link leading outside the scanned tree, or not a
+        /// regular file (FIFO, socket, device).
+        Skipped = "skipped",
         /// A failure of lorascope itself.
         Internal = "internal",
     }
@@ -92,50 +102,120 @@ pub struct ScanRecord {
     pub error: Option<ScanError>,
 }
 
+/// A file (or PEFT directory) to scan, and the tree it was found under (`None` when the user
+/// named it, on the command line or in `--list`).
+#[derive(Debug, Clone)]
+pub struct Candidate {
+    pub path: PathBuf,
+    pub tree: Option<Tree>,
+}
+
 /// Adapters under the given paths: files with a candidate extension, and PEFT directories
-/// (holding `adapter_model.safetensors`) as one adapter each. Sorted, without duplicates.
-pub fn discover(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
-    fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
-        if dir.join("adapter_model.safetensors").is_file() || dir.join("adapter_model.bin").is_file() {
-            out.push(dir.to_path_buf());
+/// (holding `adapter_model.safetensors`) as one adapter each. Sorted by path, each file once.
+///
+/// A named path may be a link (the user's choice); a named directory is then a tree. Under a
+/// tree, links are not walked: a link to a file inside the tree is listed once with that file
+/// (by device and inode, under a name reached without a link when there is one; hard links
+/// likewise), a link to a directory inside is walked under that directory's own name, and a
+/// link leading outside the tree, or to nothing, is listed whatever its name so that its record
+/// says it was not followed. Directories are walked once each (by device and inode), so
+/// self-links and loops end.
+pub fn discover(paths: &[PathBuf]) -> Result<Vec<Candidate>> {
+    struct Found {
+        c: Candidate,
+        id: Option<FileId>,
+        via_link: bool,
+    }
+    fn candidate_name(p: &Path) -> bool {
+        p.extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| CANDIDATE_EXTS.contains(&e.to_ascii_lowercase().as_str()))
+    }
+    fn id(m: std::io::Result<std::fs::Metadata>) -> Option<FileId> {
+        m.ok().and_then(|m| FileId::of(&m))
+    }
+    fn walk(dir: &Path, tree: &Tree, dirs: &mut HashSet<FileId>, out: &mut Vec<Found>) -> Result<()> {
+        let dir_id = id(std::fs::metadata(dir));
+        if dir_id.is_some_and(|i| !dirs.insert(i)) {
             return Ok(());
         }
-        let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+        let found = |p: &Path, id, via_link| Found {
+            c: Candidate { path: p.to_path_buf(), tree: Some(tree.clone()) },
+            id,
+            via_link,
+        };
+        if is_entry(&dir.join("adapter_model.safetensors")) || is_entry(&dir.join("adapter_model.bin")) {
+            out.push(found(dir, dir_id, false));
+            return Ok(());
+        }
+        let mut entries: Vec<(PathBuf, std::fs::FileType)> = std::fs::read_dir(dir)
             .map_err(|e| Error::read(dir, "cannot list directory", e))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter_map(|e| e.ok())
+            .filter_map(|e| e.file_type().ok().map(|t| (e.path(), t)))
             .collect();
-        entries.sort();
-        for p in entries {
-            if p.is_dir() {
-                walk(&p, out)?;
-            } else if p
-                .extension()
-                .and_then(|e| e.to_str())
-                .is_some_and(|e| CANDIDATE_EXTS.contains(&e.to_ascii_lowercase().as_str()))
-            {
-                out.push(p);
+        entries.sort_by(|a, b| a.0.cmp(&b.0));
+        for (p, t) in entries {
+            if t.is_dir() {
+                walk(&p, tree, dirs, out)?;
+            } else if t.is_symlink() {
+                match tree.resolve(&p) {
+                    // Inside: a directory is walked under its own name; a file is listed once.
+                    Ok(target) => {
+                        let m = std::fs::metadata(&target);
+                        if candidate_name(&p) && !m.as_ref().is_ok_and(|m| m.is_dir()) {
+                            out.push(found(&p, id(m), true));
+                        }
+                    }
+                    Err(_) => out.push(found(&p, None, true)),
+                }
+            } else if candidate_name(&p) {
+                out.push(found(&p, id(std::fs::symlink_metadata(&p)), false));
             }
         }
         Ok(())
     }
     let mut out = vec![];
+    let mut dirs = HashSet::new();
     for p in paths {
         if p.is_dir() {
-            walk(p, &mut out)?;
+            let tree = Tree::named(p, "the scanned tree")?;
+            walk(p, &tree, &mut dirs, &mut out)?;
         } else {
             // Named files are scanned whatever their extension (a missing one becomes an
             // error record).
-            out.push(p.clone());
+            out.push(Found {
+                c: Candidate { path: p.clone(), tree: None },
+                id: id(std::fs::metadata(p)),
+                via_link: false,
+            });
         }
     }
-    out.sort();
-    out.dedup();
-    Ok(out)
+    out.sort_by(|a, b| a.c.path.cmp(&b.c.path));
+    // One record per file: the first path in order reached without a link, else the first.
+    let mut best: HashMap<FileId, usize> = HashMap::new();
+    let mut keep = vec![true; out.len()];
+    for (i, f) in out.iter().enumerate() {
+        let Some(fid) = f.id else { continue };
+        match best.get(&fid) {
+            None => {
+                best.insert(fid, i);
+            }
+            Some(&j) if out[j].via_link && !f.via_link => {
+                keep[j] = false;
+                best.insert(fid, i);
+            }
+            Some(_) => keep[i] = false,
+        }
+    }
+    let mut files: Vec<Candidate> = out.into_iter().zip(keep).filter(|(_, k)| *k).map(|(f, _)| f.c).collect();
+    files.dedup_by(|a, b| a.path == b.path);
+    Ok(files)
 }
 
 /// Paths listed in a file, one a line (blank lines and `#` comments skipped).
 pub fn read_list(list: &Path) -> Result<Vec<PathBuf>> {
-    let text = std::fs::read_to_string(list).map_err(|e| Error::read(list, "cannot read list", e))?;
+    let bytes = fsguard::read(list, None, MAX_TEXT_BYTES, "a list of paths")?;
+    let text = String::from_utf8(bytes).map_err(|_| Error::input(list, "not valid UTF-8 text"))?;
     Ok(text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(PathBuf::from).collect())
 }
 
