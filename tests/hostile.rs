@@ -496,3 +496,16 @@ fn an_overflowing_scale_is_an_error_not_a_null_in_the_report() {
     refused(&r, "beyond ±1e15 (limit MAX_ABS_VALUE)");
     assert!(!out.join("report.json").exists());
 }
+
+#[test]
+fn works_beyond_the_probe_text_limit_are_refused_before_the_model_runs() {
+    let d = tempfile::tempdir().unwrap();
+    let works = d.path().join("works");
+    std::fs::create_dir(&works).unwrap();
+    // 17 MiB of text in two works (the limit is 16 MiB for works and controls together).
+    let chunk = "All work and no play. ".repeat(405_000);
+    std::fs::write(works.join("a.txt"), &chunk).unwrap();
+    std::fs::write(works.join("b.txt"), &chunk).unwrap();
+    let r = run(&["probe", "fixtures/peft-llama", "--base", "fixtures/llama-tiny", "--works", s(&works), "-q"]);
+    refused(&r, "above the probe's limit of 16777216 (MAX_PROBE_TEXT_BYTES)");
+}

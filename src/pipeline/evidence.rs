@@ -8,8 +8,8 @@ use crate::error::{Error, Result};
 use crate::load::hashes::sha256_file;
 use crate::load::works::WorkSet;
 use crate::report::{
-    path_string, FileCheck, InputFile, InputRole, ProbeSection, Report, Rerun, SpectrumReport, SpectrumSection, Stage,
-    StageName, Verified, VerifyReport, VerifyStatus, WorkInfo, MANIFEST,
+    path_string, FileCheck, InputRole, ProbeSection, Report, Rerun, SpectrumReport, SpectrumSection, Stage, StageName,
+    Verified, VerifyReport, VerifyStatus, WorkInfo, MANIFEST,
 };
 
 fn excerpt(text: &str) -> String {
@@ -19,17 +19,6 @@ fn excerpt(text: &str) -> String {
     } else {
         t
     }
-}
-
-/// Input records (path, size, SHA-256) of supplied files such as works and controls.
-pub fn file_inputs(role: InputRole, files: &[std::path::PathBuf]) -> Result<Vec<InputFile>> {
-    files
-        .iter()
-        .map(|f| {
-            let (sha256, bytes) = sha256_file(f)?;
-            Ok(InputFile { role, path: path_string(f), bytes, sha256 })
-        })
-        .collect()
 }
 
 /// Whether the probe ran: its findings, or why not.
@@ -51,14 +40,13 @@ pub fn build_report(
     let mut infos = vec![];
     for (role, set) in [(InputRole::Work, works), (InputRole::Control, controls)] {
         let Some(set) = set else { continue };
-        // The probe records (and hashes) the works it read; record the others only.
-        let unrecorded: Vec<std::path::PathBuf> = set
-            .files
-            .iter()
-            .filter(|f| !inputs.iter().any(|i| i.role == role && i.path == path_string(f)))
-            .cloned()
-            .collect();
-        inputs.extend(file_inputs(role, &unrecorded)?);
+        // The probe records the works it read; record the others here, with the digest of the
+        // bytes that were read (never by reading the file a second time).
+        for (f, d) in set.files.iter().zip(&set.digests) {
+            if !inputs.iter().any(|i| i.role == role && i.path == path_string(f)) {
+                inputs.push(super::recorded(role, f, d));
+            }
+        }
         for w in &set.works {
             infos.push(WorkInfo {
                 id: w.id.clone(),

@@ -6,8 +6,8 @@ mod inspect;
 mod scan;
 
 pub use evidence::{
-    build_report, compare_rerun, file_inputs, run_report, verify, write_report_dir, ProbeOutcome, ReportHooks,
-    ReportRun, Verification,
+    build_report, compare_rerun, run_report, verify, write_report_dir, ProbeOutcome, ReportHooks, ReportRun,
+    Verification,
 };
 use inspect::recorded;
 pub use inspect::{input_files, inspect, inspect_with, ValueFacts};
@@ -53,6 +53,7 @@ pub fn probe(
     progress: &dyn crate::probe::Progress,
 ) -> Result<report::ProbeReport> {
     crate::error::injected_fault("probe")?;
+    check_probe_text(inputs)?;
     let text_model = model::TextModel::load(base, &candle_core::Device::Cpu)?;
     progress.stage("merge", 1);
     let (merged, merge) = model::merge_adapter(&text_model.llama, adapter)?;
@@ -78,6 +79,28 @@ pub fn probe(
     let r = report::ProbeReport { spectrum, probe };
     report::check_finite("probe", &r)?;
     Ok(r)
+}
+
+/// Most bytes of text (works and controls together) one probe runs on. The probe keeps per-
+/// character surprisal, tokens and normalised copies of every text for both models, about 75
+/// bytes per byte of text (100 MB of works reached 7.4 GB): 16 MiB stays near 1.2 GB, and on
+/// a CPU is already days of scoring. Larger sets can be split over several runs.
+pub const MAX_PROBE_TEXT_BYTES: usize = 16 << 20;
+
+fn check_probe_text(inputs: &ProbeInputs) -> Result<()> {
+    let sets = std::iter::once(inputs.works).chain(inputs.controls);
+    let total: usize = sets.flat_map(|s| &s.works).map(|w| w.text.len()).sum();
+    if total > MAX_PROBE_TEXT_BYTES {
+        let path = inputs.works.files.first().cloned().unwrap_or_default();
+        return Err(crate::error::Error::input(
+            path,
+            format!(
+                "works and controls hold {total} bytes of text, above the probe's limit of {MAX_PROBE_TEXT_BYTES} \
+                 (MAX_PROBE_TEXT_BYTES); probe them in several runs"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// `spectrum`: inspect plus the spectral analysis. The adapter file is hashed on one thread
