@@ -509,3 +509,33 @@ fn works_beyond_the_probe_text_limit_are_refused_before_the_model_runs() {
     let r = run(&["probe", "fixtures/peft-llama", "--base", "fixtures/llama-tiny", "--works", s(&works), "-q"]);
     refused(&r, "above the probe's limit of 16777216 (MAX_PROBE_TEXT_BYTES)");
 }
+
+/// docs/security.md lists every limit: each `const MAX_…` in the sources is named there.
+#[test]
+fn every_limit_is_documented() {
+    fn sources(dir: &Path, out: &mut Vec<PathBuf>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                sources(&p, out);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                out.push(p);
+            }
+        }
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let doc = std::fs::read_to_string(root.join("docs/security.md")).unwrap();
+    let mut files = vec![];
+    sources(&root.join("src"), &mut files);
+    let mut names = vec![];
+    for f in files.iter().filter(|f| !f.ends_with("fixtures.rs")) {
+        for line in std::fs::read_to_string(f).unwrap().lines() {
+            if let Some(rest) = line.trim_start().split("const ").nth(1).filter(|r| r.starts_with("MAX_")) {
+                names.push(rest.split(':').next().unwrap().trim().to_string());
+            }
+        }
+    }
+    assert!(names.len() >= 30, "found {names:?}");
+    let missing: Vec<&String> = names.iter().filter(|n| !doc.contains(&format!("`{n}`"))).collect();
+    assert!(missing.is_empty(), "not in docs/security.md: {missing:?}");
+}
