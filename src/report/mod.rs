@@ -129,6 +129,21 @@ pub(crate) fn human(n: f64) -> String {
     } else if a >= 1e3 {
         format!("{:.1}k", n / 1e3)
     } else {
-        format!("{n}")
+        // At most two decimals: 29.160000000000004 is float noise, not precision.
+        let s = format!("{n:.2}");
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn human_numbers_have_no_float_noise() {
+        assert_eq!(super::human(233.28000000000003 / 8.0), "29.16");
+        assert_eq!(super::human(432.0), "432");
+        assert_eq!(super::human(54.0), "54");
+        assert_eq!(super::human(0.5), "0.5");
+        assert_eq!(super::human(4665.6), "4.7k");
+        assert_eq!(super::human(1_425_308.0), "1.43M");
     }
 }

@@ -343,16 +343,19 @@ fn analyse_module(m: &LoraModule, base: Option<&BaseModel>, opts: &SpectrumOptio
     }
     let rank_90 = rank_for_energy(&values, 0.90, total_energy);
     let rank_99 = rank_for_energy(&values, 0.99, total_energy);
+    // Degrees of freedom of ΔW at its rank, never more than the values the module stores: a
+    // Kronecker or Hadamard product can have a high rank from a few stored values (a LoKr's
+    // k(m+n−k) was 5–50× its stored values), and a module cannot hold more than it stores.
     let effective_params = match route {
         Route::NeedsBase | Route::Unsupported => match &m.delta {
             // A replacement's information is the whole matrix; other vectors count as stored.
             Delta::Replace { .. } => rows * cols,
             _ => m.params,
         },
-        Route::RankBound => rank_k_params(beyond_exact.map_or(0, |(_, width)| width), rows, cols),
+        Route::RankBound => rank_k_params(beyond_exact.map_or(0, |(_, width)| width), rows, cols).min(m.params),
         _ => {
             let k = rank_99.unwrap_or(values.len());
-            rank_k_params(k, rows, cols) + m.magnitude.as_ref().map_or(0, |g| g.tensor.numel())
+            (rank_k_params(k, rows, cols) + m.magnitude.as_ref().map_or(0, |g| g.tensor.numel())).min(m.params)
         }
     };
     Ok(ModuleSpectrum {
