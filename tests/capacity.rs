@@ -114,3 +114,35 @@ fn the_shipped_lokr_is_bounded_by_its_120_stored_values() {
     assert_eq!(r.totals.params, 120);
     assert_eq!(r.totals.effective_params, 120, "every module bounded by its stored values here");
 }
+
+/// Issue #12, item 2: `ss_num_train_images` counts repeats (sd-scripts adds num_repeats ×
+/// images per folder); per-image figures and the scan use the distinct images the folders list.
+#[test]
+fn training_images_are_the_distinct_images_not_the_repeats() {
+    let d = tempfile::tempdir().unwrap();
+    let mut b = SafetensorsBuilder::new();
+    let mut rng = Rng::new(5);
+    b.random(&mut rng, "lora_unet_m.lora_down.weight", &[2, 16], 0.5, Dtype::F32);
+    b.random(&mut rng, "lora_unet_m.lora_up.weight", &[16, 2], 0.5, Dtype::F32);
+    // 100 images × 10 repeats + 30 × 6 = 1180 presentations of 130 distinct images.
+    b.meta("ss_num_train_images", "1180").meta("ss_max_train_steps", "2000").meta(
+        "ss_dataset_dirs",
+        r#"{"10_alice": {"n_repeats": 10, "img_count": 100}, "6_bob": {"n_repeats": 6, "img_count": 30}}"#,
+    );
+    let p = d.path().join("repeats.safetensors");
+    b.write(&p).unwrap();
+    let (adapter, _) = lorascope::open(&p, None, &LoadOptions::default()).unwrap();
+    let t = &adapter.metadata.training;
+    assert_eq!((t.distinct_images, t.num_train_images), (Some(130), Some(1180)));
+    let r = lorascope::spectrum(&adapter, None, &SpectrumOptions::default(), &|| {}).unwrap();
+    assert_eq!(r.totals.train_images, Some(130));
+    let per = r.totals.capacity_bits_per_image.unwrap();
+    assert!((per - r.totals.capacity_bits / 130.0).abs() < 1e-9);
+    // The scan record and the terminal say the same.
+    let o = std::process::Command::new(common::bin()).args(["scan", p.to_str().unwrap(), "-q"]).output().unwrap();
+    let rec: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(rec["train_images"], 130);
+    let o = std::process::Command::new(common::bin()).args(["inspect", p.to_str().unwrap()]).output().unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("130 distinct (1180 with repeats, ss_num_train_images)"), "{text}");
+}

@@ -28,7 +28,13 @@ pub struct TrainingInfo {
     pub network_module: Option<String>,
     pub network_dim: Option<String>,
     pub network_alpha: Option<String>,
+    /// sd-scripts' `ss_num_train_images`: images × repeats (each folder's images counted once
+    /// per repeat; sd-scripts `DreamBoothDataset` adds `num_repeats × len(img_paths)`), not the
+    /// number of distinct images.
     pub num_train_images: Option<u64>,
+    /// Distinct training images: the sum of `img_count` over `ss_dataset_dirs` (or over the
+    /// subsets of `ss_datasets`), when the file records it.
+    pub distinct_images: Option<u64>,
     pub num_epochs: Option<u64>,
     pub max_train_steps: Option<u64>,
     pub resolution: Option<String>,
@@ -43,6 +49,32 @@ pub struct Metadata {
     /// Every `__metadata__` entry; values that are JSON are shown parsed.
     pub raw: BTreeMap<String, Value>,
     pub training: TrainingInfo,
+}
+
+impl TrainingInfo {
+    /// The number of training images per-image figures use: distinct images when the file
+    /// records them, else `ss_num_train_images` (which counts repeats, so per-image figures
+    /// from it are smaller than the truth).
+    pub fn images(&self) -> Option<u64> {
+        self.distinct_images.or(self.num_train_images).filter(|&n| n > 0)
+    }
+}
+
+/// Distinct images from the folders (`ss_dataset_dirs`), else from `ss_datasets`' subsets
+/// (sd-scripts writes `img_count` per subset in newer versions). Counts saturate.
+fn distinct_images(dirs: &[DatasetDir], datasets: Option<&String>) -> Option<u64> {
+    let from_dirs: Vec<u64> = dirs.iter().filter_map(|d| d.images).collect();
+    if !from_dirs.is_empty() {
+        return Some(from_dirs.iter().fold(0u64, |a, &b| a.saturating_add(b)));
+    }
+    let Ok(Value::Array(sets)) = serde_json::from_str::<Value>(datasets?) else { return None };
+    let counts: Vec<u64> = sets
+        .iter()
+        .filter_map(|d| d.get("subsets")?.as_array())
+        .flatten()
+        .filter_map(|s| s.get("img_count")?.as_u64())
+        .collect();
+    (!counts.is_empty()).then(|| counts.iter().fold(0u64, |a, &b| a.saturating_add(b)))
 }
 
 fn num(v: Option<&String>) -> Option<u64> {
@@ -88,6 +120,7 @@ pub(crate) fn parse(meta: &BTreeMap<String, String>) -> Metadata {
             });
         }
     }
+    t.distinct_images = distinct_images(&t.dataset_dirs, g("ss_datasets"));
     if let Some(Ok(Value::Object(folders))) = g("ss_tag_frequency").map(|s| serde_json::from_str::<Value>(s)) {
         let mut counts: BTreeMap<String, u64> = BTreeMap::new();
         for (_, tags) in folders {

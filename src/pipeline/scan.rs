@@ -23,7 +23,7 @@ fn fill_from_inspect(rec: &mut ScanRecord, r: &InspectReport) {
     rec.modules = Some(a.modules.len());
     rec.kinds = a.kinds.clone();
     rec.params = Some(a.params);
-    rec.train_images = a.metadata.training.num_train_images;
+    rec.train_images = a.metadata.training.images();
     rec.train_steps = a.metadata.training.max_train_steps;
     rec.resolution = a.metadata.training.resolution.clone();
     rec.top_tags = a.metadata.training.tags.iter().take(10).cloned().collect();

@@ -162,7 +162,7 @@ fn adapter_rows(r: &Report) -> Vec<(&'static str, String)> {
         ("trained from (metadata)", opt(&tr.base_model)),
         ("base model version", opt(&tr.base_model_version)),
         ("output name", opt(&tr.output_name)),
-        ("training images", tr.num_train_images.map(|x| x.to_string())),
+        ("training images", super::inspect::images_line(tr)),
         ("epochs", tr.num_epochs.map(|x| x.to_string())),
         ("training steps", tr.max_train_steps.map(|x| x.to_string())),
         ("resolution", opt(&tr.resolution)),

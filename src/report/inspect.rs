@@ -80,6 +80,16 @@ fn opt(x: &Option<impl ToString>) -> String {
     x.as_ref().map(|v| v.to_string()).unwrap_or_else(|| "-".into())
 }
 
+/// Distinct training images and, beside them, sd-scripts' count with repeats.
+pub(crate) fn images_line(t: &crate::load::metadata::TrainingInfo) -> Option<String> {
+    match (t.distinct_images, t.num_train_images) {
+        (Some(d), Some(n)) if d != n => Some(format!("{d} distinct ({n} with repeats, ss_num_train_images)")),
+        (Some(d), _) => Some(format!("{d} distinct")),
+        (None, Some(n)) => Some(format!("{n} with repeats (ss_num_train_images; distinct count not recorded)")),
+        (None, None) => None,
+    }
+}
+
 /// Human summary of an inspect report. Every string from the adapter file (names, tags,
 /// metadata, paths) is shown with its controls escaped: one value, one line.
 pub fn render_inspect(r: &InspectReport) -> String {
@@ -132,7 +142,7 @@ pub fn render_inspect(r: &InspectReport) -> String {
     add("output name", t.output_name.clone());
     add("network", t.network_module.clone());
     add("dim / alpha", t.network_dim.clone().map(|d| format!("{d} / {}", t.network_alpha.clone().unwrap_or_default())));
-    add("train images", t.num_train_images.map(|x| x.to_string()));
+    add("train images", images_line(t));
     add("epochs", t.num_epochs.map(|x| x.to_string()));
     add("max steps", t.max_train_steps.map(|x| x.to_string()));
     add("resolution", t.resolution.clone());

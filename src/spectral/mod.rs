@@ -137,7 +137,8 @@ pub struct Totals {
     pub bits_per_param: f64,
     pub modules_analysed: usize,
     pub modules_not_analysed: usize,
-    /// From sd-scripts metadata (`ss_num_train_images`) when present.
+    /// Distinct training images from sd-scripts metadata (`img_count` of its folders), else
+    /// `ss_num_train_images` (images × repeats), when present.
     pub train_images: Option<u64>,
     pub capacity_bits_per_image: Option<f64>,
 }
@@ -428,7 +429,7 @@ pub(crate) fn analyse(
     }
     let effective_params: usize = modules.iter().map(|m| m.effective_params).sum();
     let capacity_bits = effective_params as f64 * opts.bits_per_param;
-    let train_images = adapter.metadata.training.num_train_images.filter(|&n| n > 0);
+    let train_images = adapter.metadata.training.images();
     let not =
         modules.iter().filter(|m| matches!(m.route, Route::NeedsBase | Route::Unsupported | Route::RankBound)).count();
     Ok(SpectrumAnalysis {
