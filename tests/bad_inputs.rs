@@ -169,7 +169,7 @@ fn directory_without_adapter_and_missing_files() {
 #[test]
 fn a_base_model_given_as_adapter() {
     let base = fixtures().join("llama-tiny/model.safetensors");
-    rejects(&["inspect", s(&base)], &base, "is this a base model rather than an adapter");
+    rejects(&["inspect", s(&base)], &base, "it looks like a base model (full weights), not an adapter");
 }
 
 #[test]

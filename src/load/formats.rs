@@ -308,6 +308,9 @@ const PEFT_SUFFIXES: &[(&str, &str)] = &[
 ];
 
 const DIFFUSERS_COMPONENTS: &[&str] = &["unet.", "text_encoder.", "text_encoder_2.", "transformer."];
+/// The UNet's top-level blocks, with which `save_attn_procs` (diffusers' older
+/// attention-processor LoRA files) starts its keys.
+const UNET_BLOCKS: &[&str] = &["down_blocks.", "up_blocks.", "mid_block."];
 
 /// (module name, role) of one tensor key, or `None` if the key is not part of an adapter.
 fn split_key(format: Format, key: &str) -> Option<(String, &'static str)> {
@@ -383,9 +386,10 @@ pub fn detect_format(keys: &[&str]) -> Option<Format> {
 /// so a file of one scheme reads as it always has.
 fn naming_schemes<'k>(keys: &[&'k str]) -> Vec<(Format, Vec<&'k str>)> {
     let is_peft = |k: &str| k.starts_with("base_model.model.");
+    // diffusers' `save_attn_procs` files name UNet modules without the `unet.` prefix.
     let is_diffusers = |k: &str| {
         !is_peft(k)
-            && DIFFUSERS_COMPONENTS.iter().any(|c| k.starts_with(c))
+            && (DIFFUSERS_COMPONENTS.iter().any(|c| k.starts_with(c)) || UNET_BLOCKS.iter().any(|c| k.starts_with(c)))
             && split_key(Format::Diffusers, k).is_some()
     };
     let peft: Vec<&str> = keys.iter().copied().filter(|k| is_peft(k)).collect();
@@ -423,6 +427,34 @@ fn naming_schemes<'k>(keys: &[&'k str]) -> Vec<(Format, Vec<&'k str>)> {
         *claimed = keys.to_vec();
     }
     out
+}
+
+/// kohya and LyCORIS share one naming (LyCORIS adds module kinds).
+fn same_scheme(a: Format, b: Format) -> bool {
+    let family = |f: Format| if f == Format::Lycoris { Format::Kohya } else { f };
+    family(a) == family(b)
+}
+
+/// Whether keys with no adapter naming look like a model's own weights: the roots of the
+/// checkpoints lorascope reads as bases, or many tensors that are all `.weight`/`.bias`.
+fn looks_like_base(keys: &[&str]) -> bool {
+    const ROOTS: &[&str] = &[
+        "model.diffusion_model.",
+        "first_stage_model.",
+        "cond_stage_model.",
+        "conditioner.",
+        "model.layers.",
+        "model.embed_tokens.",
+        "transformer.",
+        "text_model.",
+        "down_blocks.",
+        "up_blocks.",
+        "encoder.",
+        "decoder.",
+    ];
+    let rooted = keys.iter().filter(|k| ROOTS.iter().any(|r| k.starts_with(r))).count();
+    let weights = keys.iter().filter(|k| k.ends_with(".weight") || k.ends_with(".bias")).count();
+    rooted * 2 >= keys.len() || (keys.len() >= 10 && weights * 10 >= keys.len() * 9)
 }
 
 /// Per-module settings that come from outside the tensors.
@@ -478,18 +510,33 @@ pub(crate) fn parse(file: &Arc<TensorFile>, forced: Option<Format>, config: Opti
     if keys.is_empty() {
         return Err(Error::input(&file.path, "file holds no tensors, so no adapter"));
     }
+    let detected = naming_schemes(&keys);
+    let sample: Vec<&str> = keys.iter().take(3).copied().collect();
     let schemes = match forced {
-        Some(f) => vec![(f, keys.clone())],
-        None => naming_schemes(&keys),
+        // A forced format must be one the keys follow: read under another scheme every
+        // `name.weight` of a base file became a rank-0 (IA)³ module.
+        Some(f) if detected.iter().any(|(d, _)| same_scheme(*d, f)) => vec![(f, keys.clone())],
+        Some(f) => {
+            let follows: Vec<&str> = detected.iter().map(|(d, _)| d.as_str()).collect();
+            let why = if follows.is_empty() { "no known naming".to_string() } else { follows.join(" and ") };
+            return Err(Error::input(
+                &file.path,
+                format!(
+                    "--format {f}: the keys do not follow {f} naming (keys such as {sample:?} follow {why}); \
+                     leave --format out to detect the format",
+                    f = f.as_str()
+                ),
+            ));
+        }
+        None => detected,
     };
     if schemes.is_empty() {
-        let sample: Vec<&str> = keys.iter().take(3).copied().collect();
-        return Err(Error::input(
-            &file.path,
-            format!(
-                "no adapter tensors recognised (keys such as {sample:?}); is this a base model rather than an adapter?"
-            ),
-        ));
+        let hint = if looks_like_base(&keys) {
+            "; it looks like a base model (full weights), not an adapter: give it as --base"
+        } else {
+            ""
+        };
+        return Err(Error::input(&file.path, format!("no adapter tensors recognised (keys such as {sample:?}){hint}")));
     }
     let mut warnings = vec![];
     let work = Arc::new(PatternWork::default());

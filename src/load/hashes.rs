@@ -69,8 +69,8 @@ pub struct FileHashes {
     pub sha256: String,
     /// First 10 hex digits of the SHA-256 (Civitai AutoV2).
     pub autov2: String,
-    /// First 8 hex digits of the SHA-256 of the 64 KiB at offset 1 MiB (A1111 legacy / AutoV1);
-    /// absent for files under 2 MiB.
+    /// First 8 hex digits of the SHA-256 of the 64 KiB at offset 1 MiB (A1111 legacy / AutoV1),
+    /// of whatever bytes are there: `e3b0c442` (the empty input) for every file under 1 MiB.
     pub autov1: Option<String>,
     /// SHA-256 of the tensor data section (sd-scripts `sshs_model_hash`, Civitai AutoV3):
     /// computed when the file records an `sshs_model_hash` or when asked (`--autov3`).
@@ -78,12 +78,20 @@ pub struct FileHashes {
     pub sshs_model_hash: Option<SshsCheck>,
 }
 
+/// A1111's legacy `model_hash` (Civitai AutoV1): seek to 1 MiB, read up to 64 KiB, SHA-256,
+/// first 8 hex digits (stable-diffusion-webui `modules/sd_models.py`). A short file gives the
+/// hash of what is there, the empty input for a file under 1 MiB, as A1111 and Civitai show.
+pub(crate) fn autov1(bytes: &[u8]) -> String {
+    let start = bytes.len().min(1 << 20);
+    let end = bytes.len().min((1 << 20) + (64 << 10));
+    sha256_bytes(&bytes[start..end])[..8].to_string()
+}
+
 /// Hashes of an in-memory (memory-mapped) file; `data_section` is the bytes after the header
 /// for safetensors files, hashed for AutoV3 only when given (a second full pass over the file).
 pub(crate) fn file_hashes(bytes: &[u8], data_section: Option<&[u8]>, recorded_sshs: Option<&str>) -> FileHashes {
     let sha256 = sha256_bytes(bytes);
-    let autov1 =
-        (bytes.len() >= 2 << 20).then(|| sha256_bytes(&bytes[1 << 20..(1 << 20) + (64 << 10)])[..8].to_string());
+    let autov1 = Some(autov1(bytes));
     let autov3 = data_section.map(sha256_bytes);
     let sshs_model_hash = match (recorded_sshs, &autov3) {
         (Some(rec), Some(comp)) => Some(SshsCheck {

@@ -156,6 +156,9 @@ impl TensorFile {
                 "this is a PyTorch pickle/zip checkpoint, not safetensors; refusing to unpickle it",
             ));
         }
+        if let Some(why) = lfs_pointer(&data) {
+            return Err(Error::input(path, why));
+        }
         if n > MAX_HEADER_BYTES as u64 {
             if n > size {
                 return Err(Error::input(
@@ -236,6 +239,23 @@ pub(crate) fn changed(path: &Path, before: &str, after: &str) -> Error {
              the results were discarded: run again on a file that is not being written"
         ),
     )
+}
+
+/// A Git LFS pointer saved in place of the file (a clone without `git lfs pull`, or a hub
+/// page saved by hand): what it points to, from its `oid sha256:` and `size` lines
+/// (git-lfs spec v1). Read as safetensors it would claim a header of 2.3·10¹⁸ bytes.
+fn lfs_pointer(data: &[u8]) -> Option<String> {
+    if !data.starts_with(b"version https://git-lfs.github.com/spec/") || data.len() > 1024 {
+        return None;
+    }
+    let text = String::from_utf8_lossy(data);
+    let field = |k: &str| text.lines().find_map(|l| l.strip_prefix(k)).map(|v| crate::shown::inline(v.trim()));
+    let oid = field("oid sha256:").unwrap_or_else(|| "?".into());
+    let size = field("size ").unwrap_or_else(|| "?".into());
+    Some(format!(
+        "this is a Git LFS pointer, not the file: the real file (sha256 {oid}, {size} bytes) was never downloaded; \
+         fetch it with `git lfs pull` or download the file itself"
+    ))
 }
 
 /// A safetensors file holds at least its 8-byte header length.
