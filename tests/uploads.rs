@@ -141,3 +141,16 @@ fn diffusers_attention_processor_files_are_detected_without_a_flag() {
     assert_eq!(rec["error"], serde_json::Value::Null, "{rec}");
     assert_eq!(rec["format"], "diffusers");
 }
+
+#[test]
+fn an_adapter_on_some_layers_is_described_by_the_layers_it_touches() {
+    // The demo LoRA adapts layers 24–29 of SmolLM2's 30 (layers_to_transform): 6 layers, not
+    // "30" (the highest index + 1).
+    let (code, out, err) = run(&["inspect", "fixtures/demo/smollm2-demo-lora", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["adapter"]["architecture"], "llama-like decoder (adapter touches 6 layers: 24–29)");
+    let (_, out, _) = run(&["inspect", "fixtures/peft-llama", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["adapter"]["architecture"], "llama-like decoder (adapter touches 2 layers)");
+}

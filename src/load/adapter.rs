@@ -288,16 +288,17 @@ fn guess_architecture(modules: &[LoraModule]) -> String {
         };
     }
     if any("self_attn.q_proj") || any("mlp.gate_proj") || any("self_attn_q_proj") {
-        let layers = modules
+        let layers: std::collections::BTreeSet<usize> = modules
             .iter()
             .filter_map(|m| {
                 m.name.split("layers.").nth(1).and_then(|r| r.split('.').next()).and_then(|n| n.parse::<usize>().ok())
             })
-            .max()
-            .map(|n| n + 1);
-        return match layers {
-            Some(l) => format!("llama-like decoder (adapter touches {l} layers)"),
-            None => "llama-like decoder".to_string(),
+            .collect();
+        return match layers.len() {
+            0 => "llama-like decoder".to_string(),
+            // Counted, not the highest index + 1: an adapter on layers 24–29 touches 6 layers.
+            n if layers.last() == Some(&(n - 1)) => format!("llama-like decoder (adapter touches {n} layers)"),
+            n => format!("llama-like decoder (adapter touches {n} layers: {})", layer_ranges(&layers)),
         };
     }
     if any("c_attn") || any("attn.c_proj") {
@@ -307,4 +308,35 @@ fn guess_architecture(modules: &[LoraModule]) -> String {
         return "embedding-only".to_string();
     }
     "unknown".to_string()
+}
+
+/// Layer indices as ranges: {0, 2, 5, 6, 7} → "0, 2, 5–7".
+fn layer_ranges(layers: &std::collections::BTreeSet<usize>) -> String {
+    let mut parts: Vec<String> = vec![];
+    let mut run: Option<(usize, usize)> = None;
+    for &l in layers {
+        run = match run {
+            Some((a, b)) if l == b + 1 => Some((a, l)),
+            Some((a, b)) => {
+                parts.push(if a == b { a.to_string() } else { format!("{a}–{b}") });
+                Some((l, l))
+            }
+            None => Some((l, l)),
+        };
+    }
+    if let Some((a, b)) = run {
+        parts.push(if a == b { a.to_string() } else { format!("{a}–{b}") });
+    }
+    parts.join(", ")
+}
+
+#[cfg(test)]
+mod layer_tests {
+    #[test]
+    fn layer_ranges_compress_runs() {
+        let set = |v: &[usize]| v.iter().copied().collect();
+        assert_eq!(super::layer_ranges(&set(&[24, 25, 26, 27, 28, 29])), "24–29");
+        assert_eq!(super::layer_ranges(&set(&[0, 2, 5, 6, 7])), "0, 2, 5–7");
+        assert_eq!(super::layer_ranges(&set(&[3])), "3");
+    }
 }
