@@ -4,7 +4,8 @@
 //! command's stages; [`report`] and [`scan`] hold their structures and rendering; [`probe`]
 //! tests the merged model on the works; [`model`] runs llama-family models; [`spectral`] builds
 //! and measures ΔW from the stored factors; [`load`] reads and validates every file; [`linalg`]
-//! is the maths; [`error`], [`rng`] and [`shown`] (input strings made safe to display) are leaves.
+//! is the maths; [`error`], [`rng`], [`order`] (natural order of names) and [`shown`] (input strings made safe
+//! to display) are leaves.
 
 // Numeric kernels index several arrays with one loop variable; iterators would hide that.
 #![allow(clippy::needless_range_loop)]
@@ -20,6 +21,7 @@ pub mod linalg;
 pub mod load;
 pub mod model;
 pub(crate) mod named;
+pub mod order;
 pub mod pipeline;
 pub mod probe;
 pub mod report;

@@ -13,6 +13,7 @@ const LAYERS: &[(&str, u32)] = &[
     ("rng", 0),
     ("named", 0),
     ("shown", 0),
+    ("order", 0),
     ("linalg", 1),
     ("load", 2),
     ("spectral", 3),

@@ -154,3 +154,28 @@ fn an_adapter_on_some_layers_is_described_by_the_layers_it_touches() {
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["adapter"]["architecture"], "llama-like decoder (adapter touches 2 layers)");
 }
+
+#[test]
+fn layers_and_modules_are_in_natural_order() {
+    // Text order put layers.10 between layers.1 and layers.2.
+    let d = tempfile::tempdir().unwrap();
+    let mut b = SafetensorsBuilder::new();
+    let mut rng = Rng::new(9);
+    for l in [10, 2, 1] {
+        let m = format!("base_model.model.model.layers.{l}.self_attn.q_proj");
+        b.random(&mut rng, &format!("{m}.lora_A.weight"), &[2, 8], 0.5, Dtype::F32);
+        b.random(&mut rng, &format!("{m}.lora_B.weight"), &[8, 2], 0.5, Dtype::F32);
+    }
+    let p = d.path().join("adapter_model.safetensors");
+    b.write(&p).unwrap();
+    let (code, out, err) = run(&["spectrum", s(&p), "--json", "-q"]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let layers: Vec<&str> = v["layers"].as_array().unwrap().iter().map(|l| l["layer"].as_str().unwrap()).collect();
+    assert_eq!(layers, ["model.layers.1", "model.layers.2", "model.layers.10"]);
+    let modules: Vec<&str> = v["modules"].as_array().unwrap().iter().map(|m| m["name"].as_str().unwrap()).collect();
+    assert!(modules[0].contains("layers.1.") && modules[1].contains("layers.2.") && modules[2].contains("layers.10."), "{modules:?}");
+    let (_, text, _) = run(&["spectrum", s(&p), "-q"]);
+    let at = |x: &str| text.find(x).unwrap();
+    assert!(at("model.layers.2 ") < at("model.layers.10 "), "{text}");
+}

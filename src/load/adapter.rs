@@ -16,6 +16,7 @@ use super::module::{Delta, LoraModule, ModuleKind};
 use super::names::KeyResolver;
 use super::tensorfile::TensorFile;
 use crate::error::{Error, Result};
+use crate::order::natural_cmp;
 
 /// Largest adapter file the single-file commands read into memory (16 GiB: LoRA and LyCORIS
 /// files of SDXL, Flux and 70B language models are well under it; a full-weight difference of a
@@ -118,7 +119,7 @@ impl Adapter {
         let metadata = metadata::parse(&file.metadata);
         let warnings = parsed.warnings;
         let mut modules = parsed.modules;
-        modules.sort_by(|a, b| a.base_key.cmp(&b.base_key).then_with(|| a.name.cmp(&b.name)));
+        modules.sort_by(|a, b| natural_cmp(&a.base_key, &b.base_key).then_with(|| natural_cmp(&a.name, &b.name)));
         let (config_path, config_json) = config.unzip();
         Ok(Adapter {
             path: file.path.clone(),
@@ -177,7 +178,7 @@ impl Adapter {
             self.warnings
                 .push(format!("{} module(s) match nothing in the base and were skipped: {list}", unmatched.len()));
         }
-        keep.sort_by(|a, b| a.base_key.cmp(&b.base_key).then_with(|| a.name.cmp(&b.name)));
+        keep.sort_by(|a, b| natural_cmp(&a.base_key, &b.base_key).then_with(|| natural_cmp(&a.name, &b.name)));
         let mut dup = keep
             .windows(2)
             .filter(|w| w[0].base_key == w[1].base_key)

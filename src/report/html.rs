@@ -229,7 +229,9 @@ fn information(r: &Report) -> Markup {
 fn spectra(r: &Report) -> Markup {
     let mut ranked: Vec<&ModuleSpectrum> =
         r.spectrum.modules.iter().filter(|m| !m.singular_values.is_empty()).collect();
-    ranked.sort_by(|x, y| y.capacity_bits.total_cmp(&x.capacity_bits).then_with(|| x.base_key.cmp(&y.base_key)));
+    ranked.sort_by(|x, y| {
+        y.capacity_bits.total_cmp(&x.capacity_bits).then_with(|| crate::order::natural_cmp(&x.base_key, &y.base_key))
+    });
     ranked.truncate(PLOTTED_SPECTRA);
     html! {
         h3 { "Singular-value spectra of the " (ranked.len()) " most informative modules" }

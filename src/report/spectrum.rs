@@ -101,7 +101,9 @@ pub fn render_spectrum(r: &SpectrumReport, top: usize) -> String {
         .collect();
     s += &table(&["layer", "modules", "eff. params", "capacity bits", "‖ΔW‖_F"], &rows);
     let mut ranked: Vec<&ModuleSpectrum> = r.modules.iter().collect();
-    ranked.sort_by(|a, b| b.capacity_bits.total_cmp(&a.capacity_bits).then_with(|| a.base_key.cmp(&b.base_key)));
+    ranked.sort_by(|a, b| {
+        b.capacity_bits.total_cmp(&a.capacity_bits).then_with(|| crate::order::natural_cmp(&a.base_key, &b.base_key))
+    });
     s += &format!("\ntop {} modules by information\n", top.min(ranked.len()));
     let rows: Vec<Vec<String>> = ranked
         .iter()

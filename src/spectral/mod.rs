@@ -443,7 +443,12 @@ pub(crate) fn analyse(
             train_images,
             capacity_bits_per_image: train_images.map(|n| capacity_bits / n as f64),
         },
-        layers: layers.into_values().collect(),
+        // Natural order: layer 2 before layer 10.
+        layers: {
+            let mut v: Vec<LayerSummary> = layers.into_values().collect();
+            v.sort_by(|a, b| crate::order::natural_cmp(&a.layer, &b.layer));
+            v
+        },
         modules,
         statement: STATEMENT.to_string(),
     })
