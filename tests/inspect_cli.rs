@@ -113,7 +113,8 @@ fn sshs_model_hash_is_sha256_of_the_bytes_after_the_header() {
     let whole = hex(&Sha256::digest(&bytes));
     assert_eq!(h["sha256"].as_str().unwrap(), whole);
     assert_eq!(h["autov2"].as_str().unwrap(), &whole[..10]);
-    assert!(h["autov1"].is_null(), "AutoV1 needs a file of at least 2 MiB");
+    // A1111 hashes the 64 KiB at 1 MiB, nothing for a file this small: the empty input's hash.
+    assert_eq!(h["autov1"].as_str().unwrap(), &hex(&Sha256::digest(b""))[..8]);
     // Training metadata decoded, tags sorted by count.
     let t = &v["adapter"]["metadata"]["training"];
     assert_eq!(t["num_train_images"], 20);

@@ -174,8 +174,71 @@ fn layers_and_modules_are_in_natural_order() {
     let layers: Vec<&str> = v["layers"].as_array().unwrap().iter().map(|l| l["layer"].as_str().unwrap()).collect();
     assert_eq!(layers, ["model.layers.1", "model.layers.2", "model.layers.10"]);
     let modules: Vec<&str> = v["modules"].as_array().unwrap().iter().map(|m| m["name"].as_str().unwrap()).collect();
-    assert!(modules[0].contains("layers.1.") && modules[1].contains("layers.2.") && modules[2].contains("layers.10."), "{modules:?}");
+    assert!(
+        modules[0].contains("layers.1.") && modules[1].contains("layers.2.") && modules[2].contains("layers.10."),
+        "{modules:?}"
+    );
     let (_, text, _) = run(&["spectrum", s(&p), "-q"]);
     let at = |x: &str| text.find(x).unwrap();
     assert!(at("model.layers.2 ") < at("model.layers.10 "), "{text}");
+}
+
+#[test]
+fn the_training_metadata_users_look_for_is_shown() {
+    let d = tempfile::tempdir().unwrap();
+    let mut b = SafetensorsBuilder::new();
+    let mut rng = Rng::new(1);
+    b.random(&mut rng, "lora_unet_m.lora_down.weight", &[2, 8], 0.5, Dtype::F32);
+    b.random(&mut rng, "lora_unet_m.lora_up.weight", &[8, 2], 0.5, Dtype::F32);
+    for (k, v) in [
+        ("ss_training_comment", "trigger: jdoe_style"),
+        ("modelspec.trigger_phrase", "jdoe_style"),
+        ("ss_optimizer", "bitsandbytes.optim.adamw.AdamW8bit(weight_decay=0.1)"),
+        ("ss_learning_rate", "0.0001"),
+        ("ss_unet_lr", "0.0001"),
+        ("ss_text_encoder_lr", "5e-05"),
+        ("ss_seed", "42"),
+        ("ss_training_started_at", "1709210096.75"),
+        ("ss_training_finished_at", "1709213696.0"),
+        ("ss_network_args", r#"{"conv_dim": "8"}"#),
+        ("ss_clip_skip", "2"),
+        ("ss_noise_offset", "0.05"),
+        ("ss_new_sd_model_hash", "6ce0161689"),
+        ("ss_sd_model_hash", "7460a6fa"),
+    ] {
+        b.meta(k, v);
+    }
+    let p = d.path().join("meta.safetensors");
+    b.write(&p).unwrap();
+    let (code, out, err) = run(&["inspect", s(&p)]);
+    assert_eq!(code, 0, "{err}");
+    for want in [
+        "trigger phrase     jdoe_style",
+        "comment            trigger: jdoe_style",
+        "optimizer          bitsandbytes.optim.adamw.AdamW8bit(weight_decay=0.1)",
+        "learning rates     0.0001, unet 0.0001, text encoder 5e-05",
+        "seed               42",
+        "started            2024-02-29T12:34:56Z (1709210096.75)",
+        "finished           2024-02-29T13:34:56Z (1709213696.0)",
+        "network args       {\"conv_dim\": \"8\"}",
+        "clip skip          2",
+        "noise offset       0.05",
+        "base model hash    6ce0161689, legacy 7460a6fa",
+    ] {
+        assert!(out.contains(want), "missing {want:?} in\n{out}");
+    }
+    let (_, out, _) = run(&["inspect", s(&p), "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        v["adapter"]["metadata"]["training"]["optimizer"],
+        "bitsandbytes.optim.adamw.AdamW8bit(weight_decay=0.1)"
+    );
+    let out_dir = d.path().join("rep");
+    run(&["report", s(&p), "--out", s(&out_dir), "-q"]);
+    let html = std::fs::read_to_string(out_dir.join("report.html")).unwrap();
+    assert!(html.contains("training finished") && html.contains("2024-02-29T13:34:56Z"), "in report.html");
+    // PEFT: the base model and task type come from adapter_config.json.
+    let (_, out, _) = run(&["inspect", "fixtures/demo/smollm2-demo-lora"]);
+    assert!(out.contains("base model         models/SmolLM2-135M-Instruct.Q4_1.gguf"), "{out}");
+    assert!(out.contains("task type          CAUSAL_LM"), "{out}");
 }

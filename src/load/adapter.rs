@@ -116,7 +116,16 @@ impl Adapter {
         opts: &LoadOptions,
     ) -> Result<Self> {
         let parsed = formats::parse(&file, opts.format, config.as_ref().map(|(p, v)| (p.as_path(), v)))?;
-        let metadata = metadata::parse(&file.metadata);
+        let mut metadata = metadata::parse(&file.metadata);
+        // PEFT says what it was trained from in its config, not in the file.
+        if let Some((_, cfg)) = &config {
+            let field = |k: &str| cfg.get(k).and_then(Value::as_str).map(str::trim).filter(|s| !s.is_empty());
+            let t = &mut metadata.training;
+            if t.base_model.is_none() {
+                t.base_model = field("base_model_name_or_path").map(String::from);
+            }
+            t.task_type = field("task_type").map(String::from);
+        }
         let warnings = parsed.warnings;
         let mut modules = parsed.modules;
         modules.sort_by(|a, b| natural_cmp(&a.base_key, &b.base_key).then_with(|| natural_cmp(&a.name, &b.name)));

@@ -39,6 +39,28 @@ pub struct TrainingInfo {
     pub max_train_steps: Option<u64>,
     pub resolution: Option<String>,
     pub dataset_dirs: Vec<DatasetDir>,
+    /// `ss_training_comment`: free text, where trainers often write the trigger words.
+    pub training_comment: Option<String>,
+    /// `modelspec.trigger_phrase` (Stability's model spec).
+    pub trigger_phrase: Option<String>,
+    /// `ss_optimizer`, with its arguments as sd-scripts writes them.
+    pub optimizer: Option<String>,
+    pub learning_rate: Option<String>,
+    pub unet_lr: Option<String>,
+    pub text_encoder_lr: Option<String>,
+    pub seed: Option<String>,
+    /// `ss_training_started_at` / `ss_training_finished_at` (Unix seconds) as UTC ISO 8601.
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    /// `ss_network_args` (JSON as written).
+    pub network_args: Option<String>,
+    pub clip_skip: Option<String>,
+    pub noise_offset: Option<String>,
+    /// Hashes sd-scripts records of the base model it trained from.
+    pub sd_model_hash: Option<String>,
+    pub new_sd_model_hash: Option<String>,
+    /// PEFT's `task_type` (from adapter_config.json).
+    pub task_type: Option<String>,
     /// Caption tags over all dataset folders, most frequent first.
     pub tags: Vec<Tag>,
     pub modelspec: BTreeMap<String, String>,
@@ -77,6 +99,26 @@ fn distinct_images(dirs: &[DatasetDir], datasets: Option<&String>) -> Option<u64
     (!counts.is_empty()).then(|| counts.iter().fold(0u64, |a, &b| a.saturating_add(b)))
 }
 
+/// Unix seconds (sd-scripts writes `time.time()`, a float) as UTC ISO 8601, with the value as
+/// written beside it; `None` for what is not a plausible time (before 1970 or after 9999).
+fn utc_time(v: &str) -> Option<String> {
+    let secs = v.trim().parse::<f64>().ok().filter(|s| s.is_finite() && *s >= 0.0 && *s < 253_402_300_800.0)?;
+    let secs = secs.floor() as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (H. Hinnant, "chrono-compatible low-level date
+    // algorithms", civil_from_days).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    Some(format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z ({})", rem / 3600, rem % 3600 / 60, rem % 60, v.trim()))
+}
+
 fn num(v: Option<&String>) -> Option<u64> {
     let s = v?.trim();
     s.parse::<u64>().ok().or_else(|| s.parse::<f64>().ok().filter(|f| *f >= 0.0).map(|f| f as u64))
@@ -109,6 +151,20 @@ pub(crate) fn parse(meta: &BTreeMap<String, String>) -> Metadata {
         num_epochs: num(g("ss_num_epochs")),
         max_train_steps: num(g("ss_max_train_steps")),
         resolution: text(g("ss_resolution")),
+        training_comment: text(g("ss_training_comment")),
+        trigger_phrase: text(g("modelspec.trigger_phrase")),
+        optimizer: text(g("ss_optimizer")),
+        learning_rate: text(g("ss_learning_rate")),
+        unet_lr: text(g("ss_unet_lr")),
+        text_encoder_lr: text(g("ss_text_encoder_lr")),
+        seed: text(g("ss_seed")),
+        started_at: g("ss_training_started_at").and_then(|v| utc_time(v)),
+        finished_at: g("ss_training_finished_at").and_then(|v| utc_time(v)),
+        network_args: text(g("ss_network_args")),
+        clip_skip: text(g("ss_clip_skip")),
+        noise_offset: text(g("ss_noise_offset")),
+        sd_model_hash: text(g("ss_sd_model_hash")),
+        new_sd_model_hash: text(g("ss_new_sd_model_hash")),
         ..Default::default()
     };
     if let Some(Ok(Value::Object(dirs))) = g("ss_dataset_dirs").map(|s| serde_json::from_str::<Value>(s)) {
@@ -140,4 +196,16 @@ pub(crate) fn parse(meta: &BTreeMap<String, String>) -> Metadata {
     t.modelspec =
         meta.iter().filter(|(k, _)| k.starts_with("modelspec.")).map(|(k, v)| (k.clone(), v.clone())).collect();
     Metadata { raw, training: t }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn unix_times_become_utc_dates() {
+        assert_eq!(super::utc_time("0").as_deref(), Some("1970-01-01T00:00:00Z (0)"));
+        // 2024-02-29T12:34:56Z = 1709210096 (a leap day).
+        assert_eq!(super::utc_time("1709210096.75").as_deref(), Some("2024-02-29T12:34:56Z (1709210096.75)"));
+        assert_eq!(super::utc_time("-5"), None);
+        assert_eq!(super::utc_time("soon"), None);
+    }
 }

@@ -166,6 +166,18 @@ fn adapter_rows(r: &Report) -> Vec<(&'static str, String)> {
         ("epochs", tr.num_epochs.map(|x| x.to_string())),
         ("training steps", tr.max_train_steps.map(|x| x.to_string())),
         ("resolution", opt(&tr.resolution)),
+        ("task type", opt(&tr.task_type)),
+        ("trigger phrase", opt(&tr.trigger_phrase)),
+        ("training comment", opt(&tr.training_comment)),
+        ("optimizer", opt(&tr.optimizer)),
+        ("learning rates", super::inspect::learning_rates(tr)),
+        ("seed", opt(&tr.seed)),
+        ("training started", opt(&tr.started_at)),
+        ("training finished", opt(&tr.finished_at)),
+        ("network args", opt(&tr.network_args)),
+        ("clip skip", opt(&tr.clip_skip)),
+        ("noise offset", opt(&tr.noise_offset)),
+        ("base model hash (metadata)", super::inspect::base_hashes(tr)),
     ];
     rows.extend(metadata.into_iter().filter_map(|(k, v)| v.map(|v| (k, v))));
     rows

@@ -80,6 +80,25 @@ fn opt(x: &Option<impl ToString>) -> String {
     x.as_ref().map(|v| v.to_string()).unwrap_or_else(|| "-".into())
 }
 
+/// sd-scripts' learning rates on one line: the base rate, then the UNet's and the text
+/// encoder's when set.
+pub(crate) fn learning_rates(t: &crate::load::metadata::TrainingInfo) -> Option<String> {
+    let parts: Vec<String> = [("", &t.learning_rate), ("unet ", &t.unet_lr), ("text encoder ", &t.text_encoder_lr)]
+        .iter()
+        .filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}{v}")))
+        .collect();
+    (!parts.is_empty()).then(|| parts.join(", "))
+}
+
+/// The base-model hashes sd-scripts recorded (legacy and new).
+pub(crate) fn base_hashes(t: &crate::load::metadata::TrainingInfo) -> Option<String> {
+    let parts: Vec<String> = [("", &t.new_sd_model_hash), ("legacy ", &t.sd_model_hash)]
+        .iter()
+        .filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}{v}")))
+        .collect();
+    (!parts.is_empty()).then(|| parts.join(", "))
+}
+
 /// Distinct training images and, beside them, sd-scripts' count with repeats.
 pub(crate) fn images_line(t: &crate::load::metadata::TrainingInfo) -> Option<String> {
     match (t.distinct_images, t.num_train_images) {
@@ -146,6 +165,18 @@ pub fn render_inspect(r: &InspectReport) -> String {
     add("epochs", t.num_epochs.map(|x| x.to_string()));
     add("max steps", t.max_train_steps.map(|x| x.to_string()));
     add("resolution", t.resolution.clone());
+    add("task type", t.task_type.clone());
+    add("trigger phrase", t.trigger_phrase.clone());
+    add("comment", t.training_comment.clone());
+    add("optimizer", t.optimizer.clone());
+    add("learning rates", learning_rates(t));
+    add("seed", t.seed.clone());
+    add("started", t.started_at.clone());
+    add("finished", t.finished_at.clone());
+    add("network args", t.network_args.clone());
+    add("clip skip", t.clip_skip.clone());
+    add("noise offset", t.noise_offset.clone());
+    add("base model hash", base_hashes(t));
     for d in &t.dataset_dirs {
         meta.push(format!(
             "  dataset dir        {} ({} images x {} repeats)",
