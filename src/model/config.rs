@@ -341,8 +341,8 @@ impl LlamaConfig {
         if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
             return Err(format!("head dimension {} is not a positive even number", self.head_dim));
         }
-        if !(self.rms_norm_eps.is_finite() && self.rope_theta.is_finite() && self.rope_theta > 0.0) {
-            return Err("rms_norm_eps or rope_theta is not a positive finite number".into());
+        if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
+            return Err(format!("rope_theta {} is not a positive finite number", self.rope_theta));
         }
         Ok(())
     }

@@ -80,23 +80,20 @@ fn opt(x: &Option<impl ToString>) -> String {
     x.as_ref().map(|v| v.to_string()).unwrap_or_else(|| "-".into())
 }
 
-/// sd-scripts' learning rates on one line: the base rate, then the UNet's and the text
-/// encoder's when set.
-pub(crate) fn learning_rates(t: &crate::load::metadata::TrainingInfo) -> Option<String> {
-    let parts: Vec<String> = [("", &t.learning_rate), ("unet ", &t.unet_lr), ("text encoder ", &t.text_encoder_lr)]
-        .iter()
-        .filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}{v}")))
-        .collect();
-    (!parts.is_empty()).then(|| parts.join(", "))
+/// Labelled values on one line ("0.0001, unet 0.0001"), the absent ones left out.
+fn labelled(parts: &[(&str, &Option<String>)]) -> Option<String> {
+    let shown: Vec<String> = parts.iter().filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}{v}"))).collect();
+    (!shown.is_empty()).then(|| shown.join(", "))
 }
 
-/// The base-model hashes sd-scripts recorded (legacy and new).
+/// sd-scripts' learning rates: the base rate, then the UNet's and the text encoder's when set.
+pub(crate) fn learning_rates(t: &crate::load::metadata::TrainingInfo) -> Option<String> {
+    labelled(&[("", &t.learning_rate), ("unet ", &t.unet_lr), ("text encoder ", &t.text_encoder_lr)])
+}
+
+/// The base-model hashes sd-scripts recorded (new and legacy).
 pub(crate) fn base_hashes(t: &crate::load::metadata::TrainingInfo) -> Option<String> {
-    let parts: Vec<String> = [("", &t.new_sd_model_hash), ("legacy ", &t.sd_model_hash)]
-        .iter()
-        .filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}{v}")))
-        .collect();
-    (!parts.is_empty()).then(|| parts.join(", "))
+    labelled(&[("", &t.new_sd_model_hash), ("legacy ", &t.sd_model_hash)])
 }
 
 /// Distinct training images and, beside them, sd-scripts' count with repeats.
