@@ -90,6 +90,16 @@ impl Error {
 
 pub type Result<T> = std::result::Result<T, Error>;
 
+/// The text a panic carried (`panic!` with a literal or a formatted message), for the one line
+/// that reports it.
+pub fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown cause".into())
+}
+
 /// A fault injected at a named stage when `LORASCOPE_FAULT` names it: the tests use it to check
 /// that an internal failure in the middle of a command exits with code 3 and a clear line,
 /// and becomes an `internal` error record in a scan; `LORASCOPE_FAULT=panic` panics at the

@@ -479,14 +479,14 @@ fn scan(a: ScanArgs) -> lorascope::Result<ExitCode> {
     if let Some(l) = &a.list {
         paths.extend(scan::read_list(l)?);
     }
-    let mut files = scan::discover(&paths)?;
-    if let Some((i, n)) = a.shard {
-        files.retain(|c| scan::in_shard(&c.path, i, n));
-    }
     let opts = SpectrumOptions { bits_per_param: a.bits_per_param, ..Default::default() };
     opts.check()?;
     if a.jobs == 0 || a.jobs > MAX_JOBS {
         return Err(lorascope::Error::Usage(format!("--jobs {} is outside 1..={MAX_JOBS}", a.jobs)));
+    }
+    let mut files = scan::discover(&paths)?;
+    if let Some((i, n)) = a.shard {
+        files.retain(|c| scan::in_shard(&c.path, i, n));
     }
     let th = scan::FlagThresholds::default();
     let progress = Progress::new(files.len(), a.quiet);
@@ -674,36 +674,9 @@ fn verify(dir: &Path, json: bool, rerun: bool) -> lorascope::Result<ExitCode> {
     if json {
         emit(&to_canonical_json(o));
     } else {
-        emit(&render_verify(o));
+        emit(&shown::lines(&report::render_verify(o)));
     }
     Ok(if o.ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
-}
-
-fn render_verify(o: &report::VerifyReport) -> String {
-    let files: Vec<Vec<String>> = o
-        .report_files
-        .iter()
-        .map(|f| vec![f.status.to_string(), f.file.clone()])
-        .chain(std::iter::once(vec![
-            if o.canonical { "ok" } else { "changed" }.to_string(),
-            "report.json in canonical form".to_string(),
-        ]))
-        .collect();
-    let mut text = format!("report files (against {})\n", report::MANIFEST);
-    text += &report::table(&["status", "file"], &files);
-    let rows: Vec<Vec<String>> =
-        o.inputs.iter().map(|x| vec![x.status.to_string(), x.role.to_string(), x.path.clone()]).collect();
-    text += "\ninputs\n";
-    text += &report::table(&["status", "role", "file"], &rows);
-    let same = o.inputs.iter().filter(|x| x.status == report::VerifyStatus::Ok).count();
-    text += &format!("{} of {} inputs unchanged\n", same, o.inputs.len());
-    match &o.rerun {
-        Some(r) if r.reproduced => text += "rerun: the findings were reproduced byte for byte\n",
-        Some(r) => text += &format!("rerun: the findings DIFFER at {}\n", shown::inline(&r.differences.join(", "))),
-        None => {}
-    }
-    text += if o.ok { "verified\n" } else { "NOT verified\n" };
-    text
 }
 
 /// Text to stdout. A reader that closed the pipe (`inspect … | head`) has all it wanted: stop
@@ -742,11 +715,7 @@ fn quiet_panics() {
 }
 
 fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    let text = payload
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "unknown cause".into());
+    let text = lorascope::error::panic_text(payload);
     let at = PANIC_AT.lock().ok().and_then(|a| a.clone()).map(|a| format!(" at {a}")).unwrap_or_default();
     format!("internal error: lorascope panicked{at}: {text} (please report this with the input that caused it)")
 }

@@ -87,7 +87,9 @@ impl<R: Read> Walk<R> {
         match ty {
             4 => return Ok(Some(self.u32()?)),
             8 => {
-                self.string("a string value")?;
+                // Only a key's bytes are needed; a value's are skipped, not allocated.
+                let n = self.len()?;
+                self.skip(n, "a string value")?;
             }
             9 => {
                 if depth >= MAX_ARRAY_DEPTH {

@@ -118,15 +118,22 @@ fn read_manifest(dir: &Path) -> BTreeMap<String, String> {
         .collect()
 }
 
-fn check_report_file(dir: &Path, name: &str, manifest: &BTreeMap<String, String>) -> FileCheck {
-    let recorded = manifest.get(name).cloned();
-    let now = sha256_file(&dir.join(name)).ok().map(|(h, _)| h);
-    let status = match (&recorded, &now) {
+/// A file's SHA-256 now (read through the safe open), and its state against the recorded one:
+/// `None` recorded means nothing lists it.
+fn recheck(path: &Path, recorded: Option<&str>) -> (VerifyStatus, Option<String>) {
+    let now = sha256_file(path).ok().map(|(h, _)| h);
+    let status = match (recorded, &now) {
         (_, None) => VerifyStatus::Missing,
         (None, Some(_)) => VerifyStatus::Unlisted,
         (Some(r), Some(h)) if r == h => VerifyStatus::Ok,
         _ => VerifyStatus::Changed,
     };
+    (status, now)
+}
+
+fn check_report_file(dir: &Path, name: &str, manifest: &BTreeMap<String, String>) -> FileCheck {
+    let recorded = manifest.get(name).cloned();
+    let (status, now) = recheck(&dir.join(name), recorded.as_deref());
     FileCheck { file: name.to_string(), status, recorded_sha256: recorded, sha256: now }
 }
 
@@ -160,12 +167,7 @@ pub fn verify(dir: &Path) -> Result<Verification> {
         .inputs
         .iter()
         .map(|i| {
-            let now = sha256_file(Path::new(&i.path)).ok().map(|(h, _)| h);
-            let status = match &now {
-                None => VerifyStatus::Missing,
-                Some(h) if *h == i.sha256 => VerifyStatus::Ok,
-                Some(_) => VerifyStatus::Changed,
-            };
+            let (status, now) = recheck(Path::new(&i.path), Some(&i.sha256));
             Verified { role: i.role, path: i.path.clone(), status, recorded_sha256: i.sha256.clone(), sha256: now }
         })
         .collect();
@@ -178,9 +180,11 @@ pub fn verify(dir: &Path) -> Result<Verification> {
 /// The findings of a report: everything but the wall-clock timings, the only part that may
 /// differ between two runs on the same inputs.
 fn findings(r: &Report) -> serde_json::Value {
-    let mut r = r.clone();
-    r.timings = None;
-    serde_json::from_str(&crate::report::to_canonical_json(&r)).unwrap_or(serde_json::Value::Null)
+    let mut v = serde_json::to_value(r).unwrap_or(serde_json::Value::Null);
+    if let Some(o) = v.as_object_mut() {
+        o.remove("timings");
+    }
+    v
 }
 
 /// JSON paths (`/a/0/b`) where two values differ, at most `limit`.

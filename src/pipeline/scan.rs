@@ -77,7 +77,9 @@ pub fn scan_one(c: &Candidate, opts: &SpectrumOptions, th: &FlagThresholds) -> S
         rec.flags = crate::scan::flags_for(&rec, found, th);
         Ok(())
     }))
-    .unwrap_or_else(|payload| Err(Error::Internal(format!("lorascope panicked: {}", panic_text(payload.as_ref())))));
+    .unwrap_or_else(|payload| {
+        Err(Error::Internal(format!("lorascope panicked: {}", crate::error::panic_text(payload.as_ref()))))
+    });
     if let Err(e) = result {
         let kind = match e {
             Error::Refused { .. } => ErrorKind::Skipped,
@@ -96,15 +98,6 @@ pub fn scan_one(c: &Candidate, opts: &SpectrumOptions, th: &FlagThresholds) -> S
         }
     }
     rec
-}
-
-/// The text a panic carried (`panic!` with a literal or a formatted message).
-fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
-    payload
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "unknown cause".into())
 }
 
 /// What a scan saw, for the summary.

@@ -127,3 +127,33 @@ pub struct VerifyReport {
     pub rerun: Option<Rerun>,
     pub ok: bool,
 }
+
+/// Human summary of `verify`: the report's own files, its inputs, the rerun, and the answer.
+pub fn render_verify(o: &VerifyReport) -> String {
+    let files: Vec<Vec<String>> = o
+        .report_files
+        .iter()
+        .map(|f| vec![f.status.to_string(), f.file.clone()])
+        .chain(std::iter::once(vec![
+            if o.canonical { "ok" } else { "changed" }.to_string(),
+            "report.json in canonical form".to_string(),
+        ]))
+        .collect();
+    let mut text = format!("report files (against {})\n", MANIFEST);
+    text += &super::table(&["status", "file"], &files);
+    let rows: Vec<Vec<String>> =
+        o.inputs.iter().map(|x| vec![x.status.to_string(), x.role.to_string(), x.path.clone()]).collect();
+    text += "\ninputs\n";
+    text += &super::table(&["status", "role", "file"], &rows);
+    let same = o.inputs.iter().filter(|x| x.status == VerifyStatus::Ok).count();
+    text += &format!("{} of {} inputs unchanged\n", same, o.inputs.len());
+    match &o.rerun {
+        Some(r) if r.reproduced => text += "rerun: the findings were reproduced byte for byte\n",
+        Some(r) => {
+            text += &format!("rerun: the findings DIFFER at {}\n", crate::shown::inline(&r.differences.join(", ")))
+        }
+        None => {}
+    }
+    text += if o.ok { "verified\n" } else { "NOT verified\n" };
+    text
+}
