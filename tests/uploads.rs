@@ -242,3 +242,171 @@ fn the_training_metadata_users_look_for_is_shown() {
     assert!(out.contains("base model         models/SmolLM2-135M-Instruct.Q4_1.gguf"), "{out}");
     assert!(out.contains("task type          CAUSAL_LM"), "{out}");
 }
+
+/// The SD 1.x/2.x UNet's transformer blocks in the order `lora_diffusion` walks them (down,
+/// up, mid: diffusers registers `up_blocks` before `mid_block`), each with its width and its
+/// block in original-LDM naming (layers_per_block 2), written out here by hand.
+const WALK: [(&str, usize, &str); 16] = [
+    ("down_blocks.0.attentions.0", 8, "input_blocks.1.1"),
+    ("down_blocks.0.attentions.1", 8, "input_blocks.2.1"),
+    ("down_blocks.1.attentions.0", 16, "input_blocks.4.1"),
+    ("down_blocks.1.attentions.1", 16, "input_blocks.5.1"),
+    ("down_blocks.2.attentions.0", 32, "input_blocks.7.1"),
+    ("down_blocks.2.attentions.1", 32, "input_blocks.8.1"),
+    ("up_blocks.1.attentions.0", 32, "output_blocks.3.1"),
+    ("up_blocks.1.attentions.1", 32, "output_blocks.4.1"),
+    ("up_blocks.1.attentions.2", 32, "output_blocks.5.1"),
+    ("up_blocks.2.attentions.0", 16, "output_blocks.6.1"),
+    ("up_blocks.2.attentions.1", 16, "output_blocks.7.1"),
+    ("up_blocks.2.attentions.2", 16, "output_blocks.8.1"),
+    ("up_blocks.3.attentions.0", 8, "output_blocks.9.1"),
+    ("up_blocks.3.attentions.1", 8, "output_blocks.10.1"),
+    ("up_blocks.3.attentions.2", 8, "output_blocks.11.1"),
+    ("mid_block.attentions.0", 32, "middle_block.1"),
+];
+const CTX: usize = 12;
+
+/// One transformer block's layers as lora_diffusion stores them: (diffusers suffix, [out, in]).
+/// `old_order`: the diffusers of late 2022 registered `attn1`, `ff`, `attn2`.
+fn block_layers(c: usize, old_order: bool) -> Vec<(String, [usize; 2])> {
+    let attn = |a: &str, kv_in: usize| {
+        vec![
+            (format!("{a}.to_q"), [c, c]),
+            (format!("{a}.to_k"), [c, kv_in]),
+            (format!("{a}.to_v"), [c, kv_in]),
+            (format!("{a}.to_out.0"), [c, c]),
+        ]
+    };
+    let ff = vec![("ff.net.0.proj".to_string(), [8 * c, c])];
+    if old_order {
+        [attn("attn1", c), ff, attn("attn2", CTX)].concat()
+    } else {
+        [attn("attn1", c), attn("attn2", CTX), ff].concat()
+    }
+}
+
+/// A safeloras file (UNet with the default targets, a 2-layer CLIP text encoder, one
+/// textual-inversion token) and, in the same order, the diffusers path of every UNet layer.
+fn safeloras_file(dir: &Path, old_order: bool, unet_targets: &str) -> (std::path::PathBuf, Vec<String>) {
+    let mut b = SafetensorsBuilder::new();
+    let mut rng = Rng::new(21);
+    let mut paths = vec![];
+    let mut i = 0;
+    for (block, c, _) in WALK {
+        for (suffix, [out, inp]) in block_layers(c, old_order) {
+            b.random(&mut rng, &format!("unet:{i}:up"), &[out, 2], 0.5, Dtype::F16);
+            b.random(&mut rng, &format!("unet:{i}:down"), &[2, inp], 0.5, Dtype::F16);
+            b.meta(&format!("unet:{i}:rank"), "2");
+            paths.push(format!("unet.{block}.transformer_blocks.0.{suffix}"));
+            i += 1;
+        }
+    }
+    for j in 0..8 {
+        b.random(&mut rng, &format!("text_encoder:{j}:up"), &[10, 1], 0.5, Dtype::F16);
+        b.random(&mut rng, &format!("text_encoder:{j}:down"), &[1, 10], 0.5, Dtype::F16);
+        b.meta(&format!("text_encoder:{j}:rank"), "1");
+    }
+    b.random(&mut rng, "<s1>", &[10], 0.5, Dtype::F32);
+    b.meta("<s1>", "<embed>");
+    b.meta("unet", unet_targets);
+    b.meta("text_encoder", "[\"CLIPAttention\"]");
+    let p = dir.join(format!("safeloras-{old_order}.safetensors"));
+    b.write(&p).unwrap();
+    (p, paths)
+}
+
+/// An SD base in original-LDM naming holding the weights the safeloras layers change.
+fn ldm_base(dir: &Path) -> std::path::PathBuf {
+    let mut b = SafetensorsBuilder::new();
+    let mut rng = Rng::new(22);
+    for (_, c, ldm) in WALK {
+        for (suffix, [out, inp]) in block_layers(c, false) {
+            b.random(
+                &mut rng,
+                &format!("model.diffusion_model.{ldm}.transformer_blocks.0.{suffix}.weight"),
+                &[out, inp],
+                0.1,
+                Dtype::F32,
+            );
+        }
+    }
+    for l in 0..2 {
+        for p in ["q_proj", "k_proj", "v_proj", "out_proj"] {
+            let k = format!("cond_stage_model.transformer.text_model.encoder.layers.{l}.self_attn.{p}.weight");
+            b.random(&mut rng, &k, &[10, 10], 0.1, Dtype::F32);
+        }
+    }
+    let p = dir.join("base.safetensors");
+    b.write(&p).unwrap();
+    p
+}
+
+#[test]
+fn cloneofsimo_safeloras_are_read_with_the_weights_each_position_changes() {
+    let d = tempfile::tempdir().unwrap();
+    let targets = "[\"CrossAttention\", \"Attention\", \"GEGLU\"]";
+    for old_order in [false, true] {
+        let (p, paths) = safeloras_file(d.path(), old_order, targets);
+        let (code, out, err) = run(&["inspect", s(&p), "--json"]);
+        assert_eq!(code, 0, "{err}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["adapter"]["format"], "safeloras");
+        let modules = v["adapter"]["modules"].as_array().unwrap();
+        assert_eq!(modules.len(), 16 * 9 + 8);
+        let key_of = |name: &str| {
+            modules.iter().find(|m| m["name"] == name).unwrap_or_else(|| panic!("{name}"))["base_key"].clone()
+        };
+        for (i, path) in paths.iter().enumerate() {
+            assert_eq!(key_of(&format!("unet:{i}")), format!("{path}.weight"), "old order {old_order}");
+        }
+        // transformers' CLIPAttention registers k, v, q, out.
+        assert_eq!(key_of("text_encoder:2"), "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.weight");
+        assert_eq!(key_of("text_encoder:7"), "text_encoder.text_model.encoder.layers.1.self_attn.out_proj.weight");
+        let warnings = v["warnings"].to_string();
+        assert!(warnings.contains("textual-inversion") && warnings.contains("<s1>"), "{warnings}");
+        assert!(!warnings.contains("positions"), "{warnings}");
+    }
+
+    // ΔW = up·down (lora_diffusion folds the scale into up), against the plain reference; and
+    // against an original-LDM base every layer resolves to the weight the walk names.
+    let (p, paths) = safeloras_file(d.path(), true, targets);
+    let base = ldm_base(d.path());
+    let (a, _) = lorascope::open(&p, Some(&base), &lorascope::LoadOptions::default()).unwrap();
+    assert_eq!(a.modules.len(), 152);
+    let m = a.modules.iter().find(|m| m.name == "unet:4").unwrap();
+    assert_eq!(m.base_key, "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.ff.net.0.proj.weight");
+    assert!(paths[4].ends_with("ff.net.0.proj"));
+    let want = mat(&p, "unet:4:up").matmul(&mat(&p, "unet:4:down"));
+    use lorascope::spectral::DeltaW;
+    assert_close(&m.dense_delta(None).unwrap(), &want, 1e-6);
+    let m = a.modules.iter().find(|m| m.name == "unet:143").unwrap();
+    assert_eq!(m.base_key, "model.diffusion_model.middle_block.1.transformer_blocks.0.attn2.to_out.0.weight");
+
+    // scan reads it without a flag.
+    let (code, out, err) = run(&["scan", s(&p), "-q"]);
+    assert_eq!(code, 0, "{err}");
+    let rec: serde_json::Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+    assert_eq!(rec["format"], "safeloras", "{out}");
+    assert_eq!(rec["modules"], 152);
+}
+
+#[test]
+fn safeloras_whose_order_is_unknown_keep_positional_names_and_say_so() {
+    // Extended targets add ResnetBlock2D convolutions, whose place in the walk lorascope does
+    // not know: the layers keep their positions as names, never a guessed weight.
+    let d = tempfile::tempdir().unwrap();
+    let (p, _) = safeloras_file(d.path(), false, "[\"ResnetBlock2D\", \"CrossAttention\", \"Attention\", \"GEGLU\"]");
+    let (code, out, err) = run(&["inspect", s(&p), "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let modules = v["adapter"]["modules"].as_array().unwrap();
+    let m = modules.iter().find(|m| m["name"] == "unet:0").unwrap();
+    assert_eq!(m["base_key"], "unet:0");
+    let warnings = v["warnings"].to_string();
+    assert!(warnings.contains("safeloras component unet") && warnings.contains("ResnetBlock2D"), "{warnings}");
+    // Against a base, the positional names match nothing: an error naming them, not a guess.
+    let base = ldm_base(d.path());
+    let (code, _, err) = run(&["inspect", s(&p), "--base", s(&base)]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("unet:0"), "{err}");
+}

@@ -160,7 +160,7 @@ impl Adapter {
         let mut unmatched = vec![];
         let mut keep = vec![];
         for mut m in std::mem::take(&mut self.modules) {
-            match resolver.resolve(&m.name) {
+            match resolver.resolve(lookup_name(&m)) {
                 Ok(key) => {
                     let bshape = base.shape(&key).expect("resolved key exists").to_vec();
                     m.shape = reconcile_shape(&m, &bshape).map_err(|reason| {
@@ -223,6 +223,15 @@ impl Adapter {
     /// A guess at the model family, from module names (and shapes where they tell).
     pub(crate) fn architecture(&self) -> String {
         guess_architecture(&self.modules)
+    }
+}
+
+/// The name a module is looked up by in the base: its name in the file, except where the file
+/// names modules by position (safeloras `unet:3`) and the loader worked out the path.
+fn lookup_name(m: &LoraModule) -> &str {
+    match m.base_key.strip_suffix(".weight") {
+        Some(path) if m.name.contains(':') => path,
+        _ => &m.name,
     }
 }
 

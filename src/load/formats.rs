@@ -21,6 +21,7 @@ use serde_json::Value;
 use super::fsguard::{is_entry, Tree};
 use super::module::{Delta, KronPart, LoraModule, Magnitude, ModuleKind, NormAxis};
 use super::patterns::{self, PatternWork, Patterns, MAX_PATTERN_KEYS};
+use super::safeloras;
 use super::tensor::TensorRef;
 use super::tensorfile::{refuse_pickle, TensorFile};
 use crate::error::{Error, Result};
@@ -32,6 +33,8 @@ pub enum Format {
     Kohya,
     Lycoris,
     Diffusers,
+    /// cloneofsimo `lora_diffusion` "safeloras" (`unet:0:up`).
+    Safeloras,
 }
 
 impl std::str::FromStr for Format {
@@ -42,7 +45,8 @@ impl std::str::FromStr for Format {
             "kohya" | "sd-scripts" | "a1111" | "comfyui" => Ok(Format::Kohya),
             "lycoris" => Ok(Format::Lycoris),
             "diffusers" => Ok(Format::Diffusers),
-            other => Err(format!("unknown format {other:?} (peft, kohya, lycoris, diffusers)")),
+            "safeloras" | "cloneofsimo" | "lora_diffusion" => Ok(Format::Safeloras),
+            other => Err(format!("unknown format {other:?} (peft, kohya, lycoris, diffusers, safeloras)")),
         }
     }
 }
@@ -54,6 +58,7 @@ impl Format {
             Format::Kohya => "kohya",
             Format::Lycoris => "lycoris",
             Format::Diffusers => "diffusers",
+            Format::Safeloras => "safeloras",
         }
     }
 }
@@ -315,6 +320,7 @@ const UNET_BLOCKS: &[&str] = &["down_blocks.", "up_blocks.", "mid_block."];
 /// (module name, role) of one tensor key, or `None` if the key is not part of an adapter.
 fn split_key(format: Format, key: &str) -> Option<(String, &'static str)> {
     match format {
+        Format::Safeloras => safeloras::split(key).map(|(c, i, role)| (safeloras::module_name(c, i), role)),
         Format::Kohya | Format::Lycoris => {
             let (module, suffix) = key.split_once('.')?;
             KOHYA_ROLES.iter().find(|(s, _)| *s == suffix).map(|(_, r)| (module.to_string(), *r))
@@ -378,14 +384,16 @@ pub fn detect_format(keys: &[&str]) -> Option<Format> {
     schemes.iter().rev().max_by_key(|(_, k)| k.len()).map(|(f, _)| *f)
 }
 
-/// The naming schemes the keys follow, in precedence order (PEFT, diffusers, kohya/LyCORIS),
-/// each with the keys it claims: PEFT the keys under `base_model.model.`, diffusers those under
-/// a component prefix (`unet.`, …) that its suffixes recognise, kohya the other keys of the
+/// The naming schemes the keys follow, in precedence order (PEFT, diffusers, safeloras,
+/// kohya/LyCORIS), each with the keys it claims: PEFT the keys under `base_model.model.`,
+/// diffusers those under a component prefix (`unet.`, …) that its suffixes recognise,
+/// safeloras the `component:i:up|down` keys, kohya the other keys of the
 /// form `module.role`. A scheme counts only if it has a weight (kohya keys that are all
 /// `alpha`/`scalar`/`on_input` do not). When only one scheme is present it claims every key,
 /// so a file of one scheme reads as it always has.
 fn naming_schemes<'k>(keys: &[&'k str]) -> Vec<(Format, Vec<&'k str>)> {
     let is_peft = |k: &str| k.starts_with("base_model.model.");
+    let is_safeloras = |k: &str| safeloras::split(k).is_some();
     // diffusers' `save_attn_procs` files name UNet modules without the `unet.` prefix.
     let is_diffusers = |k: &str| {
         !is_peft(k)
@@ -394,10 +402,11 @@ fn naming_schemes<'k>(keys: &[&'k str]) -> Vec<(Format, Vec<&'k str>)> {
     };
     let peft: Vec<&str> = keys.iter().copied().filter(|k| is_peft(k)).collect();
     let diffusers: Vec<&str> = keys.iter().copied().filter(|k| is_diffusers(k)).collect();
+    let safeloras: Vec<&str> = keys.iter().copied().filter(|k| is_safeloras(k)).collect();
     let kohya: Vec<(&str, &str)> = keys
         .iter()
         .copied()
-        .filter(|k| !is_peft(k) && !is_diffusers(k))
+        .filter(|k| !is_peft(k) && !is_diffusers(k) && !is_safeloras(k))
         .filter_map(|k| split_key(Format::Kohya, k).map(|(_, r)| (k, r)))
         .collect();
     // A bare `.weight` is (IA)³ only beside its `on_input` flag; a base model's `lm_head.weight`
@@ -410,6 +419,9 @@ fn naming_schemes<'k>(keys: &[&'k str]) -> Vec<(Format, Vec<&'k str>)> {
     }
     if !diffusers.is_empty() {
         out.push((Format::Diffusers, diffusers));
+    }
+    if !safeloras.is_empty() {
+        out.push((Format::Safeloras, safeloras));
     }
     if !kohya.iter().all(|(_, r)| matches!(*r, "alpha" | "scalar" | "on_input")) {
         let lycoris = kohya.iter().any(|(_, r)| {
@@ -546,6 +558,8 @@ pub(crate) fn parse(file: &Arc<TensorFile>, forced: Option<Format>, config: Opti
     let mut whole_config = None;
     for (format, claimed) in &schemes {
         let format = *format;
+        let claimed = &without_embeddings(file, format, claimed, &mut warnings);
+        let start = modules.len();
         let configs = ModuleConfigs::read(format, file, config, &work)?;
         if format == Format::Peft && configs.whole.is_none() {
             warnings.push(
@@ -576,10 +590,13 @@ pub(crate) fn parse(file: &Arc<TensorFile>, forced: Option<Format>, config: Opti
             // directly; kohya names stay as they are until a base resolves them.
             m.base_key = match format {
                 Format::Peft | Format::Diffusers => format!("{}.weight", m.name),
-                Format::Kohya | Format::Lycoris => m.name.clone(),
+                Format::Kohya | Format::Lycoris | Format::Safeloras => m.name.clone(),
             };
             modules.push(m);
             count += 1;
+        }
+        if format == Format::Safeloras {
+            name_safeloras_modules(file, &mut modules[start..], &mut warnings);
         }
         naming.push((format, count));
         whole_config = whole_config.or(configs.whole);
@@ -607,6 +624,75 @@ pub(crate) fn parse(file: &Arc<TensorFile>, forced: Option<Format>, config: Opti
     // The scheme with the most modules names the adapter's format; precedence order breaks ties.
     let format = naming.iter().rev().max_by_key(|(_, n)| *n).map(|(f, _)| *f).expect("at least one scheme");
     Ok(Parsed { format, modules, warnings, config: whole_config, naming })
+}
+
+/// The keys of a safeloras file less its textual-inversion embeddings (metadata value
+/// `<embed>`), which are named in a warning: they add tokens, not a weight delta.
+fn without_embeddings<'k>(
+    file: &TensorFile,
+    format: Format,
+    keys: &[&'k str],
+    warnings: &mut Vec<String>,
+) -> Vec<&'k str> {
+    if format != Format::Safeloras {
+        return keys.to_vec();
+    }
+    let (embeds, rest): (Vec<&str>, Vec<&str>) =
+        keys.iter().partition(|k| file.metadata.get(**k).is_some_and(|v| v == safeloras::EMBED_FLAG));
+    if !embeds.is_empty() {
+        warnings.push(format!(
+            "{} textual-inversion embedding(s) stored beside the LoRA ({}): new tokens the adapter adds, not analysed",
+            embeds.len(),
+            embeds.iter().take(8).copied().collect::<Vec<_>>().join(", ")
+        ));
+    }
+    rest
+}
+
+/// Give the positional modules of a safeloras file the base weights they change, component by
+/// component, where their order and shapes fit a known walk (`safeloras.rs`); otherwise keep
+/// the positional names and say why.
+fn name_safeloras_modules(file: &TensorFile, modules: &mut [LoraModule], warnings: &mut Vec<String>) {
+    let mut by_component: BTreeMap<String, Vec<(usize, usize)>> = BTreeMap::new();
+    for (at, m) in modules.iter().enumerate() {
+        if let Some((c, i, _)) = safeloras::split(&format!("{}:up", m.name)) {
+            by_component.entry(c.to_string()).or_default().push((i, at));
+        }
+    }
+    for (component, mut layers) in by_component {
+        layers.sort_unstable();
+        for (i, at) in &layers {
+            let recorded =
+                file.metadata.get(&format!("{component}:{i}:rank")).and_then(|r| r.trim().parse::<usize>().ok());
+            if let Some(r) = recorded.filter(|r| *r != modules[*at].rank) {
+                warnings.push(format!(
+                    "module {}: metadata records rank {r}, the factors have rank {}; the factors are used",
+                    modules[*at].name, modules[*at].rank
+                ));
+            }
+        }
+        let contiguous = layers.iter().enumerate().all(|(n, (i, _))| n == *i);
+        let targets: Vec<String> =
+            file.metadata.get(&component).and_then(|t| serde_json::from_str(t).ok()).unwrap_or_default();
+        let shapes: Vec<Vec<usize>> = layers.iter().map(|(_, at)| modules[*at].shape.clone()).collect();
+        let paths = if contiguous {
+            safeloras::module_paths(&component, &targets, &shapes)
+        } else {
+            Err("its layer indices have gaps".to_string())
+        };
+        match paths {
+            Ok(paths) => {
+                for ((_, at), path) in layers.iter().zip(paths) {
+                    modules[*at].base_key = format!("{path}.weight");
+                }
+            }
+            Err(why) => warnings.push(format!(
+                "safeloras component {component}: {} layers stored by position, and {why}; their names are \
+                 positions ({component}:0, …), not the base weights they change",
+                layers.len()
+            )),
+        }
+    }
 }
 
 /// Each module's tensors by role; keys that belong to no module are counted in a warning.

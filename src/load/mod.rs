@@ -11,6 +11,7 @@ pub(crate) mod metadata;
 mod module;
 pub mod names;
 mod patterns;
+mod safeloras;
 mod tensor;
 pub(crate) mod tensorfile;
 pub mod works;
