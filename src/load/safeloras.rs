@@ -100,7 +100,7 @@ pub(crate) fn module_paths(component: &str, targets: &[String], shapes: &[Vec<us
 
 fn clip_paths(pairs: &[(usize, usize)]) -> Result<Vec<String>, String> {
     let width = pairs.first().map(|p| p.0).unwrap_or(0);
-    if pairs.is_empty() || pairs.len() % 4 != 0 || pairs.iter().any(|&(o, i)| o != width || i != width) {
+    if pairs.is_empty() || !pairs.len().is_multiple_of(4) || pairs.iter().any(|&(o, i)| o != width || i != width) {
         return Err(format!(
             "{} layers do not make CLIP attention layers of four square projections each",
             pairs.len()
