@@ -410,3 +410,65 @@ fn safeloras_whose_order_is_unknown_keep_positional_names_and_say_so() {
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("unet:0"), "{err}");
 }
+
+/// A kohya file as sd-scripts saves it: the hashes are taken on the tensors re-serialised with
+/// only the `ss_` metadata, then written into the saved file beside other metadata. The legacy
+/// hash is computed here from the bytes of that re-serialisation (SHA-256 of the 64 KiB at
+/// 1 MiB, first 8 hex digits, as sd-scripts' `addnet_hash_legacy`).
+fn sd_scripts_file(dir: &Path, edit_after: Option<(&str, &str)>) -> (std::path::PathBuf, String) {
+    use sha2::{Digest, Sha256};
+    let build = |extra: &[(&str, &str)]| {
+        let mut b = SafetensorsBuilder::new();
+        let mut rng = Rng::new(5);
+        for i in 0..6 {
+            let m = format!("lora_unet_block_{i}_to_q");
+            b.random(&mut rng, &format!("{m}.lora_down.weight"), &[8, 16_000], 0.5, Dtype::F16);
+            b.random(&mut rng, &format!("{m}.lora_up.weight"), &[320, 8], 0.5, Dtype::F16);
+            b.add(&format!("{m}.alpha"), &[], &[4.0], Dtype::F16);
+        }
+        b.meta("ss_network_dim", "8").meta("ss_output_name", "style\u{e9}\"x\"\n");
+        for (k, v) in extra {
+            b.meta(k, v);
+        }
+        b
+    };
+    let training = build(&[]).to_bytes();
+    assert!(training.len() > (1 << 20) + (64 << 10));
+    let window = &training[1 << 20..(1 << 20) + (64 << 10)];
+    let legacy: String = Sha256::digest(window).iter().take(4).map(|b| format!("{b:02x}")).collect();
+    let mut extra = vec![("sshs_legacy_hash", legacy.as_str()), ("modelspec.title", "Style")];
+    if let Some(e) = edit_after {
+        extra.push(e);
+    }
+    let p = dir.join("sd-scripts.safetensors");
+    build(&extra).write(&p).unwrap();
+    (p, legacy)
+}
+
+#[test]
+fn sshs_legacy_hash_is_checked_on_the_training_time_serialisation() {
+    let d = tempfile::tempdir().unwrap();
+    let (p, legacy) = sd_scripts_file(d.path(), None);
+    let (code, out, err) = run(&["inspect", s(&p), "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let c = &v["adapter"]["hashes"]["sshs_legacy_hash"];
+    assert_eq!(c["recorded"], legacy.as_str());
+    assert_eq!(c["computed"], legacy.as_str());
+    assert_eq!(c["matches"], true);
+    assert_eq!(c["convention"], "padded header");
+    // The saved file's own window is elsewhere (its header is longer): the check is not that.
+    assert_ne!(v["adapter"]["hashes"]["autov1"], legacy.as_str());
+    let (_, text, _) = run(&["inspect", s(&p)]);
+    assert!(text.contains(&format!("recorded sshs_legacy_hash {legacy}: matches")), "{text}");
+
+    // An ss_ field edited after training moves the data: the check says so, in a warning too.
+    // (An edit that keeps the padded header length would not: the legacy hash only sees where
+    // the data starts, which is why the content hash is the one to trust.)
+    let (p, _) = sd_scripts_file(d.path(), Some(("ss_output_name", "renamed by a re-uploader, 40 bytes longer")));
+    let (code, out, err) = run(&["inspect", s(&p), "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["adapter"]["hashes"]["sshs_legacy_hash"]["matches"], false);
+    assert!(v["warnings"].to_string().contains("sshs_legacy_hash"), "{}", v["warnings"]);
+}

@@ -211,7 +211,18 @@ impl Adapter {
             let f = &self.file;
             let recorded = f.metadata.get("sshs_model_hash").map(String::as_str);
             let data = (recorded.is_some() || self.want_autov3).then(|| f.data_section());
-            hashes::file_hashes(f.bytes(), data, recorded)
+            let mut h = hashes::file_hashes(f.bytes(), data, recorded);
+            h.sshs_legacy_hash = f.metadata.get("sshs_legacy_hash").map(|rec| {
+                let (header_len, parts) = match f.training_header() {
+                    Some((header, order)) => {
+                        let data = f.data_section();
+                        (header.len(), order.iter().map(|e| &data[e.start..e.end]).collect())
+                    }
+                    None => (usize::MAX, vec![]),
+                };
+                hashes::check_legacy(rec, header_len, &parts)
+            });
+            h
         })
     }
 

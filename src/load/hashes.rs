@@ -64,6 +64,70 @@ pub struct SshsCheck {
     pub matches: bool,
 }
 
+/// The check of sd-scripts' `sshs_legacy_hash`: the first 8 hex digits of the SHA-256 of the
+/// 64 KiB at offset 1 MiB of the file as sd-scripts re-serialised it before saving (tensors
+/// plus only the `ss_` metadata). Where those bytes lie depends on that header's length, which
+/// safetensors ≥ 0.3 pads with spaces to a multiple of 8 and older versions did not: both are
+/// tried, and `convention` says which one matched. The hash sees only where the tensor data
+/// starts and 64 KiB of it: an `ss_` edit that keeps the padded header length, or a change to
+/// tensor bytes outside that window, leaves it unchanged; `sshs_model_hash` is the strong check.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LegacyCheck {
+    pub recorded: String,
+    /// The hash under the padded (current) header; `None` when it cannot be recomputed (the
+    /// re-serialised header reaches past 1 MiB, where its key order would matter).
+    pub computed: Option<String>,
+    pub matches: bool,
+    /// `padded header` or `unpadded header` (safetensors < 0.3) when it matches.
+    pub convention: Option<String>,
+}
+
+/// `sshs_legacy_hash` (sd-scripts `library/train_util.py`, `addnet_hash_legacy`) of a file whose
+/// training-time header is `header` and whose tensors, in that header's order, are `parts` of
+/// `data`, with `header` padded as the given convention does.
+pub(crate) fn legacy_hash(header_len: usize, parts: &[&[u8]]) -> Option<String> {
+    const START: usize = 1 << 20;
+    const LEN: usize = 64 << 10;
+    let data_start = header_len.checked_add(8).filter(|s| *s <= START)?;
+    // The window [1 MiB, 1 MiB + 64 KiB) of the re-serialised file, inside its data section.
+    let (mut skip, mut want) = (START - data_start, LEN);
+    let mut h = Sha256::new();
+    for p in parts {
+        if want == 0 {
+            break;
+        }
+        if skip >= p.len() {
+            skip -= p.len();
+            continue;
+        }
+        let take = (p.len() - skip).min(want);
+        h.update(&p[skip..skip + take]);
+        want -= take;
+        skip = 0;
+    }
+    Some(hex(&h.finalize())[..8].to_string())
+}
+
+/// Check a recorded `sshs_legacy_hash` against both header conventions.
+pub(crate) fn check_legacy(recorded: &str, header_len: usize, parts: &[&[u8]]) -> LegacyCheck {
+    let padded = header_len.checked_next_multiple_of(8).and_then(|l| legacy_hash(l, parts));
+    let unpadded = legacy_hash(header_len, parts);
+    let same = |c: &Option<String>| c.as_deref().is_some_and(|c| recorded.trim().eq_ignore_ascii_case(c));
+    let convention = if same(&padded) {
+        Some("padded header")
+    } else if same(&unpadded) {
+        Some("unpadded header")
+    } else {
+        None
+    };
+    LegacyCheck {
+        recorded: recorded.to_string(),
+        computed: padded,
+        matches: convention.is_some(),
+        convention: convention.map(str::to_string),
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct FileHashes {
     pub sha256: String,
@@ -76,6 +140,7 @@ pub struct FileHashes {
     /// computed when the file records an `sshs_model_hash` or when asked (`--autov3`).
     pub autov3: Option<String>,
     pub sshs_model_hash: Option<SshsCheck>,
+    pub sshs_legacy_hash: Option<LegacyCheck>,
 }
 
 /// A1111's legacy `model_hash` (Civitai AutoV1): seek to 1 MiB, read up to 64 KiB, SHA-256,
@@ -101,5 +166,27 @@ pub(crate) fn file_hashes(bytes: &[u8], data_section: Option<&[u8]>, recorded_ss
         }),
         _ => None,
     };
-    FileHashes { autov2: sha256[..10].to_string(), sha256, autov1, autov3, sshs_model_hash }
+    FileHashes { autov2: sha256[..10].to_string(), sha256, autov1, autov3, sshs_model_hash, sshs_legacy_hash: None }
+}
+
+#[cfg(test)]
+mod legacy_tests {
+    use super::*;
+
+    #[test]
+    fn unpadded_headers_of_old_safetensors_are_recognised() {
+        // Data in two tensors; a 13-byte header puts the window at data offset 2^20 − 21.
+        let data: Vec<u8> = (0..(1usize << 21)).map(|i| (i * 7 % 251) as u8).collect();
+        let (a, b) = data.split_at(1000);
+        let start = (1 << 20) - 8 - 13;
+        let want = sha256_bytes(&data[start..start + (64 << 10)])[..8].to_string();
+        let c = check_legacy(&want, 13, &[a, b]);
+        assert!(c.matches);
+        assert_eq!(c.convention.as_deref(), Some("unpadded header"));
+        // Padded to 16 bytes the window starts 3 bytes later: another hash.
+        assert_ne!(c.computed.as_deref(), Some(want.as_str()));
+        // A header past 1 MiB cannot be recomputed (its key order would be hashed).
+        assert_eq!(legacy_hash(1 << 20, &[a, b]), None);
+        assert!(!check_legacy(&want, usize::MAX, &[]).matches);
+    }
 }

@@ -213,6 +213,34 @@ impl TensorFile {
         &self.mmap[8 + self.header_len..]
     }
 
+    /// The header sd-scripts' `precalculate_safetensors_hashes` builds when it re-serialises the
+    /// tensors with only the `ss_` metadata: the safetensors crate's own `Metadata`, tensors in
+    /// its order (descending dtype, then name), serialised by serde_json. `None` when the crate
+    /// refuses the layout.
+    pub(crate) fn training_header(&self) -> Option<(Vec<u8>, Vec<&TensorEntry>)> {
+        let mut order: Vec<(&String, &TensorEntry)> = self.tensors.iter().collect();
+        order.sort_by(|(ln, l), (rn, r)| r.dtype.cmp(&l.dtype).then(ln.cmp(rn)));
+        let mut offset = 0;
+        let mut infos = Vec::with_capacity(order.len());
+        for (name, e) in &order {
+            let n = e.end - e.start;
+            infos.push((
+                name.to_string(),
+                safetensors::tensor::TensorInfo {
+                    dtype: e.dtype,
+                    shape: e.shape.clone(),
+                    data_offsets: (offset, offset + n),
+                },
+            ));
+            offset += n;
+        }
+        let ss: std::collections::HashMap<String, String> =
+            self.metadata.iter().filter(|(k, _)| k.starts_with("ss_")).map(|(k, v)| (k.clone(), v.clone())).collect();
+        let meta = safetensors::tensor::Metadata::new(Some(ss), infos).ok()?;
+        let header = serde_json::to_vec(&meta).ok()?;
+        Some((header, order.into_iter().map(|(_, e)| e).collect()))
+    }
+
     pub(crate) fn entry(&self, name: &str) -> Result<&TensorEntry> {
         self.tensors.get(name).ok_or_else(|| Error::input(&self.path, format!("tensor {name} not found")))
     }

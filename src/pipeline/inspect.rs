@@ -121,6 +121,14 @@ pub fn inspect_with(
             ));
         }
     }
+    if let Some(c) = adapter.hashes().sshs_legacy_hash.as_ref().filter(|c| !c.matches && c.computed.is_some()) {
+        warnings.push(format!(
+            "recorded sshs_legacy_hash {} differs from the recomputed {}: the tensors, their order or the ss_ \
+             training metadata changed after training, or the hash was forged",
+            c.recorded,
+            c.computed.as_deref().unwrap_or_default()
+        ));
+    }
     let rows: Vec<ModuleRow> = adapter.modules.par_iter().map(|m| module_row(m, known(m))).collect::<Result<_>>()?;
     let mut modules = vec![];
     for (m, row) in adapter.modules.iter().zip(rows) {

@@ -198,6 +198,9 @@ fn hash_rows(r: &Report) -> Vec<(&'static str, String)> {
         };
         rows.push(("recorded training hash", format!("{} — {verdict}", c.recorded)));
     }
+    if let Some(c) = &h.sshs_legacy_hash {
+        rows.push(("recorded legacy hash", format!("{} — {}", c.recorded, super::inspect::legacy_verdict(c))));
+    }
     rows
 }
 

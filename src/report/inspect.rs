@@ -146,6 +146,9 @@ pub fn render_inspect(r: &InspectReport) -> String {
             if c.matches { "matches" } else { "DIFFERS (tensors changed after training, or forged)" }
         );
     }
+    if let Some(c) = &a.hashes.sshs_legacy_hash {
+        s += &format!("  recorded sshs_legacy_hash {}: {}\n", inline(&c.recorded), legacy_verdict(c));
+    }
     let t = &a.metadata.training;
     let mut meta = vec![];
     let mut add = |k: &str, v: Option<String>| {
@@ -215,4 +218,15 @@ pub fn render_inspect(r: &InspectReport) -> String {
         }
     }
     s
+}
+
+/// What a recorded `sshs_legacy_hash` check says, in words.
+pub(crate) fn legacy_verdict(c: &crate::load::hashes::LegacyCheck) -> &'static str {
+    match (c.matches, &c.computed) {
+        (true, _) => "matches (tensors and ss_ training metadata as saved)",
+        (false, Some(_)) => {
+            "DIFFERS (tensors, their order or the ss_ training metadata changed after training, or forged)"
+        }
+        (false, None) => "not recomputable (the ss_ metadata alone exceeds 1 MiB)",
+    }
 }
