@@ -472,3 +472,27 @@ fn sshs_legacy_hash_is_checked_on_the_training_time_serialisation() {
     assert_eq!(v["adapter"]["hashes"]["sshs_legacy_hash"]["matches"], false);
     assert!(v["warnings"].to_string().contains("sshs_legacy_hash"), "{}", v["warnings"]);
 }
+
+#[test]
+fn per_module_value_statistics_are_those_of_the_stored_factors() {
+    // L1, max |x| and population std over up and down together (alpha is a setting, not a
+    // stored value), computed here with plain loops from the raw tensors.
+    let f = fixtures().join("kohya-sd-lora.safetensors");
+    let (code, out, err) = run(&["inspect", s(&f), "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let n = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q";
+    let m = v["adapter"]["modules"].as_array().unwrap().iter().find(|m| m["name"] == n).unwrap();
+    let mut xs = raw(&f, &format!("{n}.lora_up.weight")).1;
+    xs.extend(raw(&f, &format!("{n}.lora_down.weight")).1);
+    let l1: f64 = xs.iter().map(|x| x.abs()).sum();
+    let max = xs.iter().fold(0.0f64, |a, x| a.max(x.abs()));
+    let mean = xs.iter().sum::<f64>() / xs.len() as f64;
+    let std = (xs.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / xs.len() as f64).sqrt();
+    let got = |k: &str| m["values"][k].as_f64().unwrap();
+    assert!((got("l1") - l1).abs() < 1e-9 * l1, "{} vs {l1}", got("l1"));
+    assert_eq!(got("max_abs"), max);
+    assert!((got("std") - std).abs() < 1e-9, "{} vs {std}", got("std"));
+    let (_, text, _) = run(&["inspect", s(&f)]);
+    assert!(text.contains("max |x|") && text.contains(&format!("{max:.4}")), "{text}");
+}

@@ -42,6 +42,11 @@ impl TensorRef {
         super::tensorfile::float_stats(self.file.raw(&self.name)?, self.dtype(), limit)
             .ok_or_else(|| self.err(format!("has dtype {}, not a float type", self.dtype_name())))
     }
+    /// Sums over the finite values, for the value statistics.
+    pub(crate) fn value_sums(&self) -> Result<super::tensorfile::ValueSums> {
+        super::tensorfile::ValueSums::of(self.file.raw(&self.name)?, self.dtype())
+            .ok_or_else(|| self.err(format!("has dtype {}, not a float type", self.dtype_name())))
+    }
     pub(crate) fn values(&self) -> Result<Vec<f64>> {
         self.file.read_f64(&self.name)
     }

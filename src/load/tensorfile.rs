@@ -298,6 +298,63 @@ fn check_length(path: &Path, size: u64) -> Result<()> {
     }
 }
 
+/// Running sums over the finite values of one or more tensors, for the per-module value
+/// statistics users compare adapters by (L1, largest magnitude, spread).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub(crate) struct ValueSums {
+    pub count: usize,
+    pub sum: f64,
+    pub sum_sq: f64,
+    pub sum_abs: f64,
+    pub max_abs: f64,
+}
+
+impl ValueSums {
+    /// The sums over a tensor's finite values, decoded in blocks (no copy of the whole tensor);
+    /// `None` for a non-float dtype.
+    pub(crate) fn of(bytes: &[u8], dtype: Dtype) -> Option<ValueSums> {
+        if !matches!(dtype, Dtype::F16 | Dtype::BF16 | Dtype::F32 | Dtype::F64) {
+            return None;
+        }
+        const BLOCK: usize = 1 << 16;
+        let width = dtype.bitsize() / 8;
+        let (mut out, mut scratch) = (vec![0.0; BLOCK], Vec::new());
+        let mut s = ValueSums::default();
+        for chunk in bytes.chunks(BLOCK * width) {
+            let out = &mut out[..chunk.len() / width];
+            decode_values(chunk, dtype, out, &mut scratch);
+            for &x in out.iter().filter(|x| x.is_finite()) {
+                s.count += 1;
+                s.sum += x;
+                s.sum_sq += x * x;
+                s.sum_abs += x.abs();
+                s.max_abs = s.max_abs.max(x.abs());
+            }
+        }
+        Some(s)
+    }
+
+    pub(crate) fn add(self, o: ValueSums) -> ValueSums {
+        ValueSums {
+            count: self.count + o.count,
+            sum: self.sum + o.sum,
+            sum_sq: self.sum_sq + o.sum_sq,
+            sum_abs: self.sum_abs + o.sum_abs,
+            max_abs: self.max_abs.max(o.max_abs),
+        }
+    }
+
+    /// Population standard deviation (0 for no values).
+    pub(crate) fn std(&self) -> f64 {
+        if self.count == 0 {
+            return 0.0;
+        }
+        let n = self.count as f64;
+        let mean = self.sum / n;
+        (self.sum_sq / n - mean * mean).max(0.0).sqrt()
+    }
+}
+
 /// Little-endian bytes of a float dtype to f64. `None` for non-float dtypes.
 pub(crate) fn decode_f64(bytes: &[u8], dtype: Dtype) -> Option<Vec<f64>> {
     // Refuse before allocating: a hostile file may hold a huge integer tensor.

@@ -9,7 +9,8 @@ use rayon::prelude::*;
 use crate::error::Result;
 use crate::load::{Adapter, BaseModel, Delta, FileDigest, KronPart, LoraModule, TensorRef};
 use crate::report::{
-    path_string, tool, AdapterInfo, BaseInfo, InputFile, InputRole, InspectReport, ModuleRow, SCHEMA_VERSION,
+    path_string, tool, AdapterInfo, BaseInfo, InputFile, InputRole, InspectReport, ModuleRow, ValueStats,
+    SCHEMA_VERSION,
 };
 use crate::spectral::{within_abs_limit, MAX_ABS_VALUE};
 
@@ -46,9 +47,19 @@ pub struct ValueFacts {
     pub extreme: usize,
 }
 
+/// The value statistics of a module's stored tensors.
+fn value_stats(m: &LoraModule) -> Result<ValueStats> {
+    let mut s = m.tensors.first().map(|t| t.value_sums()).transpose()?.unwrap_or_default();
+    for t in m.tensors.iter().skip(1) {
+        s = s.add(t.value_sums()?);
+    }
+    Ok(ValueStats { l1: s.sum_abs, max_abs: s.max_abs, std: s.std() })
+}
+
 fn module_row(m: &LoraModule, known: Option<ValueFacts>) -> Result<ModuleRow> {
+    let values = value_stats(m)?;
     if let Some(k) = known {
-        return Ok(row(m, k));
+        return Ok(row(m, k, values));
     }
     let mut nonfinite = 0;
     let mut extreme = 0;
@@ -72,10 +83,10 @@ fn module_row(m: &LoraModule, known: Option<ValueFacts>) -> Result<ModuleRow> {
         Delta::Ia3 { weight, .. } => z(weight),
         Delta::Replace { .. } | Delta::Unsupported { .. } => false,
     };
-    Ok(row(m, ValueFacts { nonfinite, zero, extreme }))
+    Ok(row(m, ValueFacts { nonfinite, zero, extreme }, values))
 }
 
-fn row(m: &LoraModule, ValueFacts { nonfinite, zero, extreme }: ValueFacts) -> ModuleRow {
+fn row(m: &LoraModule, ValueFacts { nonfinite, zero, extreme }: ValueFacts, values: ValueStats) -> ModuleRow {
     ModuleRow {
         base_key: m.base_key.clone(),
         name: m.name.clone(),
@@ -92,6 +103,7 @@ fn row(m: &LoraModule, ValueFacts { nonfinite, zero, extreme }: ValueFacts) -> M
         extreme,
         zero: zero && m.magnitude.is_none(),
         dora: m.magnitude.is_some(),
+        values,
     }
 }
 

@@ -242,6 +242,8 @@ fn information(r: &Report) -> Markup {
 
 /// Spectra of the most informative modules, then every module's numbers.
 fn spectra(r: &Report) -> Markup {
+    let values: std::collections::BTreeMap<&str, &super::ValueStats> =
+        r.adapter.modules.iter().map(|m| (m.base_key.as_str(), &m.values)).collect();
     let mut ranked: Vec<&ModuleSpectrum> =
         r.spectrum.modules.iter().filter(|m| !m.singular_values.is_empty()).collect();
     ranked.sort_by(|x, y| {
@@ -265,19 +267,33 @@ fn spectra(r: &Report) -> Markup {
         table {
             (header_row(&MODULE_COLUMNS))
             @for m in &r.spectrum.modules {
+                @let v = values.get(m.base_key.as_str());
                 tr {
                     td.mono { (m.base_key) } td { (m.kind) } td { (m.rank) }
                     td { (format!("{:.4}", m.spectral)) } td { (format!("{:.4}", m.fro)) }
                     td { (format!("{:.2}", m.effective_rank)) } td { (or_dash(m.rank_99)) }
                     td { (or_dash(m.relative_fro.map(|x| format!("{x:.4}")))) } td { (human(m.capacity_bits)) }
+                    td { (or_dash(v.map(|v| format!("{:.4}", v.max_abs)))) }
+                    td { (or_dash(v.map(|v| format!("{:.4}", v.std)))) }
                 }
             }
         }
     }
 }
 
-const MODULE_COLUMNS: [&str; 9] =
-    ["base weight", "kind", "rank", "σ₁", "‖ΔW‖", "eff. rank", "rank 99%", "rel. size", "bits"];
+const MODULE_COLUMNS: [&str; 11] = [
+    "base weight",
+    "kind",
+    "rank",
+    "σ₁",
+    "‖ΔW‖",
+    "eff. rank",
+    "rank 99%",
+    "rel. size",
+    "bits",
+    "max |x| stored",
+    "std stored",
+];
 
 /// The works and controls as supplied, whether or not the probe ran on them.
 fn works(r: &Report) -> Markup {

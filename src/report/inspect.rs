@@ -34,6 +34,21 @@ pub struct ModuleRow {
     /// ΔW is exactly zero (a factor of the product is all zeros).
     pub zero: bool,
     pub dora: bool,
+    /// Statistics of the stored values (all the module's factors together, finite values);
+    /// absent from reports written before they were added.
+    #[serde(default)]
+    pub values: ValueStats,
+}
+
+/// What the closest peer tools print per module, over the stored factor values: the L1 norm
+/// (sum of |x|), the largest |x| and the population standard deviation. Training settings show
+/// in them (a high learning rate or alpha gives large factors); unlike the spectrum they depend
+/// on how ΔW is split between the factors.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
+pub struct ValueStats {
+    pub l1: f64,
+    pub max_abs: f64,
+    pub std: f64,
 }
 
 fn is_zero(n: &usize) -> bool {
@@ -207,10 +222,13 @@ pub fn render_inspect(r: &InspectReport) -> String {
                 format!("{:.4}", m.scale),
                 format!("{:?}", m.shape),
                 m.dtype.clone(),
+                format!("{:.4}", m.values.max_abs),
+                format!("{:.4}", m.values.std),
+                format!("{:.1}", m.values.l1),
             ]
         })
         .collect();
-    s += &table(&["base key", "kind", "rank", "alpha", "scale", "shape", "dtype"], &rows);
+    s += &table(&["base key", "kind", "rank", "alpha", "scale", "shape", "dtype", "max |x|", "std", "L1"], &rows);
     if !r.warnings.is_empty() {
         s += "\nwarnings\n";
         for w in &r.warnings {
