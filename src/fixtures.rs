@@ -139,6 +139,14 @@ pub fn char_tokenizer() -> tokenizers::Tokenizer {
     let mut t = tokenizers::Tokenizer::new(bpe);
     t.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
     t.with_decoder(Some(ByteLevelDecoder::default()));
+    // Llama's post-processor: `<s>` in front of every text, as tokenizer(text) gives it.
+    let template = tokenizers::processors::template::TemplateProcessing::builder()
+        .try_single("<s> $A")
+        .expect("valid template")
+        .special_tokens(vec![("<s>", 1)])
+        .build()
+        .expect("valid template");
+    t.with_post_processor(Some(template));
     t
 }
 
@@ -226,6 +234,7 @@ pub fn write_tiny_llama_gguf(cfg: &TinyLlama, seed: u64, path: &Path) -> Result<
             gguf_file::Value::Array(merges.iter().map(|(a, b)| gguf_file::Value::String(format!("{a} {b}"))).collect()),
         ),
         ("tokenizer.ggml.bos_token_id", gguf_file::Value::U32(1)),
+        ("tokenizer.ggml.add_bos_token", gguf_file::Value::Bool(true)),
         ("tokenizer.ggml.eos_token_id", gguf_file::Value::U32(2)),
     ];
     let md_refs: Vec<(&str, &gguf_file::Value)> = md.iter().map(|(k, v)| (*k, v)).collect();

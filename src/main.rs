@@ -194,6 +194,11 @@ struct ProbeArgs {
     /// order); every control is still scored for the gain. 0 = all controls.
     #[arg(long, default_value_t = Thresholds::default().control_windows)]
     control_windows: usize,
+    /// Put the model's BOS token in front of each text: auto (as the model's tokenizer does,
+    /// like transformers and llama.cpp), always, or never. Without one, each text's first
+    /// token has no context and is not scored.
+    #[arg(long, default_value = "auto")]
+    bos: lorascope::model::BosRule,
 }
 
 impl ProbeArgs {
@@ -212,6 +217,7 @@ impl ProbeArgs {
             min_span_bits: self.min_span_bits,
             copy_margin: self.copy_margin,
             control_windows: self.control_windows,
+            bos: self.bos,
             ..Default::default()
         };
         th.check()?;

@@ -460,3 +460,58 @@ fn report_includes_the_probe() {
     let r: lorascope::report::Report = serde_json::from_value(v).unwrap();
     assert_eq!(r.probe.unwrap().result.works[0].verdict, Verdict::ReconstructableCopy);
 }
+
+/// A text's bits under a model whose tokenizer adds BOS (the fixture's, Llama's `<s> $A`) and
+/// under the same model whose tokenizer adds none (SmolLM2, Qwen2.5): with BOS every token is
+/// scored; without it the first token has no context and is not scored, as transformers'
+/// `-sum(log p)` over `tokenizer(text)` does. Both against the plain reference forward pass.
+#[test]
+fn bos_follows_the_tokenizer_and_an_unscored_first_token_is_left_out() {
+    use lorascope::model::BosRule;
+    let cfg = TinyLlama { layers: 1, ..TinyLlama::default() };
+    let dir = tempfile::tempdir().unwrap();
+    let (with, without) = (dir.path().join("with"), dir.path().join("without"));
+    cfg.write_hf_dir(&with, 21).unwrap();
+    cfg.write_hf_dir(&without, 21).unwrap();
+    let tj = without.join("tokenizer.json");
+    let mut t: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&tj).unwrap()).unwrap();
+    assert!(!t["post_processor"].is_null(), "the fixture tokenizer adds BOS");
+    t["post_processor"] = serde_json::Value::Null;
+    std::fs::write(&tj, serde_json::to_string(&t).unwrap()).unwrap();
+    let text = "the quick fox; 42!";
+    write_texts(&dir.path().join("works"), &[text], "w");
+    let works = load_works(&dir.path().join("works")).unwrap().works;
+
+    let bits = |base_dir: &Path, rule: BosRule| {
+        let base = BaseModel::open(base_dir).unwrap();
+        let model = TextModel::load(&base, &candle_core::Device::Cpu).unwrap();
+        let th = Thresholds { bos: rule, ..Default::default() };
+        let r = probe::run(&model, &model.llama, &works, &[], &[], &th, &Quiet).unwrap();
+        (model.context_tokens(rule).unwrap(), r.works[0].bits_base, r.notes.join(" "))
+    };
+    let base = BaseModel::open(&with).unwrap();
+    let model = TextModel::load(&base, &candle_core::Device::Cpu).unwrap();
+    let ids = model.tokenizer.encode(text).unwrap();
+    let reference_bits = |ids: &[u32]| -> f64 {
+        reference_logprobs(&base, &cfg, ids).iter().map(|(lp, _, _)| -lp / std::f64::consts::LN_2).sum()
+    };
+    let with_bos: Vec<u32> = std::iter::once(1).chain(ids.iter().copied()).collect();
+    let (want_bos, want_plain) = (reference_bits(&with_bos), reference_bits(&ids));
+    assert!(want_bos > want_plain, "the first token costs bits when it is scored");
+    let close = |got: f64, want: f64| (got - want).abs() <= 1e-3 * want;
+
+    let (ctx, got, notes) = bits(&with, BosRule::Auto);
+    assert_eq!(ctx.ids, vec![1]);
+    assert_eq!(ctx.source, "tokenizer.json post-processor");
+    assert!(close(got, want_bos), "{got} vs {want_bos}");
+    assert!(!notes.contains("not scored"), "{notes}");
+
+    let (ctx, got, notes) = bits(&without, BosRule::Auto);
+    assert!(ctx.ids.is_empty());
+    assert!(close(got, want_plain), "{got} vs {want_plain}");
+    assert!(notes.contains("first token of each text has no context and is not scored"), "{notes}");
+
+    // The flag overrides the tokenizer either way.
+    assert!(close(bits(&with, BosRule::Never).1, want_plain));
+    assert!(close(bits(&without, BosRule::Always).1, want_bos));
+}

@@ -17,7 +17,7 @@ pub use config::LlamaConfig;
 pub use llama::{Cache, Linear, Llama, LoraPair};
 pub use merge::{attach_lora, merge_adapter, MergeSummary};
 pub use run::{greedy, score, RunOptions, TokenStats};
-pub use tokenizer::TextTokenizer;
+pub use tokenizer::{TemplatePrefix, TextTokenizer};
 
 use crate::error::{Error, Result};
 use crate::load::{BaseKind, BaseModel};
@@ -36,6 +36,34 @@ pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> CResult<R>
     let candle_core::Storage::Cpu(cpu) = &*storage else { candle_core::bail!("the tensor is not in CPU memory") };
     let Some((from, to)) = layout.contiguous_offsets() else { candle_core::bail!("tensor is not contiguous") };
     Ok(f(&cpu.as_slice::<f32>()?[from..to]))
+}
+
+crate::named::closed_set! {
+    /// Whether the probe puts the model's beginning-of-sequence token in front of each text:
+    /// as the model's tokenizer does (`auto`, what transformers and llama.cpp do), always, or
+    /// never (`--bos`).
+    pub enum BosRule ("--bos value") {
+        Auto = "auto",
+        Always = "always",
+        Never = "never",
+    }
+}
+
+// Written out: `closed_set!` generates the enum, so `#[derive(Default)]` cannot be added there.
+#[allow(clippy::derivable_impls)]
+impl Default for BosRule {
+    fn default() -> Self {
+        BosRule::Auto
+    }
+}
+
+/// The tokens in front of every text the probe scores or prompts with, and why. With none, a
+/// text's first token has no context and is not scored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContextTokens {
+    pub ids: Vec<u32>,
+    pub rule: BosRule,
+    pub source: String,
 }
 
 /// A base model ready to run: its weights in f32 and its tokenizer.
@@ -75,6 +103,21 @@ impl TextModel {
         };
         let llama = weights::load_base(base, &cfg, device)?;
         Ok(TextModel { llama, tokenizer })
+    }
+
+    /// The tokens to put in front of every text under `rule`.
+    pub fn context_tokens(&self, rule: BosRule) -> Result<ContextTokens> {
+        let (ids, source) = match rule {
+            BosRule::Auto => (self.tokenizer.template.ids.clone(), self.tokenizer.template.source.to_string()),
+            BosRule::Always => {
+                let Some(bos) = self.llama.cfg.bos_token_id else {
+                    return Err(Error::Usage("--bos always: the model names no BOS token (bos_token_id)".into()));
+                };
+                (vec![bos], "--bos always".to_string())
+            }
+            BosRule::Never => (vec![], "--bos never".to_string()),
+        };
+        Ok(ContextTokens { ids, rule, source })
     }
 
     /// Token ids of a text with the model's beginning-of-sequence token (when it has one) in

@@ -19,6 +19,57 @@ pub struct TextTokenizer {
     inner: Tokenizer,
     /// Where it came from (tokenizer.json or the GGUF file), for error messages.
     pub source: PathBuf,
+    /// The tokens this tokenizer puts in front of a text when asked for its special tokens
+    /// (usually BOS, often none), and where that was read.
+    pub template: TemplatePrefix,
+}
+
+/// What a tokenizer adds in front of every text, as transformers' `tokenizer(text)` and
+/// llama.cpp's `llama_tokenize(…, add_special=true)` do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TemplatePrefix {
+    pub ids: Vec<u32>,
+    pub source: &'static str,
+}
+
+/// A text every tokenizer can encode, to see what its post-processor adds.
+const PROBE_TEXT: &str = "the probe";
+
+/// The template prefix of a tokenizer.json: the ids `encode(text, add_special_tokens=true)`
+/// puts before those of `encode(text, false)` (its post-processor, e.g. Llama's `<s> $A`).
+/// Tokens it appends after the text (an EOS) are not used: the probe scores texts, not
+/// documents' ends.
+fn json_template(t: &Tokenizer) -> TemplatePrefix {
+    let ids = |special: bool| t.encode(PROBE_TEXT, special).map(|e| e.get_ids().to_vec()).unwrap_or_default();
+    let (with, without) = (ids(true), ids(false));
+    let at = (0..=with.len().saturating_sub(without.len())).find(|&i| with[i..].starts_with(&without));
+    match at {
+        Some(i) if !without.is_empty() => {
+            TemplatePrefix { ids: with[..i].to_vec(), source: "tokenizer.json post-processor" }
+        }
+        _ => TemplatePrefix { ids: vec![], source: "tokenizer.json post-processor (output not understood: none used)" },
+    }
+}
+
+/// The template prefix of a GGUF tokenizer: BOS when `tokenizer.ggml.add_bos_token` says so;
+/// without that key, llama.cpp's defaults (`llama-vocab.cpp`): SentencePiece (`llama`)
+/// vocabularies add BOS, BPE (`gpt2`) ones only for the Llama 3 pre-tokenizer.
+fn gguf_template(c: &gguf_file::Content) -> TemplatePrefix {
+    let get = |k: &str| c.metadata.get(k);
+    let bos = get("tokenizer.ggml.bos_token_id").and_then(|v| v.to_u32().ok());
+    let text = |k: &str| get(k).and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
+    let (add, source) = match get("tokenizer.ggml.add_bos_token").and_then(|v| v.to_bool().ok()) {
+        Some(add) => (add, "GGUF tokenizer.ggml.add_bos_token"),
+        None => {
+            let add = match text("tokenizer.ggml.model").as_str() {
+                "llama" => true,
+                "gpt2" => matches!(text("tokenizer.ggml.pre").as_str(), "llama3" | "llama-bpe"),
+                _ => false,
+            };
+            (add, "llama.cpp's default for this GGUF tokenizer (no tokenizer.ggml.add_bos_token)")
+        }
+    };
+    TemplatePrefix { ids: if add { bos.into_iter().collect() } else { vec![] }, source }
 }
 
 impl std::fmt::Debug for TextTokenizer {
@@ -29,7 +80,8 @@ impl std::fmt::Debug for TextTokenizer {
 
 impl TextTokenizer {
     pub(crate) fn new(inner: Tokenizer, source: &Path) -> Self {
-        TextTokenizer { inner, source: source.to_path_buf() }
+        let template = json_template(&inner);
+        TextTokenizer { inner, source: source.to_path_buf(), template }
     }
 
     /// From the bytes of a tokenizer.json (read by `load::BaseModel` with the other base files);
@@ -53,7 +105,7 @@ impl TextTokenizer {
             ]);
             inner.with_pre_tokenizer(Some(PreTokenizerWrapper::Sequence(seq)));
         }
-        Ok(Self::new(inner, path))
+        Ok(TextTokenizer { inner, source: path.to_path_buf(), template: gguf_template(content) })
     }
 
     /// Ids of `text` without special tokens.

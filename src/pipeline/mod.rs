@@ -74,8 +74,13 @@ pub fn probe(
         inputs_rec.push(recorded(report::InputRole::Prompts, &p.path, &p.digest));
     }
     let capacity_check = report::CapacityCheck::new(&result.works, spectrum.totals.capacity_bits);
-    let probe =
-        report::ProbeSection { model: model_info(&text_model, thresholds.context), merge, capacity_check, result };
+    let context = text_model.context_tokens(thresholds.bos)?;
+    let probe = report::ProbeSection {
+        model: model_info(&text_model, thresholds.context, context),
+        merge,
+        capacity_check,
+        result,
+    };
     let r = report::ProbeReport { spectrum, probe };
     report::check_finite("probe", &r)?;
     Ok(r)
@@ -141,7 +146,7 @@ pub fn spectrum(
 }
 
 /// What the probe ran on, for the report.
-fn model_info(m: &model::TextModel, context: usize) -> report::ModelInfo {
+fn model_info(m: &model::TextModel, context: usize, tokens: model::ContextTokens) -> report::ModelInfo {
     let c = &m.llama.cfg;
     report::ModelInfo {
         model_type: c.model_type.clone(),
@@ -154,6 +159,9 @@ fn model_info(m: &model::TextModel, context: usize) -> report::ModelInfo {
         tied_embeddings: c.tie_word_embeddings,
         bos_token_id: c.bos_token_id,
         eos_token_id: c.eos_token_id,
+        context_tokens: tokens.ids,
+        bos_rule: tokens.rule,
+        context_source: tokens.source,
         tokenizer: report::path_string(&m.tokenizer.source),
         dtype: "f32".into(),
     }

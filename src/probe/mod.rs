@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::load::works::Work;
-use crate::model::{Llama, TextModel, TokenStats};
+use crate::model::{BosRule, Llama, TextModel, TokenStats};
 use calibrate::{AaCheck, Auc};
 use pair::Pair;
 use passes::Passes;
@@ -58,6 +58,9 @@ pub struct Thresholds {
     pub min_k: f64,
     /// Longest window the model sees.
     pub context: usize,
+    /// Whether a BOS goes in front of each text (`--bos`; `auto`: as the tokenizer does).
+    #[serde(default)]
+    pub bos: BosRule,
 }
 
 impl Default for Thresholds {
@@ -77,6 +80,7 @@ impl Default for Thresholds {
             bh_q: 0.05,
             min_k: 0.2,
             context: 2048,
+            bos: BosRule::Auto,
         }
     }
 }
@@ -311,20 +315,25 @@ pub fn run(
     progress: &dyn Progress,
 ) -> Result<ProbeResult> {
     let tok = &model.tokenizer;
-    let bos: Vec<u32> = model.llama.cfg.bos_token_id.into_iter().collect();
+    let context = model.context_tokens(th.bos)?;
+    let bos = context.ids.as_slice();
     let passes = Passes::new(Pair { base: &model.llama, merged }, th, progress);
     let mut subjects = plan::subjects(tok, works, controls, th)?;
 
-    // 1. Code length of every text under both models.
-    let texts: Vec<Vec<u32>> = subjects.iter().map(|s| plan::with_bos(&bos, &s.ids)).collect();
+    // 1. Code length of every text under both models. Without a context token the first token
+    // of a text is predicted from nothing and is not scored (as transformers does), so the
+    // statistics start at the second token.
+    let texts: Vec<Vec<u32>> = subjects.iter().map(|s| plan::with_bos(bos, &s.ids)).collect();
     let scored_tokens: usize = texts.iter().map(|s| s.len().saturating_sub(1)).sum();
     let stats = passes.score("score", &texts, scored_tokens as u64)?;
+    let unscored = usize::from(bos.is_empty());
     for (si, s) in subjects.iter_mut().enumerate() {
-        s.bits = stats.at(si).map(|st| surprisal::char_bits(&s.norm, &s.offsets, &st.logp));
+        let offsets = &s.offsets[unscored.min(s.offsets.len())..];
+        s.bits = stats.at(si).map(|st| surprisal::char_bits(&s.norm, offsets, &st.logp));
     }
 
     // 2. Extraction windows and neutral prompts, each continued greedily by both models.
-    let plan = Plan::new(tok, &bos, &subjects, prompts, th, passes.context())?;
+    let plan = Plan::new(tok, bos, &subjects, prompts, th, passes.context())?;
     let prompt_ids: Vec<&[u32]> = plan.prompts().map(|p| p.ids).collect();
     let generated = passes.generate(&prompt_ids, th.new_tokens)?;
 
@@ -357,6 +366,13 @@ pub fn run(
             controls_ev.len() - skipped,
             controls_ev.len(),
             th.control_windows
+        ));
+    }
+    if bos.is_empty() {
+        calibrated.notes.push(format!(
+            "no BOS in front of the texts ({}): the first token of each text has no context and is not scored, \
+             as transformers does",
+            context.source
         ));
     }
     let generated_tokens = [&generated.base, &generated.merged].into_iter().flatten().map(Vec::len).sum();

@@ -21,6 +21,14 @@ pub struct ModelInfo {
     pub tied_embeddings: bool,
     pub bos_token_id: Option<u32>,
     pub eos_token_id: Option<u32>,
+    /// The tokens put in front of every text (usually BOS, or none), the `--bos` rule that
+    /// chose them and where they were read; with none, each text's first token is not scored.
+    #[serde(default)]
+    pub context_tokens: Vec<u32>,
+    #[serde(default)]
+    pub bos_rule: crate::model::BosRule,
+    #[serde(default)]
+    pub context_source: String,
     pub tokenizer: String,
     /// Computation dtype (weights are dequantised to it).
     pub dtype: String,
