@@ -194,6 +194,17 @@ fn flux_kohya_is_named_and_read_with_bfl_base_keys() {
     assert_delta(&p, n, &format!("{n}.lora_up.weight"), &format!("{n}.lora_down.weight"), 1.0);
     let n = "lora_unet_double_blocks_0_txt_mlp_2";
     assert_delta(&p, n, &format!("{n}.lora_up.weight"), &format!("{n}.lora_down.weight"), 1.0);
+    // A file trained with sd-scripts' split_qkv says how its scale is read.
+    let mut b = SafetensorsBuilder::new();
+    let mut rng = Rng::new(13);
+    b.random(&mut rng, "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight", &[6, 8], 0.5, Dtype::F32);
+    b.random(&mut rng, "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight", &[24, 6], 0.5, Dtype::F32);
+    b.metadata.insert("ss_network_args".into(), r#"{"split_qkv": "True"}"#.into());
+    let split = d.path().join("split").join("split.safetensors");
+    std::fs::create_dir(split.parent().unwrap()).unwrap();
+    b.write(&split).unwrap();
+    let w = inspect(&split, None)["warnings"].to_string();
+    assert!(w.contains("trained with split_qkv"), "{w}");
     // scan names the architecture too.
     let (code, out, err) = run(&["scan", s(d.path()), "-q"]);
     assert_eq!(code, 0, "{err}");
@@ -246,6 +257,11 @@ fn flux_xlabs() {
     // x-flux scales by network_alpha/rank only when given an alpha; the files hold none.
     let n = "double_blocks.0.processor.qkv_lora1";
     assert_delta(&p, n, &format!("{n}.up.weight"), &format!("{n}.down.weight"), 1.0);
+    // Against a base, the single-block qkv_lora (q, k, v rows of linear1 only) is refused, saying why.
+    let b = base(d.path(), "flux1-tiny.safetensors", BFL);
+    let (code, _, err) = run(&["inspect", s(&p), "--base", s(&b)]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("shape mismatch") && err.contains("changes the q, k and v rows"), "{err}");
 }
 
 #[test]

@@ -127,7 +127,8 @@ impl Adapter {
             }
             t.task_type = field("task_type").map(String::from);
         }
-        let warnings = parsed.warnings;
+        let mut warnings = parsed.warnings;
+        warnings.extend(families::split_qkv_note(metadata.training.network_args.as_deref()));
         let mut modules = parsed.modules;
         modules.sort_by(|a, b| natural_cmp(&a.base_key, &b.base_key).then_with(|| natural_cmp(&a.name, &b.name)));
         let (config_path, config_json) = config.unzip();
@@ -166,7 +167,12 @@ impl Adapter {
                 Ok(key) => {
                     let bshape = base.shape(&key).expect("resolved key exists").to_vec();
                     m.shape = reconcile_shape(&m, &bshape).map_err(|reason| {
-                        Error::mismatch(&self.file.path, format!("module {} vs base weight {key}: {reason}", m.name))
+                        // An XLabs single-block qkv_lora changes only some rows of its weight.
+                        let why = families::xlabs_partial(&m.name).map(|p| format!(" ({p})")).unwrap_or_default();
+                        Error::mismatch(
+                            &self.file.path,
+                            format!("module {} vs base weight {key}: {reason}{why}", m.name),
+                        )
                     })?;
                     m.base_key = key;
                     m.resolved = true;

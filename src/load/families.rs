@@ -311,6 +311,26 @@ pub(crate) fn xlabs_partial(module: &str) -> Option<String> {
     })
 }
 
+/// A note for adapters trained with sd-scripts' `split_qkv` (`ss_network_args`): training
+/// scaled each of q, k, v (and the single blocks' MLP input) by alpha/r, but the saved file
+/// merges them into one factor pair of rank 3r (4r in single blocks) with the same alpha, and
+/// every loader (sd-scripts `create_network_from_weights`, ComfyUI, diffusers) scales that by
+/// alpha/(3r); lorascope reports what loaders apply (lora_flux.py `state_dict`).
+pub(crate) fn split_qkv_note(network_args: Option<&str>) -> Option<String> {
+    let args: serde_json::Value = serde_json::from_str(network_args?).ok()?;
+    let on = match args.get("split_qkv")? {
+        serde_json::Value::String(s) => s.eq_ignore_ascii_case("true"),
+        serde_json::Value::Bool(b) => *b,
+        _ => false,
+    };
+    on.then(|| {
+        "trained with split_qkv: sd-scripts scaled q, k and v each by alpha/r in training, but the file stores \
+         them merged (rank 3r, 4r in single blocks) and loaders scale the merged pair by alpha/(stored rank), as \
+         reported here"
+            .to_string()
+    })
+}
+
 /// Which of the two Flux/SD3 weight layouts a key or module name uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum DitLayout {
@@ -412,6 +432,14 @@ mod tests {
         assert!(xlabs_partial("single_blocks.3.processor.qkv_lora").unwrap().contains("single_blocks.3.linear1"));
         assert_eq!(xlabs_key("double_blocks.0.processor.qkv_lora1.up.weight").unwrap().1, "up");
         assert_eq!(xlabs_key("double_blocks.0.img_attn.qkv.up.weight"), None);
+    }
+
+    #[test]
+    fn split_qkv_is_noted() {
+        assert!(split_qkv_note(Some(r#"{"split_qkv": "True", "train_t5xxl": "False"}"#)).is_some());
+        assert!(split_qkv_note(Some(r#"{"split_qkv": "False"}"#)).is_none());
+        assert!(split_qkv_note(Some("not json")).is_none());
+        assert!(split_qkv_note(None).is_none());
     }
 
     #[test]
