@@ -406,7 +406,20 @@ fn kohya_flux_resolves_against_a_bfl_base_and_crossed_layouts_are_refused() {
     let (code, _, err) = run(&["inspect", s(&lora), "--base", s(&dbase)]);
     assert_eq!(code, 2);
     assert!(err.contains("original BFL/SAI layout") && err.contains("does not split"), "{err}");
-    // The same names in the same layout still resolve: diffusers against diffusers.
+    // The same names in the same layout still resolve: diffusers against diffusers, and
+    // OneTrainer's kohya-style names for it.
     let v = inspect(&diffusers, Some(&dbase));
     assert_eq!(base_key_of(&v, "transformer.transformer_blocks.0.attn.to_q"), "transformer_blocks.0.attn.to_q.weight");
+    let ot = "lora_transformer_single_transformer_blocks_1_proj_out";
+    let ok = [format!("{ot}.lora_down.weight"), format!("{ot}.lora_up.weight")];
+    let onetrainer = write(
+        d.path(),
+        "onetrainer.safetensors",
+        &[Lora { down: &ok[0], up: &ok[1], rank: 2, inp: 40, out: 8 }],
+        &[],
+        14,
+    );
+    assert_eq!(inspect(&onetrainer, None)["adapter"]["architecture"], "Flux.1");
+    let v = inspect(&onetrainer, Some(&dbase));
+    assert_eq!(base_key_of(&v, ot), "single_transformer_blocks.1.proj_out.weight");
 }

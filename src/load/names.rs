@@ -336,6 +336,11 @@ impl KeyResolver {
                     r.add(format!("lycoris_{}", underscored(path)), key);
                 }
                 Component::Other => {
+                    // A bare diffusers transformer (Flux, SD3): OneTrainer's kohya-style names,
+                    // as ComfyUI's `model_lora_keys_unet` maps them.
+                    if path.starts_with("transformer_blocks.") || path.starts_with("single_transformer_blocks.") {
+                        r.add(format!("lora_transformer_{}", underscored(path)), key);
+                    }
                     r.add(format!("lora_{}", underscored(path)), key);
                     r.add(format!("lycoris_{}", underscored(path)), key);
                 }
