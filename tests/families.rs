@@ -306,6 +306,11 @@ fn sd3_diffusers_and_kohya() {
     assert_family(&v, "diffusers", "SD3/SD3.5", 3);
     assert_eq!(base_key_of(&v, add_q), format!("{add_q}.weight"));
     assert_delta(&p, add_q, &format!("{add_q}.lora_B.weight"), &format!("{add_q}.lora_A.weight"), 2.0);
+    // The same joint-block names at a width neither model has: undecided, and said so.
+    let k = [format!("{q}.lora_A.weight"), format!("{q}.lora_B.weight")];
+    let p = write(d.path(), "mmdit.safetensors", &[Lora { down: &k[0], up: &k[1], rank: 2, inp: 8, out: 8 }], &[], 15);
+    let arch = &inspect(&p, None)["adapter"]["architecture"];
+    assert_eq!(arch, "MMDiT transformer (Flux.1 or SD3; the keys alone do not tell)");
     // kohya SD3 (sd-scripts lora_sd3.py): MMDiT paths under `lora_unet_`, T5 as `lora_te3_`.
     let x = "lora_unet_joint_blocks_0_x_block_attn_qkv";
     let t5 = "lora_te3_encoder_block_0_layer_0_SelfAttention_q";
