@@ -40,7 +40,7 @@ struct Common {
     /// Base model: .safetensors, Hugging Face or diffusers directory, or .gguf.
     #[arg(long)]
     base: Option<PathBuf>,
-    /// Force the adapter format instead of detecting it (peft, kohya, lycoris, diffusers).
+    /// Force the adapter format instead of detecting it (peft, kohya, lycoris, diffusers, xlabs, original).
     #[arg(long)]
     format: Option<Format>,
     /// Treat adapter modules that match no base weight as warnings instead of an error.

@@ -8,11 +8,12 @@ use std::sync::{Arc, OnceLock};
 use serde_json::Value;
 
 use super::base::BaseModel;
+use super::families;
 use super::formats::{self, AdapterSource, Format, LoraConfig};
 use super::fsguard::{self, Tree};
 use super::hashes::{self, FileDigest, FileHashes};
 use super::metadata::{self, Metadata};
-use super::module::{Delta, LoraModule, ModuleKind};
+use super::module::{Delta, LoraModule};
 use super::names::KeyResolver;
 use super::tensorfile::TensorFile;
 use crate::error::{Error, Result};
@@ -126,7 +127,8 @@ impl Adapter {
             }
             t.task_type = field("task_type").map(String::from);
         }
-        let warnings = parsed.warnings;
+        let mut warnings = parsed.warnings;
+        warnings.extend(families::split_qkv_note(metadata.training.network_args.as_deref()));
         let mut modules = parsed.modules;
         modules.sort_by(|a, b| natural_cmp(&a.base_key, &b.base_key).then_with(|| natural_cmp(&a.name, &b.name)));
         let (config_path, config_json) = config.unzip();
@@ -159,24 +161,37 @@ impl Adapter {
         let resolver = KeyResolver::new(base.keys());
         let mut unmatched = vec![];
         let mut keep = vec![];
+        let mut unmatched_names = vec![];
         for mut m in std::mem::take(&mut self.modules) {
-            match resolver.resolve(lookup_name(&m)) {
+            match resolve_module(&resolver, &m) {
                 Ok(key) => {
                     let bshape = base.shape(&key).expect("resolved key exists").to_vec();
                     m.shape = reconcile_shape(&m, &bshape).map_err(|reason| {
-                        Error::mismatch(&self.file.path, format!("module {} vs base weight {key}: {reason}", m.name))
+                        // An XLabs single-block qkv_lora changes only some rows of its weight.
+                        let why = families::xlabs_partial(&m.name).map(|p| format!(" ({p})")).unwrap_or_default();
+                        Error::mismatch(
+                            &self.file.path,
+                            format!("module {} vs base weight {key}: {reason}{why}", m.name),
+                        )
                     })?;
                     m.base_key = key;
                     m.resolved = true;
                     keep.push(m);
                 }
-                Err(why) => unmatched.push(why),
+                Err(why) => {
+                    unmatched.push(why);
+                    unmatched_names.push(m.name);
+                }
             }
         }
         if !unmatched.is_empty() {
             let mut list = unmatched.iter().take(8).cloned().collect::<Vec<_>>().join("; ");
             if unmatched.len() > 8 {
                 list += &format!("; and {} more", unmatched.len() - 8);
+            }
+            let names: Vec<&str> = unmatched_names.iter().map(String::as_str).collect();
+            if let Some(why) = families::layout_mismatch(base.keys(), &names) {
+                list = format!("{why}. Unmatched: {list}");
             }
             if !allow_unmatched {
                 return Err(Error::mismatch(
@@ -233,17 +248,18 @@ impl Adapter {
 
     /// A guess at the model family, from module names (and shapes where they tell).
     pub(crate) fn architecture(&self) -> String {
-        guess_architecture(&self.modules)
+        families::guess_architecture(&self.modules)
     }
 }
 
-/// The name a module is looked up by in the base: its name in the file, except where the file
-/// names modules by position (safeloras `unet:3`) and the loader worked out the path.
-fn lookup_name(m: &LoraModule) -> &str {
-    match m.base_key.strip_suffix(".weight") {
-        Some(path) if m.name.contains(':') => path,
-        _ => &m.name,
-    }
+/// The base key a module denotes: its name looked up, else (for names that are no base path,
+/// such as XLabs processors or kohya Flux names) the base weight read from the name without a
+/// base, looked up in turn. The error is the name's.
+fn resolve_module(resolver: &KeyResolver, m: &LoraModule) -> std::result::Result<String, String> {
+    resolver.resolve(&m.name).or_else(|why| match m.base_key.strip_suffix(".weight").filter(|k| *k != m.name) {
+        Some(guess) => resolver.resolve(guess).map_err(|_| why),
+        None => Err(why),
+    })
 }
 
 /// The base weight's shape if ΔW fits it (same rows, same number of values), else why not.
@@ -283,90 +299,5 @@ fn reconcile_shape(m: &LoraModule, base: &[usize]) -> std::result::Result<Vec<us
             }
             Ok(base.to_vec())
         }
-    }
-}
-
-fn guess_architecture(modules: &[LoraModule]) -> String {
-    let any = |pat: &str| modules.iter().any(|m| m.name.contains(pat) || m.base_key.contains(pat));
-    let sd = any("lora_unet")
-        || any("unet.")
-        || any("down_blocks")
-        || any("input_blocks")
-        || any("lora_te_")
-        || any("lora_te1_")
-        || any("diffusion_model");
-    if sd {
-        if any("lora_te2_")
-            || any("text_encoder_2")
-            || any("conditioner.embedders.1")
-            || any("label_emb")
-            || any("add_embedding")
-        {
-            return "SDXL".to_string();
-        }
-        // The cross-attention key projection's input width is the text-encoder width:
-        // 768 for SD1.x (CLIP ViT-L), 1024 for SD2.x (OpenCLIP ViT-H), 2048 for SDXL.
-        let ctx = modules
-            .iter()
-            .find(|m| m.name.contains("attn2") && (m.name.contains("to_k") || m.name.contains("to_v")))
-            .and_then(|m| m.shape.get(1).copied());
-        return match ctx {
-            Some(2048) => "SDXL".to_string(),
-            Some(1024) => "SD2.x".to_string(),
-            Some(768) => "SD1.x".to_string(),
-            _ => "SD-family (UNet + CLIP text encoder)".to_string(),
-        };
-    }
-    if any("self_attn.q_proj") || any("mlp.gate_proj") || any("self_attn_q_proj") {
-        let layers: std::collections::BTreeSet<usize> = modules
-            .iter()
-            .filter_map(|m| {
-                m.name.split("layers.").nth(1).and_then(|r| r.split('.').next()).and_then(|n| n.parse::<usize>().ok())
-            })
-            .collect();
-        return match layers.len() {
-            0 => "llama-like decoder".to_string(),
-            // Counted, not the highest index + 1: an adapter on layers 24–29 touches 6 layers.
-            n if layers.last() == Some(&(n - 1)) => format!("llama-like decoder (adapter touches {n} layers)"),
-            n => format!("llama-like decoder (adapter touches {n} layers: {})", layer_ranges(&layers)),
-        };
-    }
-    if any("c_attn") || any("attn.c_proj") {
-        return "GPT-2-like decoder".to_string();
-    }
-    if modules.iter().all(|m| m.kind == ModuleKind::Embedding) {
-        return "embedding-only".to_string();
-    }
-    "unknown".to_string()
-}
-
-/// Layer indices as ranges: {0, 2, 5, 6, 7} → "0, 2, 5–7".
-fn layer_ranges(layers: &std::collections::BTreeSet<usize>) -> String {
-    let mut parts: Vec<String> = vec![];
-    let mut run: Option<(usize, usize)> = None;
-    for &l in layers {
-        run = match run {
-            Some((a, b)) if l == b + 1 => Some((a, l)),
-            Some((a, b)) => {
-                parts.push(if a == b { a.to_string() } else { format!("{a}–{b}") });
-                Some((l, l))
-            }
-            None => Some((l, l)),
-        };
-    }
-    if let Some((a, b)) = run {
-        parts.push(if a == b { a.to_string() } else { format!("{a}–{b}") });
-    }
-    parts.join(", ")
-}
-
-#[cfg(test)]
-mod layer_tests {
-    #[test]
-    fn layer_ranges_compress_runs() {
-        let set = |v: &[usize]| v.iter().copied().collect();
-        assert_eq!(super::layer_ranges(&set(&[24, 25, 26, 27, 28, 29])), "24–29");
-        assert_eq!(super::layer_ranges(&set(&[0, 2, 5, 6, 7])), "0, 2, 5–7");
-        assert_eq!(super::layer_ranges(&set(&[3])), "3");
     }
 }

@@ -4,7 +4,11 @@
 //! without `.weight`; `get_pattern_key` in `patterns.rs`), sd-scripts `networks/lora.py` (kohya names, `.alpha`),
 //! LyCORIS `modules/{loha,lokr}.py` and `functional/` (LoHa/LoKr factors, Tucker cores, scale
 //! rules), diffusers `loaders/lora_*` (component prefixes, legacy processor keys,
-//! `lora_adapter_metadata`).
+//! `lora_adapter_metadata`; `lora_conversion_utils.py` for the Flux layouts: kohya
+//! `lora_unet_double_blocks_…`, XLabs `…processor.qkv_lora1.down.weight`, `diffusion_model.`
+//! names), ComfyUI `comfy/lora.py` (`diffusion_model.` + checkpoint path with `lora_A`/`lora_B`
+//! or `lora_down`/`lora_up`, alpha/rank when `.alpha` is stored, else scale 1). The model
+//! families and their key templates are in `families.rs`.
 //!
 //! A file whose keys follow several naming schemes (PEFT's `base_model.model.…`, diffusers'
 //! component prefixes, kohya's `lora_unet_…`) has the modules of every scheme read, and says so
@@ -18,6 +22,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::Value;
 
+use super::families;
 use super::fsguard::{is_entry, Tree};
 use super::module::{Delta, KronPart, LoraModule, Magnitude, ModuleKind, NormAxis};
 use super::patterns::{self, PatternWork, Patterns, MAX_PATTERN_KEYS};
@@ -35,6 +40,11 @@ pub enum Format {
     Diffusers,
     /// cloneofsimo `lora_diffusion` "safeloras" (`unet:0:up`).
     Safeloras,
+    /// XLabs x-flux processor LoRAs (`double_blocks.N.processor.qkv_lora1.down.weight`).
+    Xlabs,
+    /// The checkpoint's own module paths under `diffusion_model.` with PEFT or kohya suffixes
+    /// (ComfyUI's generic LoRA naming; AI-toolkit writes it for BFL-layout models).
+    Original,
 }
 
 impl std::str::FromStr for Format {
@@ -46,7 +56,11 @@ impl std::str::FromStr for Format {
             "lycoris" => Ok(Format::Lycoris),
             "diffusers" => Ok(Format::Diffusers),
             "safeloras" | "cloneofsimo" | "lora_diffusion" => Ok(Format::Safeloras),
-            other => Err(format!("unknown format {other:?} (peft, kohya, lycoris, diffusers, safeloras)")),
+            "xlabs" | "x-flux" => Ok(Format::Xlabs),
+            "original" | "ai-toolkit" | "diffusion_model" => Ok(Format::Original),
+            other => {
+                Err(format!("unknown format {other:?} (peft, kohya, lycoris, diffusers, safeloras, xlabs, original)"))
+            }
         }
     }
 }
@@ -59,6 +73,8 @@ impl Format {
             Format::Lycoris => "lycoris",
             Format::Diffusers => "diffusers",
             Format::Safeloras => "safeloras",
+            Format::Xlabs => "xlabs",
+            Format::Original => "original",
         }
     }
 }
@@ -312,6 +328,14 @@ const PEFT_SUFFIXES: &[(&str, &str)] = &[
     (".lokr_t2", "lokr_t2"),
 ];
 
+/// ComfyUI's generic LoRA names: `diffusion_model.` + the checkpoint's module path (ComfyUI
+/// `comfy/lora.py` `model_lora_keys_unet`; AI-toolkit `convert_lora_weights_before_save` of its
+/// BFL-layout models, with PEFT's `lora_A`/`lora_B` and no alpha).
+const ORIGINAL_PREFIX: &str = "diffusion_model.";
+/// Suffixes ComfyUI reads beside PEFT's under that prefix (kohya's factor names).
+const ORIGINAL_SUFFIXES: &[(&str, &str)] =
+    &[(".lora_down.weight", "down"), (".lora_up.weight", "up"), (".dora_scale", "dora_scale")];
+
 const DIFFUSERS_COMPONENTS: &[&str] = &["unet.", "text_encoder.", "text_encoder_2.", "transformer."];
 /// The UNet's top-level blocks, with which `save_attn_procs` (diffusers' older
 /// attention-processor LoRA files) starts its keys.
@@ -324,6 +348,12 @@ fn split_key(format: Format, key: &str) -> Option<(String, &'static str)> {
         Format::Kohya | Format::Lycoris => {
             let (module, suffix) = key.split_once('.')?;
             KOHYA_ROLES.iter().find(|(s, _)| *s == suffix).map(|(_, r)| (module.to_string(), *r))
+        }
+        Format::Xlabs => families::xlabs_key(key),
+        Format::Original => {
+            let rest = key.strip_prefix(ORIGINAL_PREFIX)?;
+            let (suffix, role) = PEFT_SUFFIXES.iter().chain(ORIGINAL_SUFFIXES).find(|(s, _)| rest.ends_with(s))?;
+            Some((format!("{ORIGINAL_PREFIX}{}", &rest[..rest.len() - suffix.len()]), role))
         }
         Format::Peft | Format::Diffusers => {
             let rest = if format == Format::Peft { key.strip_prefix("base_model.model.").unwrap_or(key) } else { key };
@@ -385,9 +415,10 @@ pub fn detect_format(keys: &[&str]) -> Option<Format> {
 }
 
 /// The naming schemes the keys follow, in precedence order (PEFT, diffusers, safeloras,
-/// kohya/LyCORIS), each with the keys it claims: PEFT the keys under `base_model.model.`,
-/// diffusers those under a component prefix (`unet.`, …) that its suffixes recognise,
-/// safeloras the `component:i:up|down` keys, kohya the other keys of the
+/// original, XLabs, kohya/LyCORIS), each with the keys it claims: PEFT the keys under
+/// `base_model.model.`, diffusers those under a component prefix (`unet.`, …) that its suffixes
+/// recognise, safeloras the `component:i:up|down` keys, original those under `diffusion_model.`
+/// with a PEFT or kohya factor suffix, XLabs its processor keys, kohya the other keys of the
 /// form `module.role`. A scheme counts only if it has a weight (kohya keys that are all
 /// `alpha`/`scalar`/`on_input` do not). When only one scheme is present it claims every key,
 /// so a file of one scheme reads as it always has.
@@ -400,13 +431,17 @@ fn naming_schemes<'k>(keys: &[&'k str]) -> Vec<(Format, Vec<&'k str>)> {
             && (DIFFUSERS_COMPONENTS.iter().any(|c| k.starts_with(c)) || UNET_BLOCKS.iter().any(|c| k.starts_with(c)))
             && split_key(Format::Diffusers, k).is_some()
     };
+    let is_xlabs = |k: &str| split_key(Format::Xlabs, k).is_some();
+    let is_original = |k: &str| !is_xlabs(k) && split_key(Format::Original, k).is_some();
     let peft: Vec<&str> = keys.iter().copied().filter(|k| is_peft(k)).collect();
     let diffusers: Vec<&str> = keys.iter().copied().filter(|k| is_diffusers(k)).collect();
     let safeloras: Vec<&str> = keys.iter().copied().filter(|k| is_safeloras(k)).collect();
+    let xlabs: Vec<&str> = keys.iter().copied().filter(|k| is_xlabs(k)).collect();
+    let original: Vec<&str> = keys.iter().copied().filter(|k| is_original(k)).collect();
     let kohya: Vec<(&str, &str)> = keys
         .iter()
         .copied()
-        .filter(|k| !is_peft(k) && !is_diffusers(k) && !is_safeloras(k))
+        .filter(|k| !is_peft(k) && !is_diffusers(k) && !is_safeloras(k) && !is_xlabs(k) && !is_original(k))
         .filter_map(|k| split_key(Format::Kohya, k).map(|(_, r)| (k, r)))
         .collect();
     // A bare `.weight` is (IA)³ only beside its `on_input` flag; a base model's `lm_head.weight`
@@ -422,6 +457,13 @@ fn naming_schemes<'k>(keys: &[&'k str]) -> Vec<(Format, Vec<&'k str>)> {
     }
     if !safeloras.is_empty() {
         out.push((Format::Safeloras, safeloras));
+    }
+    // A scheme of alphas alone is none (they sit beside factors of another scheme).
+    if original.iter().any(|k| !k.ends_with(".alpha")) {
+        out.push((Format::Original, original));
+    }
+    if !xlabs.is_empty() {
+        out.push((Format::Xlabs, xlabs));
     }
     if !kohya.iter().all(|(_, r)| matches!(*r, "alpha" | "scalar" | "on_input")) {
         let lycoris = kohya.iter().any(|(_, r)| {
@@ -590,7 +632,14 @@ pub(crate) fn parse(file: &Arc<TensorFile>, forced: Option<Format>, config: Opti
             // directly; kohya names stay as they are until a base resolves them.
             m.base_key = match format {
                 Format::Peft | Format::Diffusers => format!("{}.weight", m.name),
-                Format::Kohya | Format::Lycoris | Format::Safeloras => m.name.clone(),
+                // Flux/SD3 transformer names read back with the models' module paths.
+                Format::Safeloras => m.name.clone(),
+                Format::Kohya | Format::Lycoris => families::kohya_dit_key(&m.name).unwrap_or_else(|| m.name.clone()),
+                Format::Xlabs => {
+                    warnings.extend(families::xlabs_partial(&m.name));
+                    families::xlabs_target(&m.name).unwrap_or_else(|| m.name.clone())
+                }
+                Format::Original => format!("{}.weight", &m.name[ORIGINAL_PREFIX.len()..]),
             };
             modules.push(m);
             count += 1;

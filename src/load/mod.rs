@@ -3,6 +3,7 @@
 
 mod adapter;
 pub mod base;
+mod families;
 mod formats;
 pub(crate) mod fsguard;
 mod gguf_check;
@@ -19,6 +20,7 @@ pub(crate) mod write;
 
 pub use adapter::{Adapter, LoadOptions};
 pub use base::{BaseKind, BaseModel};
+pub use families::Family;
 pub use formats::{detect_format, Format, LoraConfig};
 pub use fsguard::Tree;
 pub use hashes::FileDigest;

@@ -4,7 +4,8 @@
 //! themselves (`transformer_blocks`, `to_q`, `self_attn`), so a name cannot be parsed back.
 //! As ComfyUI does (`model_lora_keys_unet`/`_clip`), we go the other way: from the base
 //! model's actual keys we build every name an adapter could use for each weight, in every
-//! naming scheme (diffusers and original-LDM/SGM UNet paths, CLIP text encoders, llama.cpp
+//! naming scheme (diffusers and original-LDM/SGM UNet paths, CLIP text encoders, BFL Flux and
+//! SD3 MMDiT transformer paths as sd-scripts `lora_flux.py`/`lora_sd3.py` name them, llama.cpp
 //! GGUF names), and look the adapter's names up in that table.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -16,8 +17,27 @@ enum Component {
     UnetDiffusers,
     TextEncoder1,
     TextEncoder2,
+    /// A BFL Flux or SD3 MMDiT transformer file without the `model.diffusion_model.` prefix.
+    Dit,
     Other,
 }
+
+/// The first segments of BFL Flux (`flux1-dev.safetensors`) and SD3 MMDiT module paths.
+const DIT_ROOTS: &[&str] = &[
+    "double_blocks.",
+    "single_blocks.",
+    "img_in.",
+    "txt_in.",
+    "time_in.",
+    "vector_in.",
+    "guidance_in.",
+    "final_layer.",
+    "joint_blocks.",
+    "x_embedder.",
+    "context_embedder.",
+    "t_embedder.",
+    "y_embedder.",
+];
 
 const DIFFUSERS_UNET_ROOTS: &[&str] = &[
     "down_blocks.",
@@ -57,6 +77,9 @@ fn split_component(key: &str) -> (Component, &str) {
     }
     if key.starts_with("text_model.") {
         return (Component::TextEncoder1, key);
+    }
+    if DIT_ROOTS.iter().any(|r| key.starts_with(r)) {
+        return (Component::Dit, key);
     }
     (Component::Other, key)
 }
@@ -285,6 +308,9 @@ impl KeyResolver {
                 Component::UnetLdm | Component::UnetDiffusers => {
                     let mut paths = vec![path.to_string()];
                     if comp == Component::UnetLdm {
+                        // A checkpoint's own path under `model.diffusion_model.`, as ComfyUI's
+                        // `diffusion_model.…` names and XLabs/kohya Flux names read back give it.
+                        r.add(path.to_string(), key);
                         paths.extend(ldm_to_diffusers(path, l));
                     } else {
                         paths.extend(diffusers_to_ldm(path, l));
@@ -304,7 +330,17 @@ impl KeyResolver {
                     r.add(format!("text_encoder_2.{path}"), key);
                     r.add(format!("lora_te2_{}", underscored(path)), key);
                 }
+                Component::Dit => {
+                    // sd-scripts lora_flux.py / lora_sd3.py: `lora_unet_` + the path, `.`→`_`.
+                    r.add(format!("lora_unet_{}", underscored(path)), key);
+                    r.add(format!("lycoris_{}", underscored(path)), key);
+                }
                 Component::Other => {
+                    // A bare diffusers transformer (Flux, SD3): OneTrainer's kohya-style names,
+                    // as ComfyUI's `model_lora_keys_unet` maps them.
+                    if path.starts_with("transformer_blocks.") || path.starts_with("single_transformer_blocks.") {
+                        r.add(format!("lora_transformer_{}", underscored(path)), key);
+                    }
                     r.add(format!("lora_{}", underscored(path)), key);
                     r.add(format!("lycoris_{}", underscored(path)), key);
                 }
@@ -327,11 +363,15 @@ impl KeyResolver {
     /// The base key an adapter module name denotes. `Err` carries why it could not be resolved.
     pub fn resolve(&self, name: &str) -> std::result::Result<String, String> {
         let mut candidates = vec![name.to_string()];
-        // A diffusers-style `unet.`/`transformer.` name against a bare component file.
-        for prefix in ["unet.", "transformer."] {
+        // A diffusers-style `unet.`/`transformer.` name against a bare component file; ComfyUI's
+        // and AI-toolkit's `diffusion_model.` against a bare or a `model.diffusion_model.` file.
+        for prefix in ["unet.", "transformer.", "diffusion_model."] {
             if let Some(rest) = name.strip_prefix(prefix) {
                 candidates.push(rest.to_string());
             }
+        }
+        if name.starts_with("diffusion_model.") {
+            candidates.push(format!("model.{name}"));
         }
         for c in &candidates {
             if self.ambiguous.contains(c) {
