@@ -284,3 +284,22 @@ fn json_is_deterministic_and_bad_input_names_the_file() {
     let (code, _, err) = run(&["compare", s(&a), s(&b), "--top-k", "0"]);
     assert_eq!(code, 2, "{err}");
 }
+
+#[test]
+fn scan_records_group_reuploads_by_content_hash() {
+    let d = tempfile::tempdir().unwrap();
+    kohya(1).write(&d.path().join("original.safetensors")).unwrap();
+    let mut re = kohya(1);
+    re.meta("ss_output_name", "stolen");
+    re.write(&d.path().join("reupload.safetensors")).unwrap();
+    kohya(2).write(&d.path().join("other.safetensors")).unwrap();
+    let (code, out, err) = run(&["scan", s(d.path()), "-q"]);
+    assert_eq!(code, 0, "{err}");
+    let recs: Vec<Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let by_name = |n: &str| recs.iter().find(|r| r["path"].as_str().unwrap().ends_with(n)).unwrap();
+    let (o, r, x) = (by_name("original.safetensors"), by_name("reupload.safetensors"), by_name("other.safetensors"));
+    assert_eq!(o["content_hash"], r["content_hash"]);
+    assert_ne!(o["sha256"], r["sha256"]);
+    assert_ne!(o["content_hash"], x["content_hash"]);
+    assert_eq!(o["content_hash"].as_str().unwrap().len(), 64);
+}
