@@ -303,3 +303,41 @@ fn scan_records_group_reuploads_by_content_hash() {
     assert_ne!(o["content_hash"], x["content_hash"]);
     assert_eq!(o["content_hash"].as_str().unwrap().len(), 64);
 }
+
+#[test]
+fn base_dependent_modules_and_modules_on_one_side_are_listed() {
+    // DoRA and (IA)³ need the base for ΔW: listed as not compared, with the reason.
+    let f = fixtures().join("lycoris-full-dora-ia3.safetensors");
+    let v = compare_json(&f, &f);
+    assert_eq!(v["conclusion"], "identical");
+    let reasons: Vec<(String, Value)> = v["modules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| (m["kind_a"].as_str().unwrap().to_string(), m["not_compared"]["reason"].clone()))
+        .collect();
+    for (kind, reason) in &reasons {
+        let want = if kind == "full" { Value::Null } else { Value::from("needs-base") };
+        assert_eq!(reason, &want, "{kind}: {reasons:?}");
+    }
+    assert!(reasons.iter().any(|(k, _)| k == "dora") && reasons.iter().any(|(k, _)| k == "ia3"), "{reasons:?}");
+    // A with one module dropped: the rest is bit-identical, but the adapters are not the same
+    // weights; the dropped module is listed, and B is derived from A.
+    let d = tempfile::tempdir().unwrap();
+    let (a, b) = (d.path().join("a.safetensors"), d.path().join("part.safetensors"));
+    kohya(1).write(&a).unwrap();
+    let mut part = SafetensorsBuilder::new();
+    for name in module_names().into_iter().filter(|n| *n != CONV.0) {
+        for t in ["lora_up.weight", "lora_down.weight", "alpha"] {
+            let key = format!("{name}.{t}");
+            let (shape, vals) = raw(&a, &key);
+            part.add(&key, &shape, &vals.iter().map(|x| *x as f32).collect::<Vec<_>>(), Dtype::F32);
+        }
+    }
+    part.write(&b).unwrap();
+    let v = compare_json(&a, &b);
+    assert_eq!(v["only_a"], serde_json::json!([CONV.0]));
+    assert_eq!(v["identity"]["modules_identical"], false);
+    assert!(v["modules"].as_array().unwrap().iter().all(|m| m["identical_tensors"] == true));
+    assert_eq!(v["conclusion"], "derived", "{:#}", v["reasons"]);
+}

@@ -31,9 +31,8 @@ pub fn compare(a: &Adapter, b: &Adapter, top_k: usize) -> Result<CompareReport> 
     }
     let (side_a, side_b) = (side(a), side(b));
     let (pairs, only_a, only_b) = match_modules(&a.modules, &b.modules);
-    let compared: Vec<Result<ModuleComparison>> =
+    let modules: Vec<ModuleComparison> =
         pairs.par_iter().map(|(key, ma, mb)| compare_pair(key, ma, mb, top_k)).collect();
-    let modules = compared.into_iter().collect::<Result<Vec<_>>>()?;
     let identity = Identity {
         content_hash_equal: side_a.content_hash == side_b.content_hash,
         modules_identical: only_a.is_empty()
@@ -125,12 +124,12 @@ fn keyed(modules: &[LoraModule]) -> BTreeMap<String, &LoraModule> {
         .collect()
 }
 
-fn compare_pair(key: &str, a: &LoraModule, b: &LoraModule, top_k: usize) -> Result<ModuleComparison> {
-    let (delta, not_compared) = match cmp::compare_modules(a, b, top_k)? {
+fn compare_pair(key: &str, a: &LoraModule, b: &LoraModule, top_k: usize) -> ModuleComparison {
+    let (delta, not_compared) = match cmp::compare_modules(a, b, top_k) {
         Ok(d) => (Some(d), None),
         Err(skip) => (None, Some(skip)),
     };
-    Ok(ModuleComparison {
+    ModuleComparison {
         key: key.to_string(),
         name_a: a.name.clone(),
         name_b: b.name.clone(),
@@ -141,7 +140,7 @@ fn compare_pair(key: &str, a: &LoraModule, b: &LoraModule, top_k: usize) -> Resu
         identical_tensors: same_tensors(a, b),
         delta,
         not_compared,
-    })
+    }
 }
 
 /// Same kind and scale, and each stored tensor (in the module's order) of the same dtype, shape

@@ -49,8 +49,9 @@ closed_set! {
         BadValues = "bad-values",
         /// One ΔW is exactly zero: no direction to compare.
         ZeroDelta = "zero-delta",
-        /// The module could not be read (message in `detail`).
-        Unreadable = "unreadable",
+        /// Its factors could not be built: a size limit or an unreadable tensor (the message,
+        /// naming the file and module, in `detail`).
+        Refused = "refused",
     }
 }
 
@@ -101,26 +102,17 @@ pub struct DeltaComparison {
     pub cols: usize,
 }
 
-/// Compare the ΔW of two modules changing the same weight; `Err` only for failures of
-/// lorascope itself, a module that cannot be compared is an `Ok(Err(Skip))`.
+/// Compare the ΔW of two modules changing the same weight, or say why they cannot be.
 pub(crate) fn compare_modules(
     a: &LoraModule,
     b: &LoraModule,
     top_k: usize,
-) -> Result<std::result::Result<DeltaComparison, Skip>> {
+) -> std::result::Result<DeltaComparison, Skip> {
     if a.matrix_shape() != b.matrix_shape() {
         let detail = format!("ΔW is {:?} in A, {:?} in B", a.shape, b.shape);
-        return Ok(Err(Skip::new(NotCompared::ShapeMismatch, detail)));
+        return Err(Skip::new(NotCompared::ShapeMismatch, detail));
     }
-    let fa = match factors_of(a) {
-        Ok(f) => f,
-        Err(s) => return Ok(Err(s)),
-    };
-    let fb = match factors_of(b) {
-        Ok(f) => f,
-        Err(s) => return Ok(Err(s)),
-    };
-    Ok(compare_factors(&fa, &fb, top_k))
+    compare_factors(&factors_of(a)?, &factors_of(b)?, top_k)
 }
 
 /// The factors of a module whose ΔW needs no base, or why there are none.
@@ -153,11 +145,7 @@ fn factors_of(m: &LoraModule) -> std::result::Result<Factors, Skip> {
 }
 
 fn skip_for(e: Error) -> Skip {
-    let reason = match e {
-        Error::Values { .. } => NotCompared::BadValues,
-        _ if e.to_string().contains("limit") => NotCompared::TooLarge,
-        _ => NotCompared::Unreadable,
-    };
+    let reason = if matches!(e, Error::Values { .. }) { NotCompared::BadValues } else { NotCompared::Refused };
     Skip::new(reason, e.to_string())
 }
 
