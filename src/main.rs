@@ -134,6 +134,9 @@ enum Command {
     FitLora(FitArgs),
     /// Everything the inputs allow, written as report.json and a self-contained report.html.
     Report(ReportArgs),
+    /// Compare two adapters: metadata diff, tensor identity, per-module ΔW cosine and principal
+    /// angles, and a conclusion (identical, derived or unrelated; docs/compare.md).
+    Compare(CompareArgs),
     /// Static screen of many adapters (no base): one JSON line per file on stdout, in path
     /// order; a summary on stderr.
     Scan(ScanArgs),
@@ -446,6 +449,36 @@ struct ReportArgs {
 }
 
 #[derive(Args)]
+struct CompareArgs {
+    /// First adapter: a .safetensors file or a PEFT directory.
+    a: PathBuf,
+    /// Second adapter.
+    b: PathBuf,
+    /// Singular directions spanning the subspaces whose principal angles are compared.
+    #[arg(long, default_value_t = 8)]
+    top_k: usize,
+    /// Force the format of both adapters instead of detecting it.
+    #[arg(long)]
+    format: Option<Format>,
+    /// Machine-readable JSON on stdout (sorted keys, byte-identical across runs).
+    #[arg(long)]
+    json: bool,
+}
+
+fn compare(c: CompareArgs) -> lorascope::Result<ExitCode> {
+    let opts = LoadOptions { format: c.format, ..Default::default() };
+    let a = Adapter::open(&c.a, &opts)?;
+    let b = Adapter::open(&c.b, &opts)?;
+    let r = pipeline::compare(&a, &b, c.top_k)?;
+    if c.json {
+        emit(&to_canonical_json(&r));
+    } else {
+        emit(&shown::lines(&report::render_compare(&r)));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Args)]
 struct ScanArgs {
     /// Files and directories (searched recursively; PEFT directories count as one adapter).
     paths: Vec<PathBuf>,
@@ -600,6 +633,7 @@ fn run(cli: Cli) -> lorascope::Result<ExitCode> {
         }
         Command::FitLora(a) => return fit_lora(a),
         Command::Report(a) => return write_report(a),
+        Command::Compare(c) => return compare(c),
         Command::Scan(a) => return scan(a),
         Command::Verify { dir, json, rerun } => return verify(&dir, json, rerun),
     }

@@ -1,10 +1,12 @@
 //! Orchestration of each command: open the inputs, run the stages in order, and hand typed
 //! results to `report` for rendering. The CLI (src/main.rs) only parses arguments and prints.
 
+mod compare;
 mod evidence;
 mod inspect;
 mod scan;
 
+pub use compare::compare;
 pub use evidence::{
     build_report, compare_rerun, run_report, verify, write_report_dir, ProbeOutcome, ReportHooks, ReportRun,
     Verification,

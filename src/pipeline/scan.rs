@@ -18,6 +18,7 @@ fn fill_from_inspect(rec: &mut ScanRecord, r: &InspectReport) {
     rec.bytes = r.inputs.first().map(|i| i.bytes);
     rec.sha256 = Some(a.hashes.sha256.clone());
     rec.autov2 = Some(a.hashes.autov2.clone());
+    rec.content_hash = a.hashes.autov3.clone();
     rec.format = Some(a.format.clone());
     rec.architecture = Some(a.architecture.clone());
     rec.modules = Some(a.modules.len());
@@ -46,7 +47,8 @@ pub fn scan_one(c: &Candidate, opts: &SpectrumOptions, th: &FlagThresholds) -> S
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> Result<()> {
         let r = Adapter::read(path, c.tree.as_ref(), MAX_SCAN_ADAPTER_BYTES)?;
         read = Some(r.bytes.clone());
-        let adapter = Adapter::parse_read(path, r, &LoadOptions::default())?;
+        // AutoV3 always: it is the record's content hash, computed from the bytes already read.
+        let adapter = Adapter::parse_read(path, r, &LoadOptions { autov3: true, ..Default::default() })?;
         let mut refused_values = false;
         let inspect = match super::spectrum(&adapter, None, opts, &|| {}) {
             Ok(s) => {

@@ -1,11 +1,13 @@
 //! Report structures (serde), canonical JSON and terminal summaries.
 
+mod compare;
 mod evidence;
 mod finite;
 pub(crate) mod html;
 mod inspect;
 mod probe;
 mod spectrum;
+pub use compare::*;
 pub use evidence::*;
 pub use inspect::*;
 pub use probe::*;

@@ -85,6 +85,10 @@ pub struct ScanRecord {
     pub bytes: Option<u64>,
     pub sha256: Option<String>,
     pub autov2: Option<String>,
+    /// SHA-256 of the safetensors data section (sd-scripts `sshs_model_hash`, Civitai AutoV3):
+    /// equal for the same weights under other metadata or another file name, so grouping
+    /// records by it finds re-uploads.
+    pub content_hash: Option<String>,
     pub format: Option<String>,
     pub architecture: Option<String>,
     pub modules: Option<usize>,

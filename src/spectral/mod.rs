@@ -1,5 +1,6 @@
 //! Spectral analysis: what each module adds (docs/spectrum.md), from its factors wherever it can.
 
+pub mod compare;
 pub(crate) mod delta;
 pub mod metrics;
 

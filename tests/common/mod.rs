@@ -122,3 +122,15 @@ pub fn bin() -> &'static str {
         Err(_) => env!("CARGO_BIN_EXE_lorascope"),
     }
 }
+
+/// Frobenius cosine ⟨A, B⟩ / (‖A‖‖B‖) of two dense matrices, by plain loops over the entries.
+pub fn frobenius_cosine(a: &M, b: &M) -> f64 {
+    assert_eq!((a.r, a.c), (b.r, b.c), "shape");
+    let (mut ab, mut aa, mut bb) = (0.0, 0.0, 0.0);
+    for (x, y) in a.v.iter().zip(&b.v) {
+        ab += x * y;
+        aa += x * x;
+        bb += y * y;
+    }
+    ab / (aa.sqrt() * bb.sqrt())
+}
