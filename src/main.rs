@@ -12,7 +12,8 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use lorascope::load::works::load_works;
 use lorascope::load::{Format, LoadOptions};
 use lorascope::model::train::FitOptions;
-use lorascope::pipeline::{self, ProbeData};
+use lorascope::pipeline::{self, ProbeData, ProbeSettings, Works};
+use lorascope::probe::image::{ImageSettings, ImageVerdict};
 use lorascope::probe::{Thresholds, Verdict};
 use lorascope::report::{self, to_canonical_json};
 use lorascope::shown;
@@ -126,8 +127,8 @@ enum Command {
         analysis: AnalysisArgs,
         /// Exit with code 1 if any work gets one of these verdicts (comma-separated, or `any`
         /// for any verdict other than no-evidence).
-        #[arg(long, value_parser = fail_on::<Verdict>)]
-        fail_on: Option<FailOn<Verdict>>,
+        #[arg(long, value_parser = fail_on::<VerdictName>)]
+        fail_on: Option<FailOn<VerdictName>>,
     },
     /// Fit a LoRA that memorises the given texts (a positive control: would the probe catch an
     /// adapter that memorised these?). Writes a PEFT adapter directory.
@@ -159,13 +160,51 @@ enum Command {
 /// The works to probe for and the probe's settings (docs/probe.md), shared by `probe` and `report`.
 #[derive(Args)]
 struct ProbeArgs {
-    /// Works to probe for: a directory of .txt files or a JSONL file of {"id","text"} lines.
+    /// Works to probe for: a directory of .txt files or a JSONL file of {"id","text"} lines;
+    /// or a directory of images (PNG, JPEG, WebP, each with an optional NAME.txt caption) for
+    /// an image base.
     #[arg(long)]
     works: Option<PathBuf>,
     /// Control works known not to be in training (same format as --works): they calibrate
     /// p-values and the AUC.
     #[arg(long)]
     controls: Option<PathBuf>,
+    /// Images: the same artist's images that cannot have been trained on (e.g. made after the
+    /// adapter's training date); they tell style learning from memorising the works.
+    #[arg(long)]
+    style_controls: Option<PathBuf>,
+    /// Images: a tokenizer folder (vocab.json + merges.txt) for a single-file checkpoint base,
+    /// which carries none.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Images: diffusion timesteps the denoising loss is measured at (comma-separated).
+    #[arg(long, value_delimiter = ',', default_values_t = ImageSettings::default().timesteps)]
+    timesteps: Vec<usize>,
+    /// Images: noise draws per timestep.
+    #[arg(long, default_value_t = ImageSettings::default().draws)]
+    draws: usize,
+    /// Images: seed of the noise draws (the same for every image and both models).
+    #[arg(long, default_value_t = ImageSettings::default().noise_seed)]
+    noise_seed: u64,
+    /// Images: generate from each work's caption with these seeds (comma-separated) under base
+    /// and merged and compare with every image. Slow on a CPU at SD 1.5 size.
+    #[arg(long, value_delimiter = ',')]
+    generate: Vec<u64>,
+    /// Images: DDIM steps per generation.
+    #[arg(long, default_value_t = ImageSettings::default().ddim_steps)]
+    steps: usize,
+    /// Images: classifier-free guidance scale of the generations.
+    #[arg(long, default_value_t = ImageSettings::default().guidance)]
+    guidance: f64,
+    /// Images: tiled ℓ2 distance (on [0,1] pixels) within which a generation is a near-copy.
+    #[arg(long, default_value_t = ImageSettings::default().copy_distance)]
+    copy_distance: f64,
+    /// Images: tiles (of 16) within --copy-distance that make a partial copy.
+    #[arg(long, default_value_t = ImageSettings::default().partial_tiles)]
+    partial_tiles: usize,
+    /// Images: images per UNet call.
+    #[arg(long, default_value_t = ImageSettings::default().batch)]
+    batch: usize,
     /// Neutral prompts, one a line, whose continuations are searched for pieces of any work.
     #[arg(long)]
     prompts: Option<PathBuf>,
@@ -206,8 +245,26 @@ struct ProbeArgs {
 
 impl ProbeArgs {
     /// The works, controls and prompts named by the flags, read.
-    fn data(&self, works: &Path) -> lorascope::Result<ProbeData> {
-        ProbeData::load(works, self.controls.as_deref(), self.prompts.as_deref())
+    fn data(&self, works: &Path) -> lorascope::Result<Works> {
+        Works::load(works, self.controls.as_deref(), self.style_controls.as_deref(), self.prompts.as_deref())
+    }
+
+    /// Every probe setting the flags give, checked.
+    fn settings(&self) -> lorascope::Result<ProbeSettings> {
+        let image = ImageSettings {
+            timesteps: self.timesteps.clone(),
+            draws: self.draws,
+            noise_seed: self.noise_seed,
+            generate_seeds: self.generate.clone(),
+            ddim_steps: self.steps,
+            guidance: self.guidance,
+            copy_distance: self.copy_distance,
+            partial_tiles: self.partial_tiles,
+            batch: self.batch,
+            ..Default::default()
+        };
+        image.check(None)?;
+        Ok(ProbeSettings { text: self.thresholds()?, image, tokenizer: self.tokenizer.clone() })
     }
 
     fn thresholds(&self) -> lorascope::Result<Thresholds> {
@@ -262,6 +319,11 @@ impl lorascope::probe::Progress for ProbeProgress {
     fn inc(&self, n: u64) {
         self.0.tick_by(n);
     }
+    fn plan(&self, line: &str) {
+        if !self.0.quiet {
+            self.0.bar.suspend(|| eprintln!("{}", shown::inline(line)));
+        }
+    }
 }
 
 /// The probe's progress bar: tokens scored and generated, per stage.
@@ -288,6 +350,44 @@ fn run_probe(
         progress.print_stage_times();
     }
     r
+}
+
+fn run_image_probe(
+    adapter: &Adapter,
+    base: &BaseModel,
+    s: report::SpectrumReport,
+    data: &pipeline::ImageData,
+    settings: &ProbeSettings,
+    quiet: bool,
+) -> lorascope::Result<report::ImageProbeReport> {
+    let progress = probe_progress(quiet);
+    let r = pipeline::probe_images(adapter, base, settings.tokenizer.as_deref(), s, data, &settings.image, &progress);
+    progress.0.finish();
+    if !quiet {
+        progress.print_stage_times();
+    }
+    r
+}
+
+/// A verdict of either probe, by its name (`--fail-on` takes the names of both sets).
+#[derive(Clone, Debug, PartialEq)]
+struct VerdictName(&'static str);
+
+impl std::str::FromStr for VerdictName {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let names = Verdict::ALL.iter().map(|v| v.as_str()).chain(ImageVerdict::ALL.iter().map(|v| v.as_str()));
+        let mut all: Vec<&'static str> = vec![];
+        for n in names {
+            if !all.contains(&n) {
+                all.push(n);
+            }
+        }
+        all.iter()
+            .find(|n| **n == s)
+            .map(|n| VerdictName(n))
+            .ok_or_else(|| format!("unknown verdict {s:?} (verdicts: {})", all.join(", ")))
+    }
 }
 
 /// A `--fail-on` list: names of a closed set (flags, verdicts), or `any`.
@@ -560,6 +660,7 @@ struct Progress {
     bar: ProgressBar,
     start: Instant,
     visible: bool,
+    quiet: bool,
 }
 
 impl Progress {
@@ -569,7 +670,7 @@ impl Progress {
             bar.set_style(style.progress_chars("=> "));
         }
         bar.set_message("modules");
-        Progress { bar, start: Instant::now(), visible: !quiet && std::io::stderr().is_terminal() }
+        Progress { bar, start: Instant::now(), visible: !quiet && std::io::stderr().is_terminal(), quiet }
     }
     fn tick(&self) {
         self.tick_by(1);
@@ -607,7 +708,8 @@ fn run(cli: Cli) -> lorascope::Result<ExitCode> {
             }
         }
         Command::Probe { common: c, probe, analysis, fail_on } => {
-            let th = probe.thresholds()?;
+            let settings = probe.settings()?;
+            let th = settings.text;
             let opts = analysis.options()?;
             let works = probe.works.as_deref().ok_or_else(|| lorascope::Error::Usage("probe needs --works".into()))?;
             if c.base.is_none() {
@@ -616,6 +718,32 @@ fn run(cli: Cli) -> lorascope::Result<ExitCode> {
             let data = probe.data(works)?;
             let (adapter, base) = c.open()?;
             let base = base.expect("--base given");
+            let data = match data {
+                Works::Images(images) => {
+                    pipeline::check_base_for_images(&base)?;
+                    let s = run_spectrum(&adapter, Some(&base), &opts, c.quiet)?;
+                    let r = run_image_probe(&adapter, &base, s, &images, &settings, c.quiet)?;
+                    if c.json {
+                        emit(&to_canonical_json(&r));
+                    } else {
+                        emit(&shown::lines(&report::render_image_probe(&r)));
+                    }
+                    let failing = r.probe.result.works.iter().any(|w| {
+                        let name = VerdictName(w.verdict.as_str());
+                        fail_on.as_ref().is_some_and(|f| f.matches(&name, |_| w.verdict != ImageVerdict::NoEvidence))
+                    });
+                    return Ok(if failing { ExitCode::from(1) } else { ExitCode::SUCCESS });
+                }
+                Works::Text(d) => d,
+            };
+            if lorascope::model::is_sd_base(&base) {
+                return Err(lorascope::Error::Input {
+                    path: base.path.clone(),
+                    reason: "the base is a Stable Diffusion model but the works are texts; image works are a folder \
+                             of PNG, JPEG or WebP files"
+                        .into(),
+                });
+            }
             let s = run_spectrum(&adapter, Some(&base), &opts, c.quiet)?;
             let r = run_probe(&adapter, &base, s, &data, &th, c.quiet)?;
             if c.json {
@@ -628,7 +756,10 @@ fn run(cli: Cli) -> lorascope::Result<ExitCode> {
                 .result
                 .works
                 .iter()
-                .any(|w| fail_on.as_ref().is_some_and(|f| f.matches(&w.verdict, |v| *v != Verdict::NoEvidence)));
+                .any(|w| {
+                    let name = VerdictName(w.verdict.as_str());
+                    fail_on.as_ref().is_some_and(|f| f.matches(&name, |_| w.verdict != Verdict::NoEvidence))
+                });
             return Ok(if failing { ExitCode::from(1) } else { ExitCode::SUCCESS });
         }
         Command::FitLora(a) => return fit_lora(a),
@@ -646,7 +777,7 @@ fn compute_report(a: &ReportArgs, command_line: Vec<String>) -> lorascope::Resul
     let c = &a.common;
     let start = Instant::now();
     let mut timings = std::collections::BTreeMap::new();
-    let th = a.probe.thresholds()?;
+    let settings = a.probe.settings()?;
     let opts = a.analysis.options()?;
     let (adapter, base) = c.open()?;
     let data = a.probe.works.as_deref().map(|w| a.probe.data(w)).transpose()?;
@@ -656,7 +787,7 @@ fn compute_report(a: &ReportArgs, command_line: Vec<String>) -> lorascope::Resul
     let hooks =
         pipeline::ReportHooks { module_tick: &|| modules.tick(), spectrum_done: &|| modules.finish(), probe: &probe };
     let run =
-        pipeline::run_report(&adapter, base.as_ref(), data.as_ref(), &th, &opts, command_line, &hooks, &mut timings);
+        pipeline::run_report(&adapter, base.as_ref(), data.as_ref(), &settings, &opts, command_line, &hooks, &mut timings);
     probe.0.finish();
     for (stage, secs) in probe.stage_seconds() {
         timings.insert(format!("probe {stage}_s"), secs);

@@ -15,6 +15,7 @@ mod patterns;
 mod safeloras;
 mod tensor;
 pub(crate) mod tensorfile;
+pub mod images;
 pub mod works;
 pub(crate) mod write;
 

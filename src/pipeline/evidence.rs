@@ -24,6 +24,7 @@ fn excerpt(text: &str) -> String {
 /// Whether the probe ran: its findings, or why not.
 pub enum ProbeOutcome {
     Ran(Box<ProbeSection>),
+    Images(Box<crate::report::ImageProbeSection>),
     Skipped(String),
 }
 
@@ -63,7 +64,22 @@ pub fn build_report(
     } else {
         "no --base: module names not checked against a base, no base-relative metrics".to_string()
     };
+    let mut image_probe = None;
     let (probe, probe_ran, probe_reason) = match probe {
+        ProbeOutcome::Images(p) => {
+            let r = &p.result;
+            let why = format!(
+                "merged Stable Diffusion model run on {} works, {} controls and {} style controls ({} UNet passes, {} \
+                 generations)",
+                r.works.len(),
+                r.controls.len(),
+                r.style_controls.len(),
+                r.unet_passes,
+                r.generations.len()
+            );
+            image_probe = Some(*p);
+            (None, true, why)
+        }
         ProbeOutcome::Ran(p) => {
             let why = format!(
                 "merged model run on {} works and {} controls ({} tokens scored, {} generated)",
@@ -86,6 +102,7 @@ pub fn build_report(
         spectrum: SpectrumSection { modules, layers, totals, statement },
         works: infos,
         probe,
+        image_probe,
         stages: vec![
             Stage { name: StageName::Inspect, ran: true, reason: "always".into() },
             Stage { name: StageName::Base, ran: has_base, reason: base_reason },
@@ -239,8 +256,8 @@ pub struct ReportHooks<'a> {
 pub fn run_report(
     adapter: &crate::load::Adapter,
     base: Option<&crate::load::BaseModel>,
-    data: Option<&super::ProbeData>,
-    thresholds: &crate::probe::Thresholds,
+    data: Option<&super::Works>,
+    settings: &super::ProbeSettings,
     opts: &crate::spectral::SpectrumOptions,
     command_line: Vec<String>,
     hooks: &ReportHooks,
@@ -252,8 +269,25 @@ pub fn run_report(
     let s = s?;
     timings.insert("spectrum_s".to_string(), t.elapsed().as_secs_f64());
     let mut summary = crate::report::render_spectrum(&s, 10);
-    let (s, outcome) = match (data, base) {
+    let thresholds = &settings.text;
+    let (mut s, outcome) = match (data, base) {
         (None, _) => (s, ProbeOutcome::Skipped("no --works given: nothing to probe for".into())),
+        (Some(super::Works::Images(d)), Some(b)) => {
+            let t = std::time::Instant::now();
+            let p = super::image::probe_images(
+                adapter,
+                b,
+                settings.tokenizer.as_deref(),
+                s,
+                d,
+                &settings.image,
+                hooks.probe,
+            )?;
+            timings.insert("probe_s".to_string(), t.elapsed().as_secs_f64());
+            summary += "\n";
+            summary += &crate::report::render_image_probe(&p);
+            (p.spectrum, ProbeOutcome::Images(Box::new(p.probe)))
+        }
         (Some(_), None) => (
             s,
             ProbeOutcome::Skipped(
@@ -263,12 +297,13 @@ pub fn run_report(
         (Some(_), Some(b)) if !crate::model::is_text_base(b) => (
             s,
             ProbeOutcome::Skipped(
-                "the base is not a runnable text model (Hugging Face llama-family directory or GGUF); probes of \
-                 image models are not implemented yet, so the works are recorded with their hashes only"
+                "the works are texts but the base is not a runnable text model (Hugging Face llama-family directory \
+                 or GGUF), so the works are recorded with their hashes only; image works (a folder of PNG/JPEG/WebP) \
+                 are probed on a Stable Diffusion base"
                     .into(),
             ),
         ),
-        (Some(d), Some(b)) => {
+        (Some(super::Works::Text(d)), Some(b)) => {
             let t = std::time::Instant::now();
             let p = super::probe(adapter, b, s, &d.inputs(), thresholds, hooks.probe)?;
             timings.insert("probe_s".to_string(), t.elapsed().as_secs_f64());
@@ -277,8 +312,13 @@ pub fn run_report(
             (p.spectrum, ProbeOutcome::Ran(Box::new(p.probe)))
         }
     };
-    let works = data.map(|d| &d.works);
-    let controls = data.and_then(|d| d.controls.as_ref());
+    let text = data.and_then(super::Works::text);
+    if let (Some(super::Works::Images(d)), false) = (data, matches!(outcome, ProbeOutcome::Images(_))) {
+        // Skipped: the images are still recorded with their hashes.
+        s.inspect.inputs.extend(d.recorded_inputs());
+    }
+    let works = text.map(|d| &d.works);
+    let controls = text.and_then(|d| d.controls.as_ref());
     let report = build_report(s, works, controls, outcome, command_line)?;
     Ok(ReportRun { report, summary })
 }

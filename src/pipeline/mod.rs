@@ -3,6 +3,7 @@
 
 mod compare;
 mod evidence;
+mod image;
 mod inspect;
 mod scan;
 
@@ -12,6 +13,7 @@ pub use evidence::{
     Verification,
 };
 use inspect::recorded;
+pub use image::{check_base_for_images, probe_images, works_are_images, ImageData};
 pub use inspect::{input_files, inspect, inspect_with, ValueFacts};
 pub use scan::{scan_all, scan_one, ScanSummary};
 
@@ -191,4 +193,52 @@ impl ProbeData {
     pub fn inputs(&self) -> ProbeInputs<'_> {
         ProbeInputs { works: &self.works, controls: self.controls.as_ref(), prompts: self.prompts.as_ref() }
     }
+}
+
+/// The works of a probe: texts or images (a folder of PNG, JPEG or WebP files).
+pub enum Works {
+    Text(ProbeData),
+    Images(ImageData),
+}
+
+impl Works {
+    /// Read `works` as images when it is a folder holding images, else as texts; controls (and
+    /// style controls, for images) in the same kind. Prompts are for texts only.
+    pub fn load(
+        works: &Path,
+        controls: Option<&Path>,
+        style_controls: Option<&Path>,
+        prompts: Option<&Path>,
+    ) -> Result<Works> {
+        if works_are_images(works) {
+            if prompts.is_some() {
+                return Err(crate::error::Error::Usage(
+                    "--prompts is for text works; image works are probed from their captions".into(),
+                ));
+            }
+            return Ok(Works::Images(ImageData::load(works, controls, style_controls)?));
+        }
+        if style_controls.is_some() {
+            return Err(crate::error::Error::Usage(
+                "--style-controls is for image works (a folder of PNG, JPEG or WebP files)".into(),
+            ));
+        }
+        Ok(Works::Text(ProbeData::load(works, controls, prompts)?))
+    }
+
+    pub fn text(&self) -> Option<&ProbeData> {
+        match self {
+            Works::Text(d) => Some(d),
+            Works::Images(_) => None,
+        }
+    }
+}
+
+/// Every setting of a probe: the text probe's thresholds, the image probe's settings, and the
+/// tokenizer folder a single-file image base needs.
+#[derive(Debug, Clone, Default)]
+pub struct ProbeSettings {
+    pub text: crate::probe::Thresholds,
+    pub image: crate::probe::image::ImageSettings,
+    pub tokenizer: Option<std::path::PathBuf>,
 }

@@ -5,9 +5,10 @@
 //! result types and `run`, which chains the phases, each in its own module.
 
 pub(crate) mod calibrate;
+pub mod image;
 mod compare;
 mod evidence;
-mod pair;
+pub(crate) mod pair;
 mod passes;
 mod plan;
 pub(crate) mod scores;
@@ -299,6 +300,8 @@ pub struct ProbeResult {
 pub trait Progress: Sync {
     fn stage(&self, _name: &str, _total: u64) {}
     fn inc(&self, _n: u64) {}
+    /// A line for the user before long work: what will run and about how long it takes.
+    fn plan(&self, _line: &str) {}
 }
 
 pub struct Quiet;

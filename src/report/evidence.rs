@@ -50,6 +50,9 @@ pub struct Report {
     pub works: Vec<WorkInfo>,
     /// The merged-model probe, when it ran.
     pub probe: Option<ProbeSection>,
+    /// The image probe, when it ran (image works on a Stable Diffusion base).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_probe: Option<super::ImageProbeSection>,
     /// What ran, what was skipped and why.
     pub stages: Vec<Stage>,
     pub settings: SpectrumSettings,

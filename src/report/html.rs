@@ -41,6 +41,9 @@ pub fn render_html(r: &Report) -> String {
                 @if let Some(section) = &r.probe {
                     (probe_section(section))
                 }
+                @if let Some(section) = &r.image_probe {
+                    (super::html_image::image_section(section))
+                }
                 (method_and_warnings(r))
                 (stages(r))
             }
@@ -58,17 +61,17 @@ fn probe_stage(r: &Report) -> Option<&Stage> {
 }
 
 /// The coordinates of the SVG charts are written with one decimal.
-fn d1(x: f64) -> String {
+pub(super) fn d1(x: f64) -> String {
     format!("{x:.1}")
 }
 
 /// A missing value shows as a dash.
-fn or_dash(x: Option<impl Display>) -> String {
+pub(super) fn or_dash(x: Option<impl Display>) -> String {
     x.map_or_else(|| "-".into(), |v| v.to_string())
 }
 
 /// The heading row of a table.
-fn header_row(columns: &[&str]) -> Markup {
+pub(super) fn header_row(columns: &[&str]) -> Markup {
     html! { tr { @for c in columns { th { (c) } } } }
 }
 
@@ -100,6 +103,22 @@ fn summary(r: &Report) -> Markup {
 
 /// The summary's second sentence: how many works can be reconstructed, or why nobody looked.
 fn verdict(r: &Report) -> Markup {
+    if let Some(section) = &r.image_probe {
+        let works = &section.result.works;
+        let flagged: Vec<&str> =
+            works.iter().filter(|w| w.verdict.is_copy()).map(|w| w.id.as_str()).collect();
+        let style = works.iter().filter(|w| w.verdict == crate::probe::image::ImageVerdict::StyleOnly).count();
+        return html! {
+            "The merged model was probed on " (works.len()) " images: "
+            @if flagged.is_empty() {
+                b { "none is given back as a copy" }
+            } @else {
+                b { (flagged.len()) " given back as copies" } " (" (flagged.join(", ")) ")"
+            }
+            @if style > 0 { "; for " (style) " the adapter learned the style, with no sign of storing the image" }
+            " (details below)."
+        };
+    }
     match (probe_stage(r), &r.probe) {
         (Some(stage), Some(section)) if stage.ran => {
             let works = &section.result.works;
@@ -297,9 +316,22 @@ const MODULE_COLUMNS: [&str; 11] = [
 
 /// The works and controls as supplied, whether or not the probe ran on them.
 fn works(r: &Report) -> Markup {
+    use super::InputRole as R;
+    let images: Vec<&super::InputFile> =
+        r.inputs.iter().filter(|i| matches!(i.role, R::StyleControl) || (r.works.is_empty() && matches!(i.role, R::Work | R::Control))).collect();
     html! {
         h2 { "The works" }
-        @if r.works.is_empty() {
+        @if r.works.is_empty() && !images.is_empty() {
+            @if let Some(stage) = probe_stage(r).filter(|s| !s.ran) {
+                p { b { "Not probed:" } " " (stage.reason) "." }
+            }
+            table {
+                (header_row(&["file", "role", "bytes", "SHA-256"]))
+                @for i in &images {
+                    tr { td.mono { (i.path) } td { (i.role) } td { (i.bytes) } td.mono { (i.sha256) } }
+                }
+            }
+        } @else if r.works.is_empty() {
             p { "No works were supplied." }
         } @else {
             @if let Some(stage) = probe_stage(r).filter(|s| !s.ran) {
@@ -602,7 +634,7 @@ pub fn svg_layer_heatmap(layers: &[LayerSummary]) -> Markup {
 /// screen readers; `class` is what the stylesheet and the tests select on. Shapes inside are
 /// written `rect … {}`, with an end tag: maud writes `rect …;` as an HTML void tag without `/>`,
 /// and inside inline SVG the HTML parser would then nest the next shape in it, unseen.
-fn svg_chart(class: &str, (w, h): (f64, f64), title: &str, body: Markup) -> Markup {
+pub(super) fn svg_chart(class: &str, (w, h): (f64, f64), title: &str, body: Markup) -> Markup {
     html! {
         svg class=(class) xmlns="http://www.w3.org/2000/svg" width=(w) height=(h)
             viewBox=(format!("0 0 {w} {h}")) role="img" {
@@ -619,7 +651,9 @@ th{background:#f4f4f4}table.kv th{width:14em}.summary{background:#f3f7fc;border-
 .mono{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:.85em;word-break:break-all}.muted{color:#666}\
 .spectra{display:flex;flex-wrap:wrap;gap:12px}.spectra figure{margin:0}figcaption{font-size:.8em;max-width:360px;word-break:break-all}\
 .alarm{background:#fdecea;border-left:5px solid #c00;padding:.8em 1.2em;margin:.8em 0}\
-.tags,.kv td{overflow-wrap:anywhere}";
+.tags,.kv td{overflow-wrap:anywhere}\
+figure.generations{margin:.6em 0}figure.generations img{image-rendering:pixelated;margin-right:4px;border:2px solid #ddd}\
+figure.generations img.merged{border-color:#b22222}";
 
 const METHOD: &[&str] = &[
     "Every module's change to the base weights (ΔW) is analysed from the factors stored in the file, without forming the full matrix: its singular values say how large the change is and in how many independent directions it acts.",

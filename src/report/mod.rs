@@ -4,11 +4,14 @@ mod compare;
 mod evidence;
 mod finite;
 pub(crate) mod html;
+mod html_image;
+mod image;
 mod inspect;
 mod probe;
 mod spectrum;
 pub use compare::*;
 pub use evidence::*;
+pub use image::*;
 pub use inspect::*;
 pub use probe::*;
 pub use spectrum::*;
@@ -29,6 +32,11 @@ closed_set! {
         Work = "work",
         Control = "control",
         Prompts = "prompts",
+        StyleControl = "style-control",
+        /// A caption sidecar (`NAME.txt`) of an image work or control.
+        Caption = "caption",
+        /// A tokenizer folder given with `--tokenizer` (single-file image bases carry none).
+        Tokenizer = "tokenizer",
     }
 }
 
