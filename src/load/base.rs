@@ -80,6 +80,50 @@ pub struct BaseModel {
     /// tokenizer.json of a Hugging Face directory, read with the other files (the model runtime
     /// builds its tokenizer from these bytes, the recorded hash is theirs).
     tokenizer_json: Option<(PathBuf, Vec<u8>)>,
+    /// The small files of a diffusers pipeline (model_index.json, component configs, scheduler
+    /// config, tokenizer files), read at open like tokenizer.json and keyed by their path under
+    /// the pipeline directory (`unet/config.json`).
+    pipeline_files: BTreeMap<String, (PathBuf, Vec<u8>)>,
+}
+
+/// The small files of a diffusers pipeline that the image runtime reads (configs and the CLIP
+/// tokenizer), read when present; weights are mapped separately.
+const PIPELINE_FILES: &[&str] = &[
+    "unet/config.json",
+    "vae/config.json",
+    "text_encoder/config.json",
+    "text_encoder_2/config.json",
+    "transformer/config.json",
+    "scheduler/scheduler_config.json",
+    "tokenizer/vocab.json",
+    "tokenizer/merges.txt",
+    "tokenizer/tokenizer.json",
+    "tokenizer/tokenizer_config.json",
+    "tokenizer/special_tokens_map.json",
+];
+
+/// The files of a CLIP tokenizer folder (diffusers' `tokenizer/`): vocabulary and merges, or a
+/// tokenizer.json, and the configs naming the special tokens and the maximum length.
+pub(crate) const TOKENIZER_FILES: &[&str] =
+    &["vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"];
+
+/// Read the files of `names` that exist under `dir` (through `fsguard`, at most
+/// `MAX_JSON_BYTES` each, inside `tree`), each with the digest of the bytes read.
+pub(crate) fn read_small_files(
+    dir: &Path,
+    tree: &Tree,
+    names: &[&str],
+) -> Result<BTreeMap<String, (PathBuf, Vec<u8>, FileDigest)>> {
+    let mut out = BTreeMap::new();
+    for name in names {
+        let p = dir.join(name);
+        if is_entry(&p) {
+            let bytes = fsguard::read(&p, Some(tree), MAX_JSON_BYTES, "a configuration or tokenizer file")?;
+            let d = FileDigest::of(&bytes);
+            out.insert(name.to_string(), (p, bytes, d));
+        }
+    }
+    Ok(out)
 }
 
 impl std::fmt::Debug for BaseModel {
@@ -125,6 +169,7 @@ impl BaseModel {
             gguf: None,
             config: None,
             tokenizer_json: None,
+            pipeline_files: BTreeMap::new(),
         }
     }
 
@@ -202,13 +247,19 @@ impl BaseModel {
     }
 
     /// A diffusers pipeline: weights of each component under its folder, keys prefixed with
-    /// the component name (`unet.`, `text_encoder.`, `text_encoder_2.`, `transformer.`).
+    /// the component name (`unet.`, `vae.`, `text_encoder.`, `text_encoder_2.`,
+    /// `transformer.`), and the configs and tokenizer files the image runtime reads.
     fn open_pipeline(dir: &Path, tree: &Tree) -> Result<Self> {
         let mut b = Self::empty(dir, BaseKind::DiffusersPipeline);
         let index = dir.join("model_index.json");
         let bytes = fsguard::read(&index, Some(tree), MAX_JSON_BYTES, "a JSON file")?;
         b.record(&index, FileDigest::of(&bytes));
-        for comp in ["unet", "text_encoder", "text_encoder_2", "transformer"] {
+        b.pipeline_files.insert("model_index.json".into(), (index, bytes));
+        for (name, (p, bytes, d)) in read_small_files(dir, tree, PIPELINE_FILES)? {
+            b.record(&p, d);
+            b.pipeline_files.insert(name, (p, bytes));
+        }
+        for comp in ["unet", "vae", "text_encoder", "text_encoder_2", "transformer"] {
             let d = dir.join(comp);
             for f in ["diffusion_pytorch_model.safetensors", "model.safetensors"] {
                 if is_entry(&d.join(f)) {
@@ -303,6 +354,12 @@ impl BaseModel {
     /// tokenizer.json of a Hugging Face directory: its path and the bytes read at open.
     pub(crate) fn tokenizer_json(&self) -> Option<(&Path, &[u8])> {
         self.tokenizer_json.as_ref().map(|(p, b)| (p.as_path(), b.as_slice()))
+    }
+
+    /// A small file of a diffusers pipeline read at open (`unet/config.json`,
+    /// `tokenizer/vocab.json`, …): its path and bytes.
+    pub(crate) fn pipeline_file(&self, rel: &str) -> Option<(&Path, &[u8])> {
+        self.pipeline_files.get(rel).map(|(p, b)| (p.as_path(), b.as_slice()))
     }
 
     pub fn keys(&self) -> impl Iterator<Item = &str> + Clone {

@@ -259,6 +259,88 @@ pub fn diffusers_to_ldm(path: &str, l: usize) -> Vec<String> {
     }
 }
 
+/// diffusers `AutoencoderKL` path → original-LDM `first_stage_model.` path (diffusers'
+/// `convert_ldm_vae_checkpoint`, read backwards), for a VAE of `levels` resolution levels (the
+/// decoder's up blocks are numbered from the deepest level in diffusers, from the shallowest in
+/// LDM). The attention's q/k/v/proj_out are 1×1 convolutions in LDM, linear layers in diffusers:
+/// the same values, one shape apart.
+pub fn vae_diffusers_to_ldm(path: &str, levels: usize) -> Option<String> {
+    let parts: Vec<&str> = path.split('.').collect();
+    let part = *parts.first()?;
+    if !matches!(part, "encoder" | "decoder") {
+        return matches!(part, "quant_conv" | "post_quant_conv").then(|| path.to_string());
+    }
+    let idx = |k: usize| parts.get(k).and_then(|s| s.parse::<usize>().ok());
+    let resnet = |rest: &[&str]| rest.join(".").replacen("conv_shortcut", "nin_shortcut", 1);
+    let mapped = match *parts.get(1)? {
+        "conv_in" | "conv_out" => parts[1..].join("."),
+        "conv_norm_out" => join("norm_out".into(), &parts[2..]),
+        "down_blocks" if part == "encoder" => {
+            let i = idx(2)?;
+            match (*parts.get(3)?, idx(4)) {
+                ("resnets", Some(j)) => format!("down.{i}.block.{j}.{}", resnet(&parts[5..])),
+                ("downsamplers", Some(0)) => join(format!("down.{i}.downsample"), &parts[5..]),
+                _ => return None,
+            }
+        }
+        "up_blocks" if part == "decoder" => {
+            let i = levels.checked_sub(1)?.checked_sub(idx(2)?)?;
+            match (*parts.get(3)?, idx(4)) {
+                ("resnets", Some(j)) => format!("up.{i}.block.{j}.{}", resnet(&parts[5..])),
+                ("upsamplers", Some(0)) => join(format!("up.{i}.upsample"), &parts[5..]),
+                _ => return None,
+            }
+        }
+        "mid_block" => match (*parts.get(2)?, idx(3)) {
+            ("resnets", Some(j)) => format!("mid.block_{}.{}", j + 1, resnet(&parts[4..])),
+            ("attentions", Some(0)) => {
+                let rest = parts[4..].join(".");
+                const ATTN: &[(&str, &str)] =
+                    &[("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out")];
+                let (d, l) = ATTN.iter().find(|(d, _)| rest.starts_with(&format!("{d}.")))?;
+                format!("mid.attn_1.{l}{}", &rest[d.len()..])
+            }
+            _ => return None,
+        },
+        _ => return None,
+    };
+    Some(format!("{part}.{mapped}"))
+}
+
+/// transformers `CLIPTextModel` path (under `text_model.`) → open_clip path (under
+/// `cond_stage_model.model.`, SD 2.x single files) and, for q/k/v, which third of open_clip's
+/// fused `in_proj` (rows `i·D..(i+1)·D`) holds it (diffusers' `convert_open_clip_checkpoint`).
+pub fn clip_to_openclip(path: &str) -> Option<(String, Option<usize>)> {
+    let parts: Vec<&str> = path.split('.').collect();
+    let tail = |k: usize| parts[k..].join(".");
+    match *parts.first()? {
+        "embeddings" => match (*parts.get(1)?, parts.get(2)) {
+            ("token_embedding", Some(&"weight")) => Some(("token_embedding.weight".into(), None)),
+            ("position_embedding", Some(&"weight")) => Some(("positional_embedding".into(), None)),
+            _ => None,
+        },
+        "final_layer_norm" => Some((join("ln_final".into(), &parts[1..]), None)),
+        "encoder" if parts.get(1) == Some(&"layers") => {
+            let i: usize = parts.get(2)?.parse().ok()?;
+            let at = format!("transformer.resblocks.{i}");
+            let suffix = *parts.last()?;
+            let third = |n: usize| Some((format!("{at}.attn.in_proj_{suffix}"), Some(n)));
+            match tail(3).as_str() {
+                s if s.starts_with("self_attn.q_proj.") => third(0),
+                s if s.starts_with("self_attn.k_proj.") => third(1),
+                s if s.starts_with("self_attn.v_proj.") => third(2),
+                s if s.starts_with("self_attn.out_proj.") => Some((format!("{at}.attn.out_proj.{suffix}"), None)),
+                s if s.starts_with("layer_norm1.") => Some((format!("{at}.ln_1.{suffix}"), None)),
+                s if s.starts_with("layer_norm2.") => Some((format!("{at}.ln_2.{suffix}"), None)),
+                s if s.starts_with("mlp.fc1.") => Some((format!("{at}.mlp.c_fc.{suffix}"), None)),
+                s if s.starts_with("mlp.fc2.") => Some((format!("{at}.mlp.c_proj.{suffix}"), None)),
+                _ => None,
+            }
+        }
+        _ => None,
+    }
+}
+
 /// layers_per_block of a UNet, read off its keys (2 for SD1.x, SD2.x and SDXL).
 fn layers_per_block<'a>(keys: impl Iterator<Item = &'a str>) -> usize {
     let mut best = None;

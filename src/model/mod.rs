@@ -1,12 +1,14 @@
-//! The merged-model runtime: a llama-family model built from a base (Hugging Face directory or
+//! The merged-model runtimes: a llama-family model built from a base (Hugging Face directory or
 //! GGUF) on a device the caller chooses, the adapter merged into a copy of just the matrices it
-//! touches, teacher-forced token statistics and greedy generation.
+//! touches, teacher-forced token statistics and greedy generation; and Stable Diffusion 1.x/2.x
+//! (`sd`: text encoder, UNet, VAE, schedule, DDIM) for image adapters.
 
 pub(crate) mod config;
 mod gemv;
 pub(crate) mod llama;
 mod merge;
 mod run;
+pub mod sd;
 pub(crate) mod tokenizer;
 pub mod train;
 mod weights;
@@ -17,6 +19,10 @@ pub use config::LlamaConfig;
 pub use llama::{Cache, Linear, Llama, LoraPair};
 pub use merge::{attach_lora, merge_adapter, MergeSummary};
 pub use run::{greedy, score, RunOptions, TokenStats};
+pub use sd::{
+    check_sd_base, is_sd_base, NoiseSchedule, Prediction, SdFamily, SdInfo, SdLayout, SdModel, SdOptions, SdParams,
+    TimestepSpacing,
+};
 pub use tokenizer::{TemplatePrefix, TextTokenizer};
 
 use crate::error::{Error, Result};

@@ -1,0 +1,148 @@
+//! Layers shared by the UNet, the VAE and the text encoder, as diffusers and transformers define
+//! them: the resnet block (diffusers `ResnetBlock2D`, `time_embedding_norm="default"`),
+//! multi-head scaled dot-product attention (`AttnProcessor2_0`: softmax(q·kᵀ/√d)·v, computed in
+//! slices of heads so the score matrices stay within a fixed budget), and convolution and
+//! normalisation constructors over candle-nn.
+
+use candle_core::{Module, Tensor, D};
+use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+
+use crate::model::CResult;
+
+/// Bytes of attention scores computed at once (heads are sliced to stay within it): SD 1.5's
+/// self-attention at 64×64 latents is 4096×4096 scores per head, 64 MiB in f32.
+const ATTENTION_SCORE_BYTES: usize = 256 << 20;
+
+pub(crate) fn conv(vb: VarBuilder, cin: usize, cout: usize, k: usize, stride: usize, padding: usize) -> CResult<Conv2d> {
+    let cfg = Conv2dConfig { padding, stride, ..Default::default() };
+    candle_nn::conv2d(cin, cout, k, cfg, vb)
+}
+
+pub(crate) fn group_norm(vb: VarBuilder, groups: usize, channels: usize, eps: f64) -> CResult<GroupNorm> {
+    candle_nn::group_norm(groups, channels, eps, vb)
+}
+
+pub(crate) fn linear(vb: VarBuilder, cin: usize, cout: usize, bias: bool) -> CResult<Linear> {
+    if bias {
+        candle_nn::linear(cin, cout, vb)
+    } else {
+        candle_nn::linear_no_bias(cin, cout, vb)
+    }
+}
+
+pub(crate) fn layer_norm(vb: VarBuilder, dim: usize, eps: f64) -> CResult<candle_nn::LayerNorm> {
+    candle_nn::layer_norm(dim, candle_nn::LayerNormConfig { eps, ..Default::default() }, vb)
+}
+
+/// diffusers `ResnetBlock2D`: GroupNorm, SiLU, 3×3 conv, plus the projected time embedding
+/// (UNet only), GroupNorm, SiLU, 3×3 conv; a 1×1 conv on the skip path when the width changes;
+/// the sum divided by `output_scale_factor`.
+#[derive(Debug)]
+pub(crate) struct Resnet {
+    norm1: GroupNorm,
+    conv1: Conv2d,
+    time_emb_proj: Option<Linear>,
+    norm2: GroupNorm,
+    conv2: Conv2d,
+    shortcut: Option<Conv2d>,
+    scale: f64,
+}
+
+/// What a resnet block is built with besides its widths.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ResnetCfg {
+    pub groups: usize,
+    pub eps: f64,
+    pub temb: Option<usize>,
+    pub scale: f64,
+}
+
+impl Resnet {
+    pub fn load(vb: VarBuilder, cin: usize, cout: usize, c: ResnetCfg) -> CResult<Self> {
+        let shortcut = if cin != cout { Some(conv(vb.pp("conv_shortcut"), cin, cout, 1, 1, 0)?) } else { None };
+        Ok(Resnet {
+            norm1: group_norm(vb.pp("norm1"), c.groups, cin, c.eps)?,
+            conv1: conv(vb.pp("conv1"), cin, cout, 3, 1, 1)?,
+            time_emb_proj: c.temb.map(|t| linear(vb.pp("time_emb_proj"), t, cout, true)).transpose()?,
+            norm2: group_norm(vb.pp("norm2"), c.groups, cout, c.eps)?,
+            conv2: conv(vb.pp("conv2"), cout, cout, 3, 1, 1)?,
+            shortcut,
+            scale: c.scale,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> CResult<Tensor> {
+        let mut h = self.conv1.forward(&candle_nn::ops::silu(&self.norm1.forward(x)?)?)?;
+        if let (Some(p), Some(t)) = (&self.time_emb_proj, temb) {
+            let t = p.forward(&candle_nn::ops::silu(t)?)?;
+            h = h.broadcast_add(&t.unsqueeze(2)?.unsqueeze(3)?)?;
+        }
+        let h = self.conv2.forward(&candle_nn::ops::silu(&self.norm2.forward(&h)?)?)?;
+        let skip = match &self.shortcut {
+            Some(s) => s.forward(x)?,
+            None => x.clone(),
+        };
+        let out = (skip + h)?;
+        if self.scale == 1.0 {
+            Ok(out)
+        } else {
+            out / self.scale
+        }
+    }
+}
+
+/// Multi-head attention of `q` `[B, N, H·d]` over `k`, `v` `[B, M, H·d]`: softmax(q·kᵀ/√d + mask)·v
+/// per head, `mask` `[N, M]` added to the scores when given (the text encoder's causal mask).
+pub(crate) fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<&Tensor>) -> CResult<Tensor> {
+    let (b, n, c) = q.dims3()?;
+    let m = k.dim(1)?;
+    let d = c / heads;
+    let split = |x: &Tensor, len: usize| x.reshape((b, len, heads, d))?.transpose(1, 2)?.reshape((b * heads, len, d));
+    let (q, k, v) = (split(q, n)?, split(k, m)?, split(v, m)?);
+    let kt = k.t()?.contiguous()?;
+    let scale = 1.0 / (d as f64).sqrt();
+    let per = (ATTENTION_SCORE_BYTES / (n * m * 4).max(1)).clamp(1, b * heads);
+    let mut outs = Vec::with_capacity((b * heads).div_ceil(per));
+    let mut at = 0;
+    while at < b * heads {
+        let len = per.min(b * heads - at);
+        let scores = (q.narrow(0, at, len)?.matmul(&kt.narrow(0, at, len)?)? * scale)?;
+        let scores = match mask {
+            Some(mk) => scores.broadcast_add(mk)?,
+            None => scores,
+        };
+        let p = candle_nn::ops::softmax_last_dim(&scores)?;
+        outs.push(p.matmul(&v.narrow(0, at, len)?)?);
+        at += len;
+    }
+    let o = if outs.len() == 1 { outs.pop().expect("one slice") } else { Tensor::cat(&outs, 0)? };
+    o.reshape((b, heads, n, d))?.transpose(1, 2)?.reshape((b, n, c))
+}
+
+/// `[B, C, H, W]` → `[B, H·W, C]`.
+pub(crate) fn to_tokens(x: &Tensor) -> CResult<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    x.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()
+}
+
+/// `[B, H·W, C]` → `[B, C, H, W]`.
+pub(crate) fn from_tokens(x: &Tensor, h: usize, w: usize) -> CResult<Tensor> {
+    let (b, _, c) = x.dims3()?;
+    x.transpose(1, 2)?.reshape((b, c, h, w))
+}
+
+/// The exact (erf) GELU, as `torch.nn.functional.gelu` (diffusers' GEGLU, OpenCLIP).
+pub(crate) fn gelu(x: &Tensor) -> CResult<Tensor> {
+    x.gelu_erf()
+}
+
+/// transformers' `quick_gelu`: x·σ(1.702x) (OpenAI CLIP).
+pub(crate) fn quick_gelu(x: &Tensor) -> CResult<Tensor> {
+    x * candle_nn::ops::sigmoid(&(x * 1.702)?)?
+}
+
+/// Split the last dimension in two halves.
+pub(crate) fn halves(x: &Tensor) -> CResult<(Tensor, Tensor)> {
+    let n = x.dim(D::Minus1)? / 2;
+    Ok((x.narrow(D::Minus1, 0, n)?, x.narrow(D::Minus1, n, n)?))
+}
