@@ -751,15 +751,10 @@ fn run(cli: Cli) -> lorascope::Result<ExitCode> {
             } else {
                 emit(&shown::lines(&report::render_probe(&r)));
             }
-            let failing = r
-                .probe
-                .result
-                .works
-                .iter()
-                .any(|w| {
-                    let name = VerdictName(w.verdict.as_str());
-                    fail_on.as_ref().is_some_and(|f| f.matches(&name, |_| w.verdict != Verdict::NoEvidence))
-                });
+            let failing = r.probe.result.works.iter().any(|w| {
+                let name = VerdictName(w.verdict.as_str());
+                fail_on.as_ref().is_some_and(|f| f.matches(&name, |_| w.verdict != Verdict::NoEvidence))
+            });
             return Ok(if failing { ExitCode::from(1) } else { ExitCode::SUCCESS });
         }
         Command::FitLora(a) => return fit_lora(a),
@@ -786,8 +781,16 @@ fn compute_report(a: &ReportArgs, command_line: Vec<String>) -> lorascope::Resul
     let probe = probe_progress(c.quiet);
     let hooks =
         pipeline::ReportHooks { module_tick: &|| modules.tick(), spectrum_done: &|| modules.finish(), probe: &probe };
-    let run =
-        pipeline::run_report(&adapter, base.as_ref(), data.as_ref(), &settings, &opts, command_line, &hooks, &mut timings);
+    let run = pipeline::run_report(
+        &adapter,
+        base.as_ref(),
+        data.as_ref(),
+        &settings,
+        &opts,
+        command_line,
+        &hooks,
+        &mut timings,
+    );
     probe.0.finish();
     for (stage, secs) in probe.stage_seconds() {
         timings.insert(format!("probe {stage}_s"), secs);

@@ -73,7 +73,8 @@ fn image_works_without_a_base_are_recorded_with_their_hashes() {
     let out = d.path().join("out");
     let (code, _, err) = run(&["report", s(&adapter), "--works", s(&works), "--out", s(&out), "-q", "--no-timings"]);
     assert_eq!(code, 0, "{err}");
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
     let inputs = v["inputs"].as_array().unwrap();
     let role = |r: &str| inputs.iter().filter(|i| i["role"] == r).count();
     assert_eq!((role("work"), role("caption")), (1, 1));
@@ -97,13 +98,31 @@ fn prompts_and_style_controls_are_for_their_own_kind_of_works() {
     let adapter = f.join("kohya-sd-lora.safetensors");
     let prompts = d.path().join("p.txt");
     std::fs::write(&prompts, "once upon a time\n").unwrap();
-    let (code, _, err) =
-        run(&["report", s(&adapter), "--works", s(d.path()), "--prompts", s(&prompts), "--out", s(&d.path().join("o")), "-q"]);
+    let (code, _, err) = run(&[
+        "report",
+        s(&adapter),
+        "--works",
+        s(d.path()),
+        "--prompts",
+        s(&prompts),
+        "--out",
+        s(&d.path().join("o")),
+        "-q",
+    ]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("--prompts is for text works"), "{err}");
     let texts = f.join("demo").join("works");
-    let (code, _, err) =
-        run(&["report", s(&adapter), "--works", s(&texts), "--style-controls", s(d.path()), "--out", s(&d.path().join("o")), "-q"]);
+    let (code, _, err) = run(&[
+        "report",
+        s(&adapter),
+        "--works",
+        s(&texts),
+        "--style-controls",
+        s(d.path()),
+        "--out",
+        s(&d.path().join("o")),
+        "-q",
+    ]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("--style-controls is for image works"), "{err}");
 }

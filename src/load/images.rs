@@ -143,7 +143,10 @@ fn split_entries(entries: &[PathBuf]) -> Result<(Vec<PathBuf>, BTreeMap<String, 
             if let Some(other) = stems.insert(stem.clone(), p.clone()) {
                 return Err(Error::input(
                     p,
-                    format!("two images are named {stem:?} ({}); captions and results are keyed by name", other.display()),
+                    format!(
+                        "two images are named {stem:?} ({}); captions and results are keyed by name",
+                        other.display()
+                    ),
                 ));
             }
             images.push(p.clone());

@@ -8,6 +8,7 @@ mod formats;
 pub(crate) mod fsguard;
 mod gguf_check;
 pub(crate) mod hashes;
+pub mod images;
 pub(crate) mod metadata;
 mod module;
 pub mod names;
@@ -15,7 +16,6 @@ mod patterns;
 mod safeloras;
 mod tensor;
 pub(crate) mod tensorfile;
-pub mod images;
 pub mod works;
 pub(crate) mod write;
 

@@ -91,7 +91,8 @@ pub fn probe_images(
     let sd = SdModel::load(base, tokenizer, &candle_core::Device::Cpu)?;
     progress.stage("merge", 1);
     let (merged, merge) = sd.merged(adapter)?;
-    let result = crate::probe::image::run(Pair { base: &sd, merged: &merged }, adapter, &data.inputs(), settings, progress)?;
+    let result =
+        crate::probe::image::run(Pair { base: &sd, merged: &merged }, adapter, &data.inputs(), settings, progress)?;
     base.check_unchanged()?;
     let mut spectrum = spectrum;
     spectrum.inspect.inputs.extend(data.recorded_inputs());

@@ -12,8 +12,8 @@ pub use evidence::{
     build_report, compare_rerun, run_report, verify, write_report_dir, ProbeOutcome, ReportHooks, ReportRun,
     Verification,
 };
-use inspect::recorded;
 pub use image::{check_base_for_images, probe_images, works_are_images, ImageData};
+use inspect::recorded;
 pub use inspect::{input_files, inspect, inspect_with, ValueFacts};
 pub use scan::{scan_all, scan_one, ScanSummary};
 

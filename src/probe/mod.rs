@@ -5,9 +5,9 @@
 //! result types and `run`, which chains the phases, each in its own module.
 
 pub(crate) mod calibrate;
-pub mod image;
 mod compare;
 mod evidence;
+pub mod image;
 pub(crate) mod pair;
 mod passes;
 mod plan;

@@ -105,8 +105,7 @@ fn summary(r: &Report) -> Markup {
 fn verdict(r: &Report) -> Markup {
     if let Some(section) = &r.image_probe {
         let works = &section.result.works;
-        let flagged: Vec<&str> =
-            works.iter().filter(|w| w.verdict.is_copy()).map(|w| w.id.as_str()).collect();
+        let flagged: Vec<&str> = works.iter().filter(|w| w.verdict.is_copy()).map(|w| w.id.as_str()).collect();
         let style = works.iter().filter(|w| w.verdict == crate::probe::image::ImageVerdict::StyleOnly).count();
         return html! {
             "The merged model was probed on " (works.len()) " images: "
@@ -317,8 +316,11 @@ const MODULE_COLUMNS: [&str; 11] = [
 /// The works and controls as supplied, whether or not the probe ran on them.
 fn works(r: &Report) -> Markup {
     use super::InputRole as R;
-    let images: Vec<&super::InputFile> =
-        r.inputs.iter().filter(|i| matches!(i.role, R::StyleControl) || (r.works.is_empty() && matches!(i.role, R::Work | R::Control))).collect();
+    let images: Vec<&super::InputFile> = r
+        .inputs
+        .iter()
+        .filter(|i| matches!(i.role, R::StyleControl) || (r.works.is_empty() && matches!(i.role, R::Work | R::Control)))
+        .collect();
     html! {
         h2 { "The works" }
         @if r.works.is_empty() && !images.is_empty() {

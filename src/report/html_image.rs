@@ -116,7 +116,8 @@ const COLUMNS: [&str; 10] = [
 ];
 
 fn table(all: &[&ImageEvidence]) -> Markup {
-    let closest = |c: &Option<crate::probe::image::Closest>| c.as_ref().map(|c| format!("{:.3}", c.similarity.tiled_l2));
+    let closest =
+        |c: &Option<crate::probe::image::Closest>| c.as_ref().map(|c| format!("{:.3}", c.similarity.tiled_l2));
     html! {
         table {
             (header_row(&COLUMNS))

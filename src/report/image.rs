@@ -88,7 +88,8 @@ pub(crate) fn render_image_section(r: &ImageProbeSection, format: &str) -> Strin
     let c = &p.calibration;
     out += "\n";
     if let Some(a) = &c.auc {
-        out += &format!("AUC works vs controls (gain) {:.3}  [95% bootstrap {:.3}–{:.3}]\n", a.value, a.ci_low, a.ci_high);
+        out +=
+            &format!("AUC works vs controls (gain) {:.3}  [95% bootstrap {:.3}–{:.3}]\n", a.value, a.ci_low, a.ci_high);
     }
     out += &set_line("set test works > controls", &c.works_vs_controls);
     out += &set_line("set test style controls > controls", &c.style_vs_controls);

@@ -150,7 +150,17 @@ pub(crate) fn measure(
     let per_model = (subjects.len() * settings.draws * (settings.timesteps.len() + 1)).div_ceil(settings.batch);
     progress.stage("denoise", 2 * per_model as u64);
     let losses = models.try_map(|_, m| {
-        denoising_losses(m, &z0, &captions, &settings.timesteps, settings.draws, &noise, shape, settings.batch, progress)
+        denoising_losses(
+            m,
+            &z0,
+            &captions,
+            &settings.timesteps,
+            settings.draws,
+            &noise,
+            shape,
+            settings.batch,
+            progress,
+        )
     })?;
     let per_image = (0..subjects.len())
         .map(|i| Measure {

@@ -55,7 +55,12 @@ pub(crate) fn run(
     let passes = generations.len() * settings.ddim_steps;
     let shown = works
         .iter()
-        .map(|w| Ok(Picture { id: w.id.clone(), png_base64: base64::engine::general_purpose::STANDARD.encode(png_bytes(&w.fitted)?) }))
+        .map(|w| {
+            Ok(Picture {
+                id: w.id.clone(),
+                png_base64: base64::engine::general_purpose::STANDARD.encode(png_bytes(&w.fitted)?),
+            })
+        })
         .collect::<Result<Vec<Picture>>>()?;
     Ok((generations, shown, passes))
 }

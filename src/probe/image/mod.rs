@@ -86,7 +86,10 @@ impl ImageSettings {
             return usage(format!("--timesteps × --draws is above {MAX_NOISE_SAMPLES} (MAX_NOISE_SAMPLES)"));
         }
         if let Some(t) = self.timesteps.iter().find(|&&t| train_timesteps.is_some_and(|n| t >= n)) {
-            return usage(format!("--timesteps {t} is not below the schedule's {} training steps", train_timesteps.unwrap_or(0)));
+            return usage(format!(
+                "--timesteps {t} is not below the schedule's {} training steps",
+                train_timesteps.unwrap_or(0)
+            ));
         }
         if self.generate_seeds.len() > MAX_GENERATE_SEEDS {
             return usage(format!("--generate takes at most {MAX_GENERATE_SEEDS} seeds (MAX_GENERATE_SEEDS)"));
@@ -313,7 +316,8 @@ pub(crate) fn run(
     };
     let (mut works, mut controls, style_controls) =
         (split(ImageRole::Work), split(ImageRole::Control), split(ImageRole::StyleControl));
-    let calibration = verdict::decide(&mut works, &mut controls, &style_controls, !generations.is_empty(), settings, &mut notes);
+    let calibration =
+        verdict::decide(&mut works, &mut controls, &style_controls, !generations.is_empty(), settings, &mut notes);
     Ok(ImageProbeResult {
         settings: settings.clone(),
         model: models.base.info(),
@@ -339,7 +343,11 @@ fn plan(images: usize, works: usize, s: &ImageSettings) -> String {
         s.timesteps.len(),
         s.draws,
         if generate > 0 {
-            format!(", plus {generate} for {} generations of {} steps", 2 * works * s.generate_seeds.len(), s.ddim_steps)
+            format!(
+                ", plus {generate} for {} generations of {} steps",
+                2 * works * s.generate_seeds.len(),
+                s.ddim_steps
+            )
         } else {
             String::new()
         }

@@ -24,7 +24,9 @@ pub(crate) fn fit(work: &ImageWork, r: u32) -> Result<RgbImage> {
     if short.saturating_mul(MAX_UPSCALE) < r {
         return Err(Error::input(
             &work.path,
-            format!("{w}×{h} pixels: too small for the model's {r}×{r} (it would be enlarged more than {MAX_UPSCALE}×)"),
+            format!(
+                "{w}×{h} pixels: too small for the model's {r}×{r} (it would be enlarged more than {MAX_UPSCALE}×)"
+            ),
         ));
     }
     if long > short.saturating_mul(MAX_ASPECT) {
