@@ -314,10 +314,10 @@ pub(crate) fn run(
         evidence = keep;
         take
     };
-    let (mut works, mut controls, style_controls) =
+    let (mut works, mut controls, mut style_controls) =
         (split(ImageRole::Work), split(ImageRole::Control), split(ImageRole::StyleControl));
-    let calibration =
-        verdict::decide(&mut works, &mut controls, &style_controls, !generations.is_empty(), settings, &mut notes);
+    let generated = !generations.is_empty();
+    let calibration = verdict::decide(&mut works, &mut controls, &mut style_controls, generated, settings, &mut notes);
     Ok(ImageProbeResult {
         settings: settings.clone(),
         model: models.base.info(),

@@ -38,7 +38,7 @@ struct SetFindings {
 pub(crate) fn decide(
     works: &mut [ImageEvidence],
     controls: &mut [ImageEvidence],
-    style: &[ImageEvidence],
+    style: &mut [ImageEvidence],
     generated: bool,
     s: &ImageSettings,
     notes: &mut Vec<String>,
@@ -62,8 +62,13 @@ pub(crate) fn decide(
         }
     }
     let max_style_gain = sg.iter().copied().reduce(f64::max);
-    for w in works.iter_mut().chain(controls.iter_mut()) {
+    for w in works.iter_mut() {
         w.above_style_controls = max_style_gain.map(|m| w.gain > m);
+    }
+    if !cg.is_empty() {
+        for e in style.iter_mut() {
+            e.p_value = Some(empirical_p(e.gain, &cg));
+        }
     }
     let (wc, sc, ws) = (mann_whitney(&wg, &cg), mann_whitney(&sg, &cg), mann_whitney(&wg, &sg));
     let below = |t: &Option<SetTest>| t.as_ref().is_some_and(|t| t.p_value <= alpha);
@@ -76,6 +81,9 @@ pub(crate) fn decide(
         judge(w, generated, &findings, s);
     }
     let mut failures = vec![];
+    for e in style.iter_mut() {
+        judge_control(e, generated, s);
+    }
     for c in controls.iter_mut() {
         judge_control(c, generated, s);
         if c.verdict != ImageVerdict::NoEvidence {
@@ -136,6 +144,13 @@ fn judge_control(c: &mut ImageEvidence, generated: bool, s: &ImageSettings) {
         Some(r) => r,
         None => (ImageVerdict::NoEvidence, no_evidence_reason(c, generated, s)),
     };
+    if c.role == ImageRole::StyleControl && c.verdict == ImageVerdict::NoEvidence {
+        c.verdict_reason = format!(
+            "a style control (a reference, not judged for traces): gain {:.4}, p against the controls {}",
+            c.gain,
+            c.p_value.map_or("-".into(), |p| format!("{p:.4}"))
+        );
+    }
 }
 
 fn closest_text(c: &Option<Closest>) -> String {
@@ -297,9 +312,9 @@ mod tests {
     fn works_above_every_control_and_style_control_are_traces() {
         let mut works = set("w", ImageRole::Work, &[0.5, 0.05]);
         let mut c = controls();
-        let style = set("s", ImageRole::StyleControl, &[0.2, 0.1, 0.15]);
+        let mut style = set("s", ImageRole::StyleControl, &[0.2, 0.1, 0.15]);
         let mut notes = vec![];
-        let cal = decide(&mut works, &mut c, &style, false, &ImageSettings::default(), &mut notes);
+        let cal = decide(&mut works, &mut c, &mut style, false, &ImageSettings::default(), &mut notes);
         // 0.5 is above all 100 controls: p = 1/101, Holm × 2.
         assert_eq!(works[0].p_value, Some(1.0 / 101.0));
         assert_eq!(works[0].p_adjusted, Some(2.0 / 101.0));
@@ -315,9 +330,9 @@ mod tests {
     fn works_that_gain_like_style_controls_are_style_only() {
         let mut works = set("w", ImageRole::Work, &[0.30, 0.31, 0.29, 0.32]);
         let mut c = controls();
-        let style = set("s", ImageRole::StyleControl, &[0.33, 0.28, 0.30, 0.31, 0.34]);
+        let mut style = set("s", ImageRole::StyleControl, &[0.33, 0.28, 0.30, 0.31, 0.34]);
         let mut notes = vec![];
-        let cal = decide(&mut works, &mut c, &style, false, &ImageSettings::default(), &mut notes);
+        let cal = decide(&mut works, &mut c, &mut style, false, &ImageSettings::default(), &mut notes);
         assert!(cal.works_vs_controls.as_ref().unwrap().p_value < 0.05);
         assert!(cal.style_vs_controls.as_ref().unwrap().p_value < 0.05);
         assert!(cal.works_vs_style.as_ref().unwrap().p_value > 0.05);
@@ -365,13 +380,13 @@ mod tests {
         // The strongest control is significant against the others by rank alone: not a failure.
         c[7].gain = 0.9;
         let mut notes = vec![];
-        let cal = decide(&mut works, &mut c, &[], true, &ImageSettings::default(), &mut notes);
+        let cal = decide(&mut works, &mut c, &mut [], true, &ImageSettings::default(), &mut notes);
         assert_eq!(c[7].p_value, Some(0.01));
         assert!(cal.failures.is_empty());
         let sim = |d: f64| Similarity { rms: d, tiled_l2: d, best_tile: d, ssim: 0.9, phash_bits: 2, tiles_within: 16 };
         c[3].closest_merged = Some(Closest { generation: 1, similarity: sim(0.05) });
         c[3].closest_base = Some(Closest { generation: 0, similarity: sim(0.5) });
-        let cal = decide(&mut works, &mut c, &[], true, &ImageSettings::default(), &mut notes);
+        let cal = decide(&mut works, &mut c, &mut [], true, &ImageSettings::default(), &mut notes);
         assert_eq!(cal.failures, vec!["c3".to_string()]);
         assert!(notes.iter().any(|n| n.contains("calibration failure")));
     }
