@@ -199,9 +199,12 @@ struct ProbeArgs {
     /// Images: tiled ℓ2 distance (on [0,1] pixels) within which a generation is a near-copy.
     #[arg(long, default_value_t = ImageSettings::default().copy_distance)]
     copy_distance: f64,
-    /// Images: tiles (of 16) within --copy-distance that make a partial copy.
-    #[arg(long, default_value_t = ImageSettings::default().partial_tiles)]
-    partial_tiles: usize,
+    /// Images: a partial copy needs a merged generation with SSIM at least this …
+    #[arg(long, default_value_t = ImageSettings::default().partial_ssim)]
+    partial_ssim: f64,
+    /// … and a perceptual-hash distance at most this many bits (of 64).
+    #[arg(long, default_value_t = ImageSettings::default().partial_phash)]
+    partial_phash: u32,
     /// Images: images per UNet call.
     #[arg(long, default_value_t = ImageSettings::default().batch)]
     batch: usize,
@@ -259,7 +262,8 @@ impl ProbeArgs {
             ddim_steps: self.steps,
             guidance: self.guidance,
             copy_distance: self.copy_distance,
-            partial_tiles: self.partial_tiles,
+            partial_ssim: self.partial_ssim,
+            partial_phash: self.partial_phash,
             batch: self.batch,
             ..Default::default()
         };

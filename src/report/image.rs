@@ -103,7 +103,7 @@ pub(crate) fn render_image_section(r: &ImageProbeSection, format: &str) -> Strin
     let s = &p.settings;
     out += &format!(
         "\nsettings: timesteps {:?} × {} draws (noise seed {:#x}); generations {} seeds × {} DDIM steps, guidance {}; \
-         near-copy tiled ℓ2 ≤ {}, partial ≥ {} tiles; significance {} (Holm)\n",
+         near-copy tiled ℓ2 ≤ {}, partial SSIM ≥ {} and pHash ≤ {} bits; significance {} (Holm)\n",
         s.timesteps,
         s.draws,
         s.noise_seed,
@@ -111,7 +111,8 @@ pub(crate) fn render_image_section(r: &ImageProbeSection, format: &str) -> Strin
         s.ddim_steps,
         s.guidance,
         s.copy_distance,
-        s.partial_tiles,
+        s.partial_ssim,
+        s.partial_phash,
         s.significance
     );
     out

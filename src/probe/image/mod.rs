@@ -44,8 +44,10 @@ pub struct ImageSettings {
     pub guidance: f64,
     /// Carlini et al.'s near-copy threshold on the tiled ℓ2 distance.
     pub copy_distance: f64,
-    /// Tiles (of 16) within `copy_distance` that make a `partial-copy`.
-    pub partial_tiles: usize,
+    /// A `partial-copy` needs the closest merged generation at SSIM ≥ this and a perceptual-hash
+    /// distance ≤ `partial_phash` bits (of 64), and the base's closest not.
+    pub partial_ssim: f64,
+    pub partial_phash: u32,
     /// Family-wise level (Holm across the works) for calibrated verdicts and set tests.
     pub significance: f64,
     /// Images per UNet call.
@@ -62,7 +64,8 @@ impl Default for ImageSettings {
             ddim_steps: 50,
             guidance: 7.5,
             copy_distance: 0.15,
-            partial_tiles: 4,
+            partial_ssim: 0.5,
+            partial_phash: 8,
             significance: 0.05,
             batch: 8,
         }
@@ -103,8 +106,11 @@ impl ImageSettings {
         if !(self.copy_distance.is_finite() && self.copy_distance > 0.0 && self.copy_distance <= 1.0) {
             return usage(format!("--copy-distance {} is a distance on [0, 1] pixels, above 0", self.copy_distance));
         }
-        if self.partial_tiles == 0 || self.partial_tiles > similarity::TILES * similarity::TILES {
-            return usage(format!("--partial-tiles {} is outside 1..=16", self.partial_tiles));
+        if !(self.partial_ssim.is_finite() && self.partial_ssim > 0.0 && self.partial_ssim <= 1.0) {
+            return usage(format!("--partial-ssim {} is outside (0, 1]", self.partial_ssim));
+        }
+        if self.partial_phash > 64 {
+            return usage(format!("--partial-phash {} is above 64 (the hash has 64 bits)", self.partial_phash));
         }
         if self.batch == 0 || self.batch > 256 {
             return usage(format!("--batch {} is outside 1..=256", self.batch));

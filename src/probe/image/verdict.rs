@@ -6,8 +6,8 @@
 //! controls and works vs style controls. Every image is judged by one rule, in this order:
 //! 1. `reconstructable-copy`: a merged generation within the near-copy distance (tiled ℓ2,
 //!    Carlini et al. 2023: 0.15) and no base generation within it;
-//! 2. `partial-copy`: the closest merged generation has at least `partial_tiles` of the 16
-//!    tiles within that distance and the base's closest has fewer;
+//! 2. `partial-copy`: the closest merged generation has the image's structure (SSIM ≥
+//!    `partial_ssim` and a pHash distance ≤ `partial_phash` bits) and the base's closest has not;
 //! 3. `memorized-traces`: the gain is significant against the controls (Holm ≤ α) and above
 //!    every style control's when style controls are given;
 //! 4. `style-only` (works only): works and style controls both gain more than the controls as
@@ -175,14 +175,23 @@ fn copy_reason(e: &ImageEvidence, s: &ImageSettings) -> Option<(ImageVerdict, St
             ),
         ));
     }
-    let base_tiles = b.map_or(0, |b| b.similarity.tiles_within);
-    if m.similarity.tiles_within >= s.partial_tiles && base_tiles < s.partial_tiles {
+    let structural = |x: &Closest| x.similarity.ssim >= s.partial_ssim && x.similarity.phash_bits <= s.partial_phash;
+    if structural(m) && !b.is_some_and(structural) {
         return Some((
             ImageVerdict::PartialCopy,
             format!(
-                "{} of 16 tiles of merged generation {} are within {near} of this image (≥ {}); the base's closest \
-                 generation has {base_tiles}",
-                m.similarity.tiles_within, m.generation, s.partial_tiles
+                "merged generation {} has this image's structure: SSIM {:.3} ≥ {} and pHash distance {} ≤ {} bits \
+                 (tiled ℓ2 {:.3}, above the near-copy {near}); the base's closest does not ({})",
+                m.generation,
+                m.similarity.ssim,
+                s.partial_ssim,
+                m.similarity.phash_bits,
+                s.partial_phash,
+                m.similarity.tiled_l2,
+                b.map_or("none".into(), |b| format!(
+                    "SSIM {:.3}, pHash {} bits",
+                    b.similarity.ssim, b.similarity.phash_bits
+                ))
             ),
         ));
     }
@@ -365,12 +374,13 @@ mod tests {
         (w.closest_merged, w.closest_base) = (near(0.10, 16), near(0.12, 16));
         judge(&mut w, true, &f, &s);
         assert_eq!(w.verdict, ImageVerdict::NoEvidence, "the base gives it back too: not the adapter's doing");
+        // SSIM 0.9 and 2 bits of pHash: the structure, not the pixels.
+        (w.closest_merged, w.closest_base) = (near(0.30, 5), None);
+        judge(&mut w, true, &f, &s);
+        assert_eq!(w.verdict, ImageVerdict::PartialCopy, "{}", w.verdict_reason);
         (w.closest_merged, w.closest_base) = (near(0.30, 5), near(0.40, 1));
         judge(&mut w, true, &f, &s);
-        assert_eq!(w.verdict, ImageVerdict::PartialCopy);
-        (w.closest_merged, w.closest_base) = (near(0.30, 3), near(0.40, 1));
-        judge(&mut w, true, &f, &s);
-        assert_eq!(w.verdict, ImageVerdict::NoEvidence);
+        assert_eq!(w.verdict, ImageVerdict::NoEvidence, "the base's generation has the structure too");
     }
 
     #[test]
