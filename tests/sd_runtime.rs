@@ -669,32 +669,48 @@ fn fixture_lora_merges_match_diffusers_loaded_lora() {
     let r = Reference::read(&dir);
     let p = dir.join("pipeline");
     let base = load(&p, None);
-    let mut ran = 0;
+    let (x, ctx) = (r.t("unet.sample"), r.t("unet.context"));
+    let caps: Vec<&str> = r.json["te"]["captions"].as_array().unwrap().iter().map(|c| c.as_str().unwrap()).collect();
+    let mut outs = vec![];
     for (file, key) in [("lora-diffusers.safetensors", "lora_diffusers"), ("lora-kohya.safetensors", "lora_kohya")] {
         let f = dir.join(file);
-        if !f.is_file() || !r.tensors.contains_key(&format!("unet.out.{key}.t10")) {
-            println!("note: fixtures/sd-micro/{file} or its references are absent; skipped");
+        if !f.is_file() {
+            println!("note: fixtures/sd-micro/{file} is absent; skipped");
             continue;
         }
         let (m, summary) = base.merged(&attach(&f, &p)).unwrap();
-        assert!(!summary.merged.is_empty());
+        assert!(!summary.merged.is_empty() && summary.zero.is_empty(), "{summary:?}");
+        let out = m.predict(x, 10, ctx).unwrap();
+        assert!(diff(&out, r.t("unet.out.t10")).0 > 1e-3, "{file} changes the UNet");
         for t in [10, 500] {
-            let out = m.predict(r.t("unet.sample"), t, r.t("unet.context")).unwrap();
-            assert_close(&format!("unet.out.{key}.t{t}"), &out, r.t(&format!("unet.out.{key}.t{t}")), TOL);
+            let name = format!("unet.out.{key}.t{t}");
+            match r.tensors.get(&name) {
+                Some(want) => {
+                    assert_close(&name, &m.predict(x, t, ctx).unwrap(), want, TOL);
+                }
+                None => println!("note: reference {name} is absent; skipped"),
+            }
         }
-        if r.tensors.contains_key("te.hidden.lora") {
-            let caps: Vec<&str> = r.json["te"]["captions"].as_array().unwrap().iter().map(|c| c.as_str().unwrap()).collect();
-            assert_close(&format!("te.hidden.lora ({key})"), &m.encode_text(&caps).unwrap(), r.t("te.hidden.lora"), TOL);
+        let hidden = m.encode_text(&caps).unwrap();
+        match r.tensors.get("te.hidden.lora") {
+            Some(want) => {
+                assert_close(&format!("te.hidden.lora ({key})"), &hidden, want, TOL);
+            }
+            None => println!("note: reference te.hidden.lora is absent; skipped"),
         }
-        ran += 1;
+        outs.push((key, out, hidden));
+    }
+    // Both namings of one LoRA merge to the same model.
+    if let [(_, a, ha), (_, b, hb)] = &outs[..] {
+        assert_close("kohya vs diffusers naming, UNet", b, a, 1e-6);
+        assert_close("kohya vs diffusers naming, text encoder", hb, ha, 1e-6);
     }
     let zero = dir.join("lora-zero.safetensors");
     if zero.is_file() {
-        let (m, _) = base.merged(&attach(&zero, &p)).unwrap();
-        let x = r.t("unet.sample");
-        assert_same("lora-zero UNet", &m.predict(x, 10, r.t("unet.context")).unwrap(), &base.predict(x, 10, r.t("unet.context")).unwrap());
+        let (m, summary) = base.merged(&attach(&zero, &p)).unwrap();
+        assert!(summary.merged.is_empty());
+        assert_same("lora-zero UNet", &m.predict(x, 10, ctx).unwrap(), &base.predict(x, 10, ctx).unwrap());
     }
-    println!("{ran} LoRA namings compared");
 }
 
 #[test]
