@@ -735,3 +735,67 @@ fn fixture_single_file_checkpoint_matches_the_pipeline_bit_for_bit() {
         assert_same("merged UNet", &run_all(&sm).unet, &run_all(&pm).unet);
     }
 }
+
+/// The micro text encoder in open_clip's names, as SD 2.x single files keep it: q/k/v fused in
+/// `in_proj`, one more block than used (SD 2.x takes the penultimate layer), the projection.
+fn to_openclip(w: &Weights, b: &mut SafetensorsBuilder, rng: &mut Rng) {
+    let oc = "cond_stage_model.model.";
+    let te = "text_encoder.text_model.";
+    let get = |k: &str| w[&format!("{te}{k}")].clone();
+    b.add(&format!("{oc}token_embedding.weight"), &get("embeddings.token_embedding.weight").0, &get("embeddings.token_embedding.weight").1, Dtype::F32);
+    let (ps, pv) = get("embeddings.position_embedding.weight");
+    b.add(&format!("{oc}positional_embedding"), &ps, &pv, Dtype::F32);
+    for i in 0..2 {
+        let l = format!("encoder.layers.{i}.");
+        let r = format!("{oc}transformer.resblocks.{i}.");
+        for s in ["weight", "bias"] {
+            let parts: Vec<(Vec<usize>, Vec<f32>)> = ["q", "k", "v"].iter().map(|p| get(&format!("{l}self_attn.{p}_proj.{s}"))).collect();
+            let mut shape = parts[0].0.clone();
+            shape[0] *= 3;
+            let v: Vec<f32> = parts.iter().flat_map(|p| p.1.clone()).collect();
+            b.add(&format!("{r}attn.in_proj_{s}"), &shape, &v, Dtype::F32);
+            for (hf, oc_name) in [("self_attn.out_proj", "attn.out_proj"), ("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"), ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")] {
+                let (sh, v) = get(&format!("{l}{hf}.{s}"));
+                b.add(&format!("{r}{oc_name}.{s}"), &sh, &v, Dtype::F32);
+            }
+        }
+    }
+    // The last block, which SD 2.x does not use, and the projection to the image space.
+    for (k, (sh, _)) in w.iter().filter(|(k, _)| k.starts_with(&format!("{te}encoder.layers.0."))) {
+        let rest = &k[format!("{te}encoder.layers.0.").len()..];
+        let name = rest.replace("self_attn.out_proj", "attn.out_proj").replace("layer_norm1", "ln_1").replace("layer_norm2", "ln_2").replace("mlp.fc1", "mlp.c_fc").replace("mlp.fc2", "mlp.c_proj");
+        if !rest.contains("_proj.") || rest.contains("out_proj") {
+            b.random(rng, &format!("{oc}transformer.resblocks.2.{name}"), sh, 0.1, Dtype::F32);
+        }
+    }
+    b.random(rng, &format!("{oc}transformer.resblocks.2.attn.in_proj_weight"), &[96, 32], 0.1, Dtype::F32);
+    b.random(rng, &format!("{oc}transformer.resblocks.2.attn.in_proj_bias"), &[96], 0.1, Dtype::F32);
+    let (fs, fv) = get("final_layer_norm.weight");
+    b.add(&format!("{oc}ln_final.weight"), &fs, &fv, Dtype::F32);
+    let (fs, fv) = get("final_layer_norm.bias");
+    b.add(&format!("{oc}ln_final.bias"), &fs, &fv, Dtype::F32);
+    b.random(rng, &format!("{oc}text_projection"), &[32, 32], 0.1, Dtype::F32);
+}
+
+#[test]
+fn an_sd2_single_file_reads_openclip_text_weights() {
+    let d = tempfile::tempdir().unwrap();
+    let (_, w, p) = micro(d.path(), 8);
+    let ldm = to_ldm(&w);
+    // The same checkpoint with its text encoder in open_clip's layout instead.
+    let mut b = SafetensorsBuilder::new();
+    let bytes = ldm.to_bytes();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    for (k, t) in st.tensors().into_iter().filter(|(k, _)| !k.starts_with("cond_stage_model.")) {
+        let v: Vec<f32> = t.data().chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+        b.add(&k, t.shape(), &v, Dtype::F32);
+    }
+    to_openclip(&w, &mut b, &mut Rng::new(2));
+    let ckpt = d.path().join("sd2-like.safetensors");
+    b.write(&ckpt).unwrap();
+    let single = load(&ckpt, Some(&p.join("tokenizer")));
+    assert_eq!(single.info().family, SdFamily::Sd2);
+    let pipe = load(&p, None);
+    let caps = ["the cat", "art", ""];
+    assert_same("text encoder from open_clip names", &single.encode_text(&caps).unwrap(), &pipe.encode_text(&caps).unwrap());
+}
