@@ -498,6 +498,9 @@ pub fn write_all(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Tensors of an SD pipeline by runtime name: shape and values.
+pub type SdWeights = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
+
 /// A diffusers Stable Diffusion pipeline described by its config files, for tests of the image
 /// runtime: the micro SD-1.x shape of fixtures/sd-micro (UNet 32/64 with one cross-attention
 /// level, VAE 16/32/32, CLIP width 32 with 2 layers of 4 heads, 16 positions).
@@ -588,7 +591,7 @@ impl SdPipelineSpec {
 
     /// Random weights under the runtime's names (`unet.…`, `vae.…`, `text_encoder.text_model.…`):
     /// norm scales near 1, other weights uniform with scale 1/√fan-in, biases small.
-    pub fn random_weights(&self, seed: u64) -> Result<BTreeMap<String, (Vec<usize>, Vec<f32>)>> {
+    pub fn random_weights(&self, seed: u64) -> Result<SdWeights> {
         let mut rng = Rng::new(seed);
         let mut out = BTreeMap::new();
         for (name, shape) in crate::model::sd::parameter_shapes(&self.unet, &self.vae, &self.text_encoder)? {
@@ -610,7 +613,7 @@ impl SdPipelineSpec {
     }
 
     /// Write the pipeline directory with `weights` (runtime names, as `random_weights` gives).
-    pub fn write(&self, dir: &Path, weights: &BTreeMap<String, (Vec<usize>, Vec<f32>)>) -> Result<()> {
+    pub fn write(&self, dir: &Path, weights: &SdWeights) -> Result<()> {
         let io = |e: std::io::Error| Error::input(dir, e.to_string());
         let json = |v: &serde_json::Value| serde_json::to_string_pretty(v).expect("JSON");
         for d in ["unet", "vae", "text_encoder", "tokenizer", "scheduler"] {
@@ -625,7 +628,8 @@ impl SdPipelineSpec {
         std::fs::write(dir.join("vae/config.json"), json(&self.vae)).map_err(io)?;
         std::fs::write(dir.join("text_encoder/config.json"), json(&self.text_encoder)).map_err(io)?;
         std::fs::write(dir.join("scheduler/scheduler_config.json"), json(&self.scheduler)).map_err(io)?;
-        std::fs::write(dir.join("tokenizer/vocab.json"), serde_json::to_string(&self.vocab).expect("JSON")).map_err(io)?;
+        std::fs::write(dir.join("tokenizer/vocab.json"), serde_json::to_string(&self.vocab).expect("JSON"))
+            .map_err(io)?;
         let mut merges = "#version: 0.2\n".to_string();
         for (a, b) in &self.merges {
             merges += &format!("{a} {b}\n");

@@ -98,11 +98,17 @@ fn unet_table(levels: usize, l: usize, down_attn: &[bool], up_attn: &[bool]) -> 
         for j in 0..l {
             m.push((format!("input_blocks.{}.0.", i * (l + 1) + j + 1), format!("down_blocks.{i}.resnets.{j}.")));
             if down_attn[i] {
-                m.push((format!("input_blocks.{}.1.", i * (l + 1) + j + 1), format!("down_blocks.{i}.attentions.{j}.")));
+                m.push((
+                    format!("input_blocks.{}.1.", i * (l + 1) + j + 1),
+                    format!("down_blocks.{i}.attentions.{j}."),
+                ));
             }
         }
         if i + 1 < levels {
-            m.push((format!("input_blocks.{}.0.op.", (i + 1) * (l + 1)), format!("down_blocks.{i}.downsamplers.0.conv.")));
+            m.push((
+                format!("input_blocks.{}.0.op.", (i + 1) * (l + 1)),
+                format!("down_blocks.{i}.downsamplers.0.conv."),
+            ));
         }
         for j in 0..=l {
             m.push((format!("output_blocks.{}.0.", i * (l + 1) + j), format!("up_blocks.{i}.resnets.{j}.")));
@@ -144,10 +150,16 @@ fn vae_table(levels: usize, l: usize) -> Vec<(String, String)> {
         }
         if i + 1 < levels {
             m.push((format!("encoder.down.{i}.downsample."), format!("encoder.down_blocks.{i}.downsamplers.0.")));
-            m.push((format!("decoder.up.{}.upsample.", levels - 1 - i), format!("decoder.up_blocks.{i}.upsamplers.0.")));
+            m.push((
+                format!("decoder.up.{}.upsample.", levels - 1 - i),
+                format!("decoder.up_blocks.{i}.upsamplers.0."),
+            ));
         }
         for j in 0..=l {
-            m.push((format!("decoder.up.{}.block.{j}.", levels - 1 - i), format!("decoder.up_blocks.{i}.resnets.{j}.")));
+            m.push((
+                format!("decoder.up.{}.block.{j}.", levels - 1 - i),
+                format!("decoder.up_blocks.{i}.resnets.{j}."),
+            ));
         }
     }
     m
@@ -227,7 +239,10 @@ fn pipeline_runs_with_the_shapes_diffusers_gives() {
     assert!(is_sd_base(&base));
     let m = SdModel::load(&base, None, &Device::Cpu).unwrap();
     let info = m.info();
-    assert_eq!((info.family, info.layout, info.resolution, info.latent_channels), (SdFamily::Sd1, SdLayout::DiffusersDir, 32, 4));
+    assert_eq!(
+        (info.family, info.layout, info.resolution, info.latent_channels),
+        (SdFamily::Sd1, SdLayout::DiffusersDir, 32, 4)
+    );
     assert_eq!(info.text_max_length, 16);
     assert_eq!(info.schedule, "scaled_linear 0.00085..0.012, 1000 steps");
     assert_eq!(m.schedule().train_timesteps, 1000);
@@ -288,11 +303,21 @@ fn a_single_file_checkpoint_runs_bit_identically_to_its_pipeline() {
     assert_same("VAE decoded", &a.decoded, &b.decoded);
     let (si, pi) = (single.info(), pipe.info());
     assert_eq!(si.layout, SdLayout::SingleFile);
-    assert!(si.config_source.starts_with("inferred from tensor shapes; what shapes do not show"), "{}", si.config_source);
-    assert_eq!((si.params, si.resolution, si.prediction, si.schedule), (pi.params, pi.resolution, pi.prediction, pi.schedule));
+    assert!(
+        si.config_source.starts_with("inferred from tensor shapes; what shapes do not show"),
+        "{}",
+        si.config_source
+    );
+    assert_eq!(
+        (si.params, si.resolution, si.prediction, si.schedule),
+        (pi.params, pi.resolution, pi.prediction, pi.schedule)
+    );
     // The checkpoint's tokenizer folder and the pipeline configs beside it are inputs too.
     let names: Vec<String> = single.input_files().iter().map(|(p, _)| p.display().to_string()).collect();
-    assert!(names.iter().any(|n| n.ends_with("vocab.json")) && names.iter().any(|n| n.ends_with("unet/config.json")), "{names:?}");
+    assert!(
+        names.iter().any(|n| n.ends_with("vocab.json")) && names.iter().any(|n| n.ends_with("unet/config.json")),
+        "{names:?}"
+    );
 
     // Without the pipeline's configs, what the shapes cannot say (here: 8 norm groups) is
     // asked for by name.
@@ -363,7 +388,8 @@ fn bad_bases_are_input_errors_naming_them() {
     b.add("conditioner.embedders.1.model.ln_final.weight", &[4], &[1.0; 4], Dtype::F32);
     let xl = d.path().join("sdxl.safetensors");
     b.write(&xl).unwrap();
-    let reason = input_error(SdModel::load(&BaseModel::open(&xl).unwrap(), Some(&p.join("tokenizer")), &Device::Cpu), &xl);
+    let reason =
+        input_error(SdModel::load(&BaseModel::open(&xl).unwrap(), Some(&p.join("tokenizer")), &Device::Cpu), &xl);
     assert!(reason.contains("SDXL"), "{reason}");
     // A checkpoint without its VAE (the cut-down SD base of the text fixtures) and a text model.
     let tiny = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/sd-tiny-base.safetensors");
@@ -407,9 +433,24 @@ const MODULES: &[(&str, &str, &[usize], &[usize])] = &[
         &[32, 4],
         &[4, 32],
     ),
-    ("lora_unet_down_blocks_0_resnets_0_conv1", "unet.down_blocks.0.resnets.0.conv1.weight", &[32, 2, 1, 1], &[2, 32, 3, 3]),
-    ("lora_unet_mid_block_attentions_0_proj_in", "unet.mid_block.attentions.0.proj_in.weight", &[64, 3, 1, 1], &[3, 64, 1, 1]),
-    ("lora_te_text_model_encoder_layers_1_self_attn_v_proj", "text_encoder.text_model.encoder.layers.1.self_attn.v_proj.weight", &[32, 4], &[4, 32]),
+    (
+        "lora_unet_down_blocks_0_resnets_0_conv1",
+        "unet.down_blocks.0.resnets.0.conv1.weight",
+        &[32, 2, 1, 1],
+        &[2, 32, 3, 3],
+    ),
+    (
+        "lora_unet_mid_block_attentions_0_proj_in",
+        "unet.mid_block.attentions.0.proj_in.weight",
+        &[64, 3, 1, 1],
+        &[3, 64, 1, 1],
+    ),
+    (
+        "lora_te_text_model_encoder_layers_1_self_attn_v_proj",
+        "text_encoder.text_model.encoder.layers.1.self_attn.v_proj.weight",
+        &[32, 4],
+        &[4, 32],
+    ),
 ];
 
 fn write_kohya(path: &Path, zero: bool) {
@@ -554,7 +595,8 @@ struct Reference {
 
 impl Reference {
     fn read(dir: &Path) -> Reference {
-        let json: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("reference.json")).unwrap()).unwrap();
+        let json: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("reference.json")).unwrap()).unwrap();
         let bytes = std::fs::read(dir.join("reference.safetensors")).unwrap();
         let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
         let mut tensors = BTreeMap::new();
@@ -609,12 +651,9 @@ fn fixture_text_encoder_unet_and_vae_match_diffusers() {
     assert_close("vae.mean", &mean, r.t("vae.mean"), TOL);
     let decoded = m.decode_latents(&(r.t("vae.mean") * sf).unwrap()).unwrap();
     assert_close("vae.decoded", &decoded, r.t("vae.decoded"), TOL);
-    let ac = Tensor::from_vec(
-        m.schedule().alphas_cumprod.iter().map(|&a| a as f32).collect::<Vec<_>>(),
-        1000,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let ac =
+        Tensor::from_vec(m.schedule().alphas_cumprod.iter().map(|&a| a as f32).collect::<Vec<_>>(), 1000, &Device::Cpu)
+            .unwrap();
     assert_close("sched.alphas_cumprod", &ac, r.t("sched.alphas_cumprod"), 1e-6);
 }
 
@@ -742,19 +781,31 @@ fn to_openclip(w: &Weights, b: &mut SafetensorsBuilder, rng: &mut Rng) {
     let oc = "cond_stage_model.model.";
     let te = "text_encoder.text_model.";
     let get = |k: &str| w[&format!("{te}{k}")].clone();
-    b.add(&format!("{oc}token_embedding.weight"), &get("embeddings.token_embedding.weight").0, &get("embeddings.token_embedding.weight").1, Dtype::F32);
+    b.add(
+        &format!("{oc}token_embedding.weight"),
+        &get("embeddings.token_embedding.weight").0,
+        &get("embeddings.token_embedding.weight").1,
+        Dtype::F32,
+    );
     let (ps, pv) = get("embeddings.position_embedding.weight");
     b.add(&format!("{oc}positional_embedding"), &ps, &pv, Dtype::F32);
     for i in 0..2 {
         let l = format!("encoder.layers.{i}.");
         let r = format!("{oc}transformer.resblocks.{i}.");
         for s in ["weight", "bias"] {
-            let parts: Vec<(Vec<usize>, Vec<f32>)> = ["q", "k", "v"].iter().map(|p| get(&format!("{l}self_attn.{p}_proj.{s}"))).collect();
+            let parts: Vec<(Vec<usize>, Vec<f32>)> =
+                ["q", "k", "v"].iter().map(|p| get(&format!("{l}self_attn.{p}_proj.{s}"))).collect();
             let mut shape = parts[0].0.clone();
             shape[0] *= 3;
             let v: Vec<f32> = parts.iter().flat_map(|p| p.1.clone()).collect();
             b.add(&format!("{r}attn.in_proj_{s}"), &shape, &v, Dtype::F32);
-            for (hf, oc_name) in [("self_attn.out_proj", "attn.out_proj"), ("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"), ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")] {
+            for (hf, oc_name) in [
+                ("self_attn.out_proj", "attn.out_proj"),
+                ("layer_norm1", "ln_1"),
+                ("layer_norm2", "ln_2"),
+                ("mlp.fc1", "mlp.c_fc"),
+                ("mlp.fc2", "mlp.c_proj"),
+            ] {
                 let (sh, v) = get(&format!("{l}{hf}.{s}"));
                 b.add(&format!("{r}{oc_name}.{s}"), &sh, &v, Dtype::F32);
             }
@@ -763,7 +814,12 @@ fn to_openclip(w: &Weights, b: &mut SafetensorsBuilder, rng: &mut Rng) {
     // The last block, which SD 2.x does not use, and the projection to the image space.
     for (k, (sh, _)) in w.iter().filter(|(k, _)| k.starts_with(&format!("{te}encoder.layers.0."))) {
         let rest = &k[format!("{te}encoder.layers.0.").len()..];
-        let name = rest.replace("self_attn.out_proj", "attn.out_proj").replace("layer_norm1", "ln_1").replace("layer_norm2", "ln_2").replace("mlp.fc1", "mlp.c_fc").replace("mlp.fc2", "mlp.c_proj");
+        let name = rest
+            .replace("self_attn.out_proj", "attn.out_proj")
+            .replace("layer_norm1", "ln_1")
+            .replace("layer_norm2", "ln_2")
+            .replace("mlp.fc1", "mlp.c_fc")
+            .replace("mlp.fc2", "mlp.c_proj");
         if !rest.contains("_proj.") || rest.contains("out_proj") {
             b.random(rng, &format!("{oc}transformer.resblocks.2.{name}"), sh, 0.1, Dtype::F32);
         }
@@ -797,5 +853,15 @@ fn an_sd2_single_file_reads_openclip_text_weights() {
     assert_eq!(single.info().family, SdFamily::Sd2);
     let pipe = load(&p, None);
     let caps = ["the cat", "art", ""];
-    assert_same("text encoder from open_clip names", &single.encode_text(&caps).unwrap(), &pipe.encode_text(&caps).unwrap());
+    assert_same(
+        "text encoder from open_clip names",
+        &single.encode_text(&caps).unwrap(),
+        &pipe.encode_text(&caps).unwrap(),
+    );
+}
+
+#[test]
+fn models_can_be_shared_between_threads() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<SdModel>();
 }

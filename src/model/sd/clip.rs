@@ -80,7 +80,8 @@ impl ClipText {
         let mask = Self::causal(n, ids.device())?;
         for l in &self.layers {
             let h = l.ln1.forward(&x)?;
-            let a = nn::attention(&l.q.forward(&h)?, &l.k.forward(&h)?, &l.v.forward(&h)?, self.cfg.heads, Some(&mask))?;
+            let a =
+                nn::attention(&l.q.forward(&h)?, &l.k.forward(&h)?, &l.v.forward(&h)?, self.cfg.heads, Some(&mask))?;
             x = (l.out.forward(&a)? + x)?;
             let h = l.fc1.forward(&l.ln2.forward(&x)?)?;
             let h = match self.cfg.act {

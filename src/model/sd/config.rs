@@ -192,9 +192,10 @@ impl<'a> Json<'a> {
     /// Refuse a field that is set to anything but one of `allowed` (absent and null are fine).
     fn only(&self, key: &str, allowed: &[Value], what: &str) -> Result<()> {
         match self.get(key) {
-            Some(x) if !allowed.contains(x) => {
-                Err(Error::input(self.path, format!("{key} = {}: {what}, which the image runtime does not run", short(x))))
-            }
+            Some(x) if !allowed.contains(x) => Err(Error::input(
+                self.path,
+                format!("{key} = {}: {what}, which the image runtime does not run", short(x)),
+            )),
             _ => Ok(()),
         }
     }
@@ -276,9 +277,9 @@ impl UnetConfig {
         let down = j.strings("down_block_types")?.unwrap_or_else(|| {
             vec!["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]
         });
-        let up = j.strings("up_block_types")?.unwrap_or_else(|| {
-            vec!["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
-        });
+        let up = j
+            .strings("up_block_types")?
+            .unwrap_or_else(|| vec!["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]);
         if down.len() != n || up.len() != n {
             return Err(Error::input(
                 j.path,
@@ -360,9 +361,9 @@ impl UnetConfig {
         let bad = |what: String| Error::input(&base.path, format!("single-file UNet: {what}"));
         let shape = |k: &str| base.shape(&format!("{LDM_UNET}{k}")).map(<[usize]>::to_vec);
         let has = |k: &str| base.shape(&format!("{LDM_UNET}{k}")).is_some();
-        let conv_in = shape("input_blocks.0.0.weight").filter(|s| s.len() == 4).ok_or_else(|| {
-            bad("no 4-d input_blocks.0.0.weight, so this is no original-LDM UNet".into())
-        })?;
+        let conv_in = shape("input_blocks.0.0.weight")
+            .filter(|s| s.len() == 4)
+            .ok_or_else(|| bad("no 4-d input_blocks.0.0.weight, so this is no original-LDM UNet".into()))?;
         let out = shape("out.2.weight").filter(|s| s.len() == 4).ok_or_else(|| bad("no 4-d out.2.weight".into()))?;
         // Input blocks: conv_in, then per level L resnets and (but the last) one downsampler.
         let mut n_input = 1;
@@ -537,7 +538,7 @@ impl VaeConfig {
         if self.sample_size == 0 || self.sample_size > MAX_SD_RESOLUTION {
             return Err(Error::input(path, format!("VAE sample_size {} is out of range", self.sample_size)));
         }
-        if !(self.scaling_factor > 0.0) {
+        if self.scaling_factor.is_nan() || self.scaling_factor <= 0.0 {
             return Err(Error::input(path, "VAE scaling_factor must be positive"));
         }
         Ok(())
@@ -556,9 +557,13 @@ impl VaeConfig {
         let conv_in = shape("encoder.conv_in.weight")
             .filter(|s| s.len() == 4)
             .ok_or_else(|| bad("no first_stage_model.encoder.conv_in.weight".into()))?;
-        let levels = (0..=MAX_SD_BLOCKS).take_while(|i| shape(&format!("encoder.down.{i}.block.0.conv1.weight")).is_some()).count();
+        let levels = (0..=MAX_SD_BLOCKS)
+            .take_while(|i| shape(&format!("encoder.down.{i}.block.0.conv1.weight")).is_some())
+            .count();
         check_blocks(&base.path, "the number of VAE levels", levels)?;
-        let l = (0..=MAX_SD_BLOCKS).take_while(|j| shape(&format!("encoder.down.0.block.{j}.conv1.weight")).is_some()).count();
+        let l = (0..=MAX_SD_BLOCKS)
+            .take_while(|j| shape(&format!("encoder.down.0.block.{j}.conv1.weight")).is_some())
+            .count();
         let channels = (0..levels)
             .map(|i| {
                 shape(&format!("encoder.down.{i}.block.0.conv2.weight"))
@@ -624,7 +629,9 @@ impl ClipConfig {
         let act = match j.str("hidden_act")?.unwrap_or("quick_gelu") {
             "quick_gelu" => Act::QuickGelu,
             "gelu" => Act::Gelu,
-            other => return Err(Error::input(j.path, format!("hidden_act {other:?}: quick_gelu and gelu are supported"))),
+            other => {
+                return Err(Error::input(j.path, format!("hidden_act {other:?}: quick_gelu and gelu are supported")))
+            }
         };
         let cfg = ClipConfig {
             vocab_size: j.usize("vocab_size", 49408)?,
@@ -645,7 +652,8 @@ impl ClipConfig {
         if self.heads == 0 || !self.hidden.is_multiple_of(self.heads) || self.heads > MAX_HEADS {
             return Err(Error::input(path, format!("text encoder: {} channels in {} heads", self.hidden, self.heads)));
         }
-        if self.layers == 0 || self.layers > MAX_LAYERS || self.hidden > MAX_WIDTH || self.intermediate > 4 * MAX_WIDTH {
+        if self.layers == 0 || self.layers > MAX_LAYERS || self.hidden > MAX_WIDTH || self.intermediate > 4 * MAX_WIDTH
+        {
             return Err(Error::input(path, "text encoder: layer count or width out of range"));
         }
         if self.positions < 2 || self.positions > MAX_POSITIONS || self.vocab_size > MAX_VOCAB {

@@ -76,7 +76,10 @@ pub(crate) fn check(base: &BaseModel) -> Result<SdLayout> {
                 Some((p, b)) => parse_json(p, b)?.get("addition_embed_type").is_some_and(|v| !v.is_null()),
                 None => false,
             };
-            if sdxl_unet || has_prefix(base, "text_encoder_2.") || base.pipeline_file("text_encoder_2/config.json").is_some() {
+            if sdxl_unet
+                || has_prefix(base, "text_encoder_2.")
+                || base.pipeline_file("text_encoder_2/config.json").is_some()
+            {
                 return refuse(format!("this pipeline is {SDXL_REFUSED}"));
             }
             if has_prefix(base, "transformer.") {
@@ -170,9 +173,8 @@ pub(crate) fn plan(base: &BaseModel, opts: &SdOptions) -> Result<Plan> {
 }
 
 fn config<'a>(base: &'a BaseModel, rel: &str) -> Result<(&'a Path, Value)> {
-    let (p, b) = base
-        .pipeline_file(rel)
-        .ok_or_else(|| Error::input(&base.path, format!("the pipeline has no {rel}")))?;
+    let (p, b) =
+        base.pipeline_file(rel).ok_or_else(|| Error::input(&base.path, format!("the pipeline has no {rel}")))?;
     Ok((p, parse_json(p, b)?))
 }
 
@@ -307,10 +309,14 @@ fn plan_single(base: &BaseModel, opts: &SdOptions) -> Result<Plan> {
     schedule.prediction = prediction;
     // SD 2.x's v-prediction models work at 768 pixels, the rest at 512.
     let side = if prediction == Prediction::V { 768 } else { 512 };
-    let (vae, vae_known) = infer(c.and_then(|c| c.vae.as_ref()), |k| VaeConfig::from_ldm(base, k, side), VaeConfig::same_shapes)?;
+    let (vae, vae_known) =
+        infer(c.and_then(|c| c.vae.as_ref()), |k| VaeConfig::from_ldm(base, k, side), VaeConfig::same_shapes)?;
     let latent_side = (vae.sample_size >> vae.downsamplings()).max(1);
-    let (unet, unet_known) =
-        infer(c.and_then(|c| c.unet.as_ref()), |k| UnetConfig::from_ldm(base, k, latent_side), UnetConfig::same_shapes)?;
+    let (unet, unet_known) = infer(
+        c.and_then(|c| c.unet.as_ref()),
+        |k| UnetConfig::from_ldm(base, k, latent_side),
+        UnetConfig::same_shapes,
+    )?;
     let (clip, clip_known) =
         infer(c.and_then(|c| c.clip.as_ref()), |k| ClipConfig::from_ldm(base, &text, k), ClipConfig::same_shapes)?;
     let (files, mut extra) = read_tokenizer_dir(tok_dir)?;

@@ -81,7 +81,9 @@ pub(crate) fn merge(
         if let Delta::Diff { bias: Some(b), .. } = &m.delta {
             let key = format!("{}.bias", m.base_key.strip_suffix(".weight").unwrap_or(&m.base_key));
             let old = merged.get(&key).or_else(|| weights.tensors.get(&key)).cloned();
-            let old = old.ok_or_else(|| refuse(adapter, m, &format!("has a bias difference, but {key} is no bias the runtime uses")))?;
+            let old = old.ok_or_else(|| {
+                refuse(adapter, m, &format!("has a bias difference, but {key} is no bias the runtime uses"))
+            })?;
             let db = b.values()?;
             if db.len() != old.elem_count() || db.iter().any(|x| !x.is_finite()) {
                 return Err(refuse(adapter, m, "its bias difference does not fit the bias or is not finite"));

@@ -113,7 +113,11 @@ impl SdModel {
     /// Build the runnable model of `base` on `device`. A single-file checkpoint carries no
     /// tokenizer: `tokenizer_dir` is required for it (and replaces a pipeline's own when given).
     pub fn load(base: &BaseModel, tokenizer_dir: Option<&Path>, device: &Device) -> Result<SdModel> {
-        Self::load_with(base, &SdOptions { tokenizer_dir: tokenizer_dir.map(Path::to_path_buf), prediction: None }, device)
+        Self::load_with(
+            base,
+            &SdOptions { tokenizer_dir: tokenizer_dir.map(Path::to_path_buf), prediction: None },
+            device,
+        )
     }
 
     /// [`SdModel::load`] with every option.
@@ -213,7 +217,8 @@ impl SdModel {
 
     /// Latent means × scaling_factor of pixels `[B, 3, H, W]` in [-1, 1] (no sampling).
     pub fn encode_images(&self, pixels: &Tensor) -> Result<Tensor> {
-        let (_, c, h, w) = pixels.dims4().map_err(|_| usage(format!("pixels must be B×C×H×W, not {:?}", pixels.dims())))?;
+        let (_, c, h, w) =
+            pixels.dims4().map_err(|_| usage(format!("pixels must be B×C×H×W, not {:?}", pixels.dims())))?;
         let f = 1usize << self.vae.cfg.downsamplings();
         if c != self.vae.cfg.in_channels || h == 0 || w == 0 || !h.is_multiple_of(f) || !w.is_multiple_of(f) {
             return Err(usage(format!(
@@ -273,7 +278,8 @@ impl SdModel {
         if b == 0 || c != cfg.in_channels || h == 0 || w == 0 {
             return Err(usage(format!("latents are {:?}: the UNet takes {} channels", x.dims(), cfg.in_channels)));
         }
-        let (cb, _, d) = context.dims3().map_err(|_| usage(format!("context must be B×L×D, not {:?}", context.dims())))?;
+        let (cb, _, d) =
+            context.dims3().map_err(|_| usage(format!("context must be B×L×D, not {:?}", context.dims())))?;
         if (cb != b && cb != 1) || d != cfg.cross_attention_dim {
             return Err(usage(format!(
                 "context is {:?} for {b} latents: it must be {b} or 1 × L × {}",
@@ -310,7 +316,14 @@ impl SdModel {
     /// classifier-free guidance (ε_u + g·(ε_c − ε_u), as StableDiffusionPipeline; guidance ≤ 1
     /// runs the conditional pass only), `cond` and `uncond` `[B or 1, L, D]`. Returns the final
     /// latents (× scaling_factor; `decode_latents` turns them into pixels).
-    pub fn sample_ddim(&self, noise: &Tensor, cond: &Tensor, uncond: &Tensor, steps: usize, guidance: f64) -> Result<Tensor> {
+    pub fn sample_ddim(
+        &self,
+        noise: &Tensor,
+        cond: &Tensor,
+        uncond: &Tensor,
+        steps: usize,
+        guidance: f64,
+    ) -> Result<Tensor> {
         self.check_unet_input(noise, cond)?;
         self.check_unet_input(noise, uncond)?;
         if !guidance.is_finite() {
@@ -324,11 +337,8 @@ impl SdModel {
             c.to_device(dev).and_then(|c| c.broadcast_as((b, l, d))).and_then(|c| c.contiguous()).map_err(cerr)
         };
         let guided = guidance > 1.0;
-        let ctx = if guided {
-            Tensor::cat(&[&expand(uncond)?, &expand(cond)?], 0).map_err(cerr)?
-        } else {
-            expand(cond)?
-        };
+        let ctx =
+            if guided { Tensor::cat(&[&expand(uncond)?, &expand(cond)?], 0).map_err(cerr)? } else { expand(cond)? };
         let mut x = noise.to_device(dev).and_then(|x| x.to_dtype(DType::F32)).map_err(cerr)?;
         for &t in &timesteps {
             let out = if guided {

@@ -13,7 +13,14 @@ use crate::model::CResult;
 /// self-attention at 64×64 latents is 4096×4096 scores per head, 64 MiB in f32.
 const ATTENTION_SCORE_BYTES: usize = 256 << 20;
 
-pub(crate) fn conv(vb: VarBuilder, cin: usize, cout: usize, k: usize, stride: usize, padding: usize) -> CResult<Conv2d> {
+pub(crate) fn conv(
+    vb: VarBuilder,
+    cin: usize,
+    cout: usize,
+    k: usize,
+    stride: usize,
+    padding: usize,
+) -> CResult<Conv2d> {
     let cfg = Conv2dConfig { padding, stride, ..Default::default() };
     candle_nn::conv2d(cin, cout, k, cfg, vb)
 }

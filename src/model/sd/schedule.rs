@@ -77,10 +77,8 @@ impl NoiseSchedule {
     /// SD 1.5's schedule: scaled_linear 0.00085..0.012 over 1000 steps, `steps_offset` 1,
     /// `set_alpha_to_one` false, no clipping, leading spacing; epsilon unless `prediction` says.
     pub fn sd15(prediction: Prediction) -> Self {
-        let betas: Vec<f32> = linspace_f32(0.00085f64.sqrt() as f32, 0.012f64.sqrt() as f32, 1000)
-            .into_iter()
-            .map(|x| x * x)
-            .collect();
+        let betas: Vec<f32> =
+            linspace_f32(0.00085f64.sqrt() as f32, 0.012f64.sqrt() as f32, 1000).into_iter().map(|x| x * x).collect();
         let ac = cumprod(&betas);
         NoiseSchedule {
             final_alpha_cumprod: ac[0],
@@ -99,7 +97,7 @@ impl NoiseSchedule {
     /// fields; DDIM's own defaults where a field is absent).
     pub(crate) fn from_diffusers(j: &Json) -> Result<Self> {
         let t = j.usize("num_train_timesteps", 1000)?;
-        if t < 2 || t > MAX_TRAIN_TIMESTEPS {
+        if !(2..=MAX_TRAIN_TIMESTEPS).contains(&t) {
             return Err(Error::input(j.path, format!("num_train_timesteps {t}: between 2 and {MAX_TRAIN_TIMESTEPS}")));
         }
         let (start, end) = (j.f64("beta_start", 0.0001)?, j.f64("beta_end", 0.02)?);
@@ -116,10 +114,14 @@ impl NoiseSchedule {
             Some(_) => return Err(Error::input(j.path, "trained_betas: expected a list of numbers")),
             None => match schedule {
                 "linear" => linspace_f32(start as f32, end as f32, t),
-                "scaled_linear" => linspace_f32(start.sqrt() as f32, end.sqrt() as f32, t).iter().map(|x| x * x).collect(),
+                "scaled_linear" => {
+                    linspace_f32(start.sqrt() as f32, end.sqrt() as f32, t).iter().map(|x| x * x).collect()
+                }
                 "squaredcos_cap_v2" => {
                     let ab = |x: f64| ((x + 0.008) / 1.008 * std::f64::consts::FRAC_PI_2).cos().powi(2);
-                    (0..t).map(|i| (1.0 - ab((i + 1) as f64 / t as f64) / ab(i as f64 / t as f64)).min(0.999) as f32).collect()
+                    (0..t)
+                        .map(|i| (1.0 - ab((i + 1) as f64 / t as f64) / ab(i as f64 / t as f64)).min(0.999) as f32)
+                        .collect()
                 }
                 other => {
                     return Err(Error::input(

@@ -59,23 +59,22 @@ impl ClipTokenizer {
     /// From the files of a tokenizer folder `dir`; `positions` is the text encoder's
     /// `max_position_embeddings`, the longest `max_length` can be.
     pub fn from_files(dir: &Path, files: &TokenizerFiles, positions: usize) -> Result<Self> {
-        let inner = match (files.get("tokenizer.json"), files.get("vocab.json"), files.get("merges.txt")) {
-            (Some((p, bytes)), _, _) => {
-                let mut t = Tokenizer::from_bytes(bytes)
-                    .map_err(|e| Error::input(p, format!("not a usable tokenizer.json: {e}")))?;
-                // Padding and truncation are laid out below, as the pipeline asks for them.
-                t.with_padding(None);
-                t.with_truncation(None).map_err(|e| Error::input(p, format!("truncation settings: {e}")))?;
-                t
-            }
-            (None, Some(v), Some(m)) => Self::build(v, m)?,
-            _ => {
-                return Err(Error::input(
+        let inner =
+            match (files.get("tokenizer.json"), files.get("vocab.json"), files.get("merges.txt")) {
+                (Some((p, bytes)), _, _) => {
+                    let mut t = Tokenizer::from_bytes(bytes)
+                        .map_err(|e| Error::input(p, format!("not a usable tokenizer.json: {e}")))?;
+                    // Padding and truncation are laid out below, as the pipeline asks for them.
+                    t.with_padding(None);
+                    t.with_truncation(None).map_err(|e| Error::input(p, format!("truncation settings: {e}")))?;
+                    t
+                }
+                (None, Some(v), Some(m)) => Self::build(v, m)?,
+                _ => return Err(Error::input(
                     dir,
                     "no CLIP tokenizer here: a tokenizer folder holds vocab.json and merges.txt (or tokenizer.json)",
-                ))
-            }
-        };
+                )),
+            };
         let mut settings = serde_json::Map::new();
         // tokenizer_config.json wins over special_tokens_map.json, as in transformers.
         for name in ["special_tokens_map.json", "tokenizer_config.json"] {
@@ -88,9 +87,9 @@ impl ClipTokenizer {
         }
         let id = |key: &str, default: &str| -> Result<u32> {
             let tok = special(settings.get(key)).unwrap_or_else(|| default.to_string());
-            inner.token_to_id(&tok).ok_or_else(|| {
-                Error::input(dir, format!("the {key} {tok:?} is not in the tokenizer's vocabulary"))
-            })
+            inner
+                .token_to_id(&tok)
+                .ok_or_else(|| Error::input(dir, format!("the {key} {tok:?} is not in the tokenizer's vocabulary")))
         };
         let (bos, eos) = (id("bos_token", "<|startoftext|>")?, id("eos_token", "<|endoftext|>")?);
         // transformers' CLIPTokenizer pads with "<|endoftext|>" unless told otherwise.
@@ -118,8 +117,15 @@ impl ClipTokenizer {
             }
             let mut it = line.split(' ');
             match (it.next(), it.next(), it.next()) {
-                (Some(a), Some(b), None) if !a.is_empty() && !b.is_empty() => pairs.push((a.to_string(), b.to_string())),
-                _ => return Err(Error::input(mp, format!("line {}: a merge is two tokens separated by one space", i + 1))),
+                (Some(a), Some(b), None) if !a.is_empty() && !b.is_empty() => {
+                    pairs.push((a.to_string(), b.to_string()))
+                }
+                _ => {
+                    return Err(Error::input(
+                        mp,
+                        format!("line {}: a merge is two tokens separated by one space", i + 1),
+                    ))
+                }
             }
         }
         let v: Vocab = map.into_iter().collect();

@@ -186,7 +186,8 @@ impl Unet {
         let last = n - 1;
         let vbm = vb.pp("mid_block");
         let mid_1 = Resnet::load(vbm.pp("resnets.0"), ch[last], ch[last], rc(cfg.mid_scale))?;
-        let mid_attn = SpatialTransformer::load(vbm.pp("attentions.0"), ch[last], cfg.heads[last], cfg.depth[last], cfg)?;
+        let mid_attn =
+            SpatialTransformer::load(vbm.pp("attentions.0"), ch[last], cfg.heads[last], cfg.depth[last], cfg)?;
         let mid_2 = Resnet::load(vbm.pp("resnets.1"), ch[last], ch[last], rc(cfg.mid_scale))?;
         let mut up = vec![];
         for i in 0..n {
@@ -295,7 +296,8 @@ impl Unet {
         h = self.mid_2.forward(&h, Some(&emb))?;
         for level in &self.up {
             for (j, r) in level.resnets.iter().enumerate() {
-                let skip = skips.pop().ok_or_else(|| candle_core::Error::Msg("UNet skip connections ran out".into()))?;
+                let skip =
+                    skips.pop().ok_or_else(|| candle_core::Error::Msg("UNet skip connections ran out".into()))?;
                 h = r.forward(&Tensor::cat(&[&h, &skip], 1)?, Some(&emb))?;
                 if let Some(a) = level.attentions.get(j) {
                     h = a.forward(&h, &context)?;

@@ -130,7 +130,10 @@ impl Vae {
             enc_norm: nn::group_norm(enc.pp("conv_norm_out"), cfg.groups, last, EPS)?,
             enc_out: nn::conv(enc.pp("conv_out"), last, 2 * lat, 3, 1, 1)?,
             quant: cfg.quant_conv.then(|| nn::conv(vb.pp("quant_conv"), 2 * lat, 2 * lat, 1, 1, 0)).transpose()?,
-            post_quant: cfg.post_quant_conv.then(|| nn::conv(vb.pp("post_quant_conv"), lat, lat, 1, 1, 0)).transpose()?,
+            post_quant: cfg
+                .post_quant_conv
+                .then(|| nn::conv(vb.pp("post_quant_conv"), lat, lat, 1, 1, 0))
+                .transpose()?,
             dec_in: nn::conv(dec.pp("conv_in"), lat, last, 3, 1, 1)?,
             dec_mid: Mid::load(dec.pp("mid_block"), last, cfg)?,
             dec_blocks,

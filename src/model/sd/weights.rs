@@ -66,7 +66,10 @@ impl KeyMap {
             KeyMap::Pipeline => vec![plain(name.to_string())],
             KeyMap::Ldm { layers_per_block, vae_levels, text } => {
                 if let Some(p) = name.strip_prefix("unet.") {
-                    diffusers_to_ldm(p, *layers_per_block).into_iter().map(|k| plain(format!("{LDM_UNET}{k}"))).collect()
+                    diffusers_to_ldm(p, *layers_per_block)
+                        .into_iter()
+                        .map(|k| plain(format!("{LDM_UNET}{k}")))
+                        .collect()
                 } else if let Some(p) = name.strip_prefix("vae.") {
                     vae_diffusers_to_ldm(p, *vae_levels).map(|k| plain(format!("{LDM_VAE}{k}"))).into_iter().collect()
                 } else if let Some(p) = name.strip_prefix("text_encoder.text_model.") {
@@ -134,7 +137,9 @@ impl Weights {
         self.sources
             .iter()
             .filter(|(n, _)| Part::of(n) == Some(part))
-            .filter_map(|(_, s)| self.tensors.get(&s.key).map(|t| t.elem_count() / if s.third.is_some() { 3 } else { 1 }))
+            .filter_map(|(_, s)| {
+                self.tensors.get(&s.key).map(|t| t.elem_count() / if s.third.is_some() { 3 } else { 1 })
+            })
             .sum()
     }
 }
@@ -216,13 +221,8 @@ pub(crate) fn load_base<T>(
     device: &Device,
     build: impl FnOnce(VarBuilder) -> candle_core::Result<T>,
 ) -> Result<(T, Weights)> {
-    let loader = Loader {
-        base,
-        map,
-        device: device.clone(),
-        state: Mutex::new(Weights::default()),
-        failure: Mutex::new(None),
-    };
+    let loader =
+        Loader { base, map, device: device.clone(), state: Mutex::new(Weights::default()), failure: Mutex::new(None) };
     let vb = VarBuilder::from_backend(Box::new(LoaderRef(&loader)), DType::F32, device.clone());
     let built = build(vb);
     let failure = loader.failure.lock().unwrap_or_else(PoisonError::into_inner).take();
@@ -263,7 +263,11 @@ impl Overlay<'_> {
         let t = self.merged.get(&src.key).or_else(|| self.weights.tensors.get(&src.key));
         let t = t.ok_or_else(|| candle_core::Error::CannotFindTensor { path: src.key.clone() })?;
         let shape = view_shape(t.dims(), src.third, want).ok_or_else(|| {
-            candle_core::Error::Msg(format!("merged weight {} has shape {:?}, the model needs {want:?}", src.key, t.dims()))
+            candle_core::Error::Msg(format!(
+                "merged weight {} has shape {:?}, the model needs {want:?}",
+                src.key,
+                t.dims()
+            ))
         })?;
         view(t, src.third, &shape)
     }
