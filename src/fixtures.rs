@@ -497,3 +497,158 @@ pub fn write_all(dir: &Path) -> Result<()> {
     diffusers_lora(8).write(&dir.join("diffusers-lora.safetensors"))?;
     Ok(())
 }
+
+/// Tensors of an SD pipeline by runtime name: shape and values.
+pub type SdWeights = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
+
+/// A diffusers Stable Diffusion pipeline described by its config files, for tests of the image
+/// runtime: the micro SD-1.x shape of fixtures/sd-micro (UNet 32/64 with one cross-attention
+/// level, VAE 16/32/32, CLIP width 32 with 2 layers of 4 heads, 16 positions).
+#[derive(Debug, Clone)]
+pub struct SdPipelineSpec {
+    pub unet: serde_json::Value,
+    pub vae: serde_json::Value,
+    pub text_encoder: serde_json::Value,
+    pub scheduler: serde_json::Value,
+    pub vocab: BTreeMap<String, u32>,
+    pub merges: Vec<(String, String)>,
+}
+
+/// GPT-2/CLIP's byte ↔ printable character table (`bytes_to_unicode`).
+pub fn bytes_to_unicode() -> Vec<char> {
+    let mut bs: Vec<u32> = (33..=126).chain(161..=172).chain(174..=255).collect();
+    let mut cs = bs.clone();
+    let mut n = 0;
+    for b in 0..256u32 {
+        if !bs.contains(&b) {
+            bs.push(b);
+            cs.push(256 + n);
+            n += 1;
+        }
+    }
+    let mut table = vec![' '; 256];
+    for (b, c) in bs.iter().zip(cs) {
+        table[*b as usize] = char::from_u32(c).expect("valid");
+    }
+    table
+}
+
+impl SdPipelineSpec {
+    pub fn micro() -> Self {
+        let chars = bytes_to_unicode();
+        let mut vocab = BTreeMap::new();
+        let add = |t: String, vocab: &mut BTreeMap<String, u32>| {
+            let n = vocab.len() as u32;
+            vocab.entry(t).or_insert(n);
+        };
+        for c in &chars {
+            add(c.to_string(), &mut vocab);
+        }
+        for c in &chars {
+            add(format!("{c}</w>"), &mut vocab);
+        }
+        let merges: Vec<(String, String)> =
+            [("t", "h"), ("th", "e</w>"), ("a", "r"), ("ar", "t</w>"), ("c", "a"), ("ca", "t</w>")]
+                .iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect();
+        for (a, b) in &merges {
+            add(format!("{a}{b}"), &mut vocab);
+        }
+        add("<|startoftext|>".into(), &mut vocab);
+        add("<|endoftext|>".into(), &mut vocab);
+        let v = vocab.len();
+        SdPipelineSpec {
+            unet: serde_json::json!({
+                "_class_name": "UNet2DConditionModel", "sample_size": 8, "in_channels": 4, "out_channels": 4,
+                "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+                "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+                "block_out_channels": [32, 64], "layers_per_block": 1, "norm_num_groups": 8,
+                "cross_attention_dim": 32, "attention_head_dim": 8, "use_linear_projection": false,
+                "addition_embed_type": null, "flip_sin_to_cos": true, "freq_shift": 0
+            }),
+            vae: serde_json::json!({
+                "_class_name": "AutoencoderKL", "in_channels": 3, "out_channels": 3,
+                "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"],
+                "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"],
+                "block_out_channels": [16, 32, 32], "layers_per_block": 1, "latent_channels": 4,
+                "norm_num_groups": 8, "sample_size": 32, "scaling_factor": 0.18215
+            }),
+            text_encoder: serde_json::json!({
+                "architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "vocab_size": v,
+                "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                "max_position_embeddings": 16, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5
+            }),
+            scheduler: serde_json::json!({
+                "_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
+                "beta_end": 0.012, "beta_schedule": "scaled_linear", "prediction_type": "epsilon",
+                "steps_offset": 1, "clip_sample": false, "set_alpha_to_one": false
+            }),
+            vocab,
+            merges,
+        }
+    }
+
+    /// Random weights under the runtime's names (`unet.…`, `vae.…`, `text_encoder.text_model.…`):
+    /// norm scales near 1, other weights uniform with scale 1/√fan-in, biases small.
+    pub fn random_weights(&self, seed: u64) -> Result<SdWeights> {
+        let mut rng = Rng::new(seed);
+        let mut out = BTreeMap::new();
+        for (name, shape) in crate::model::sd::parameter_shapes(&self.unet, &self.vae, &self.text_encoder)? {
+            let n: usize = shape.iter().product();
+            let fan_in: usize = shape.iter().skip(1).product::<usize>().max(1);
+            let is_norm = name.contains("norm") && shape.len() == 1;
+            let v: Vec<f32> = if is_norm && name.ends_with(".weight") {
+                (0..n).map(|_| 1.0 + 0.1 * rng.uniform() as f32).collect()
+            } else if name.ends_with(".bias") || is_norm {
+                (0..n).map(|_| 0.05 * rng.uniform() as f32).collect()
+            } else if name.contains("embedding") {
+                (0..n).map(|_| 0.5 * rng.uniform() as f32).collect()
+            } else {
+                (0..n).map(|_| (rng.uniform() / (fan_in as f64).sqrt()) as f32).collect()
+            };
+            out.insert(name, (shape, v));
+        }
+        Ok(out)
+    }
+
+    /// Write the pipeline directory with `weights` (runtime names, as `random_weights` gives).
+    pub fn write(&self, dir: &Path, weights: &SdWeights) -> Result<()> {
+        let io = |e: std::io::Error| Error::input(dir, e.to_string());
+        let json = |v: &serde_json::Value| serde_json::to_string_pretty(v).expect("JSON");
+        for d in ["unet", "vae", "text_encoder", "tokenizer", "scheduler"] {
+            std::fs::create_dir_all(dir.join(d)).map_err(io)?;
+        }
+        let index = serde_json::json!({"_class_name": "StableDiffusionPipeline",
+            "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+            "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+            "scheduler": ["diffusers", "DDPMScheduler"]});
+        std::fs::write(dir.join("model_index.json"), json(&index)).map_err(io)?;
+        std::fs::write(dir.join("unet/config.json"), json(&self.unet)).map_err(io)?;
+        std::fs::write(dir.join("vae/config.json"), json(&self.vae)).map_err(io)?;
+        std::fs::write(dir.join("text_encoder/config.json"), json(&self.text_encoder)).map_err(io)?;
+        std::fs::write(dir.join("scheduler/scheduler_config.json"), json(&self.scheduler)).map_err(io)?;
+        std::fs::write(dir.join("tokenizer/vocab.json"), serde_json::to_string(&self.vocab).expect("JSON"))
+            .map_err(io)?;
+        let mut merges = "#version: 0.2\n".to_string();
+        for (a, b) in &self.merges {
+            merges += &format!("{a} {b}\n");
+        }
+        std::fs::write(dir.join("tokenizer/merges.txt"), merges).map_err(io)?;
+        let special = serde_json::json!({"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
+            "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "model_max_length": 16});
+        std::fs::write(dir.join("tokenizer/tokenizer_config.json"), json(&special)).map_err(io)?;
+        for (prefix, file) in [
+            ("unet.", "unet/diffusion_pytorch_model.safetensors"),
+            ("vae.", "vae/diffusion_pytorch_model.safetensors"),
+            ("text_encoder.", "text_encoder/model.safetensors"),
+        ] {
+            let mut b = SafetensorsBuilder::new();
+            for (k, (shape, v)) in weights.iter().filter(|(k, _)| k.starts_with(prefix)) {
+                b.add(&k[prefix.len()..], shape, v, Dtype::F32);
+            }
+            b.write(&dir.join(file))?;
+        }
+        Ok(())
+    }
+}

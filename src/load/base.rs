@@ -1,6 +1,7 @@
 //! Base model weights: a safetensors file, a Hugging Face directory (sharded or not), a
-//! diffusers pipeline directory, or a GGUF file (dequantised on demand, names mapped to
-//! Hugging Face names, llama.cpp's q/k row permutation undone).
+//! diffusers pipeline directory (weights of unet/, vae/, text_encoder[_2]/, transformer/ and the
+//! configs and tokenizer files the image runtime reads), or a GGUF file (dequantised on demand,
+//! names mapped to Hugging Face names, llama.cpp's q/k row permutation undone).
 //!
 //! Every file is opened through `fsguard` (a directory's files must stay inside it). Each file
 //! is recorded with the digest of the bytes lorascope reads: JSON and tokenizer.json are read
@@ -107,13 +108,12 @@ const PIPELINE_FILES: &[&str] = &[
 pub(crate) const TOKENIZER_FILES: &[&str] =
     &["vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"];
 
+/// Small files read whole, by name: path, bytes and their digest.
+pub(crate) type SmallFiles = BTreeMap<String, (PathBuf, Vec<u8>, FileDigest)>;
+
 /// Read the files of `names` that exist under `dir` (through `fsguard`, at most
 /// `MAX_JSON_BYTES` each, inside `tree`), each with the digest of the bytes read.
-pub(crate) fn read_small_files(
-    dir: &Path,
-    tree: &Tree,
-    names: &[&str],
-) -> Result<BTreeMap<String, (PathBuf, Vec<u8>, FileDigest)>> {
+pub(crate) fn read_small_files(dir: &Path, tree: &Tree, names: &[&str]) -> Result<SmallFiles> {
     let mut out = BTreeMap::new();
     for name in names {
         let p = dir.join(name);

@@ -538,7 +538,7 @@ impl VaeConfig {
         if self.sample_size == 0 || self.sample_size > MAX_SD_RESOLUTION {
             return Err(Error::input(path, format!("VAE sample_size {} is out of range", self.sample_size)));
         }
-        if !(self.scaling_factor > 0.0) {
+        if self.scaling_factor.is_nan() || self.scaling_factor <= 0.0 {
             return Err(Error::input(path, "VAE scaling_factor must be positive"));
         }
         Ok(())

@@ -354,3 +354,29 @@ impl SdModel {
         Ok(x)
     }
 }
+
+/// The name and shape of every parameter the runtime reads for the given diffusers configs
+/// (`unet.…`, `vae.…`, `text_encoder.text_model.…`), for fixture generators.
+#[cfg(feature = "fixtures")]
+pub(crate) fn parameter_shapes(
+    unet: &serde_json::Value,
+    vae: &serde_json::Value,
+    text: &serde_json::Value,
+) -> Result<Vec<(String, Vec<usize>)>> {
+    use config::{ClipConfig, Json, UnetConfig, VaeConfig};
+    let p = Path::new("config.json");
+    let (u, v, c) = (
+        UnetConfig::from_diffusers(&Json::parse(p, unet)?)?,
+        VaeConfig::from_diffusers(&Json::parse(p, vae)?)?,
+        ClipConfig::from_hf(&Json::parse(p, text)?)?,
+    );
+    let vm = candle_nn::VarMap::new();
+    let vb = candle_nn::VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+    ClipText::load(vb.pp("text_encoder").pp("text_model"), &c).map_err(cerr)?;
+    Unet::load(vb.pp("unet"), &u).map_err(cerr)?;
+    Vae::load(vb.pp("vae"), &v).map_err(cerr)?;
+    let data = vm.data().lock().map_err(|_| Error::Internal("VarMap lock poisoned".into()))?;
+    let mut out: Vec<(String, Vec<usize>)> = data.iter().map(|(k, var)| (k.clone(), var.dims().to_vec())).collect();
+    out.sort();
+    Ok(out)
+}

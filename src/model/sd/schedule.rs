@@ -97,7 +97,7 @@ impl NoiseSchedule {
     /// fields; DDIM's own defaults where a field is absent).
     pub(crate) fn from_diffusers(j: &Json) -> Result<Self> {
         let t = j.usize("num_train_timesteps", 1000)?;
-        if t < 2 || t > MAX_TRAIN_TIMESTEPS {
+        if !(2..=MAX_TRAIN_TIMESTEPS).contains(&t) {
             return Err(Error::input(j.path, format!("num_train_timesteps {t}: between 2 and {MAX_TRAIN_TIMESTEPS}")));
         }
         let (start, end) = (j.f64("beta_start", 0.0001)?, j.f64("beta_end", 0.02)?);
