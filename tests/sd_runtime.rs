@@ -737,6 +737,22 @@ fn fixture_lora_merges_match_diffusers_loaded_lora() {
             }
             None => println!("note: reference te.hidden.lora is absent; skipped"),
         }
+        // Per-image denoising losses of the merged model (the fixture's LoRA losses were computed
+        // with lora-diffusers; the kohya file merges to the same model).
+        for mode in ["cond", "uncond"] {
+            let name = format!("loss.lora.{mode}.full");
+            let Some(want) = r.tensors.get(&name) else {
+                println!("note: reference {name} is absent; skipped");
+                continue;
+            };
+            let caps: Vec<String> = r.json["images"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|im| if mode == "cond" { im["caption"].as_str().unwrap().to_string() } else { String::new() })
+                .collect();
+            assert_close(&format!("{name} ({key})"), &losses(&m, &r, &caps), want, TOL);
+        }
         outs.push((key, out, hidden));
     }
     // Both namings of one LoRA merge to the same model.

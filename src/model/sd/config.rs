@@ -738,3 +738,42 @@ pub(crate) enum TextLayout {
     /// open_clip's names under `cond_stage_model.model.` (SD 2.x).
     OpenClip,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// runwayml/stable-diffusion-v1-5 and stabilityai/stable-diffusion-2-1 unet/config.json
+    /// (the fields that differ from diffusers' defaults).
+    fn parse(v: serde_json::Value) -> Result<UnetConfig> {
+        UnetConfig::from_diffusers(&Json::parse(Path::new("unet/config.json"), &v)?)
+    }
+
+    #[test]
+    fn published_sd_configs_read_as_diffusers_builds_them() {
+        let sd15 = parse(serde_json::json!({"_class_name": "UNet2DConditionModel", "attention_head_dim": 8,
+            "block_out_channels": [320, 640, 1280, 1280], "cross_attention_dim": 768, "layers_per_block": 2,
+            "norm_num_groups": 32, "sample_size": 64}))
+        .unwrap();
+        assert_eq!(sd15.heads, vec![8; 4]);
+        assert_eq!(
+            (sd15.down_attn.clone(), sd15.up_attn.clone()),
+            (vec![true, true, true, false], vec![false, true, true, true])
+        );
+        let sd21 =
+            parse(serde_json::json!({"_class_name": "UNet2DConditionModel", "attention_head_dim": [5, 10, 20, 20],
+            "block_out_channels": [320, 640, 1280, 1280], "cross_attention_dim": 1024, "use_linear_projection": true,
+            "upcast_attention": true, "sample_size": 96}))
+            .unwrap();
+        // diffusers passes attention_head_dim as the head count: 64 channels per head.
+        assert_eq!(sd21.heads, vec![5, 10, 20, 20]);
+        assert!(sd21.linear_projection);
+        let e =
+            parse(serde_json::json!({"addition_embed_type": "text_time", "cross_attention_dim": 2048})).unwrap_err();
+        assert!(e.to_string().contains("SDXL"), "{e}");
+        let e = parse(serde_json::json!({"class_embed_type": "timestep"})).unwrap_err();
+        assert_eq!(e.to_string(), "unet/config.json: class_embed_type = \"timestep\": a class embedding, which the image runtime does not run");
+        let e = parse(serde_json::json!({"down_block_types": ["SimpleCrossAttnDownBlock2D", "DownBlock2D", "DownBlock2D", "DownBlock2D"]})).unwrap_err();
+        assert!(e.to_string().contains("block type SimpleCrossAttnDownBlock2D"), "{e}");
+    }
+}
