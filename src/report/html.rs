@@ -112,7 +112,11 @@ fn verdict(r: &Report) -> Markup {
             @if flagged.is_empty() {
                 b { "none is given back as a copy" }
             } @else {
-                b { (flagged.len()) " given back as copies" } " (" (flagged.join(", ")) ")"
+                b {
+                    (flagged.len())
+                    (if flagged.len() == 1 { " is given back as a copy" } else { " are given back as copies" })
+                }
+                " (" (flagged.join(", ")) ")"
             }
             @if style > 0 { "; for " (style) " the adapter learned the style, with no sign of storing the image" }
             " (details below)."
