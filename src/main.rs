@@ -347,13 +347,7 @@ fn run_probe(
     th: &Thresholds,
     quiet: bool,
 ) -> lorascope::Result<report::ProbeReport> {
-    let progress = probe_progress(quiet);
-    let r = lorascope::probe(adapter, base, s, &data.inputs(), th, &progress);
-    progress.0.finish();
-    if !quiet {
-        progress.print_stage_times();
-    }
-    r
+    with_probe_progress(quiet, |progress| lorascope::probe(adapter, base, s, &data.inputs(), th, progress))
 }
 
 fn run_image_probe(
@@ -364,8 +358,16 @@ fn run_image_probe(
     settings: &ProbeSettings,
     quiet: bool,
 ) -> lorascope::Result<report::ImageProbeReport> {
+    with_probe_progress(quiet, |progress| {
+        pipeline::probe_images(adapter, base, settings.tokenizer.as_deref(), s, data, &settings.image, progress)
+    })
+}
+
+/// Run `f` with the probe's progress bar, closed afterwards, and the time of each stage on
+/// stderr unless quiet.
+fn with_probe_progress<T>(quiet: bool, f: impl FnOnce(&ProbeProgress) -> T) -> T {
     let progress = probe_progress(quiet);
-    let r = pipeline::probe_images(adapter, base, settings.tokenizer.as_deref(), s, data, &settings.image, &progress);
+    let r = f(&progress);
     progress.0.finish();
     if !quiet {
         progress.print_stage_times();

@@ -313,7 +313,7 @@ pub fn run_report(
         }
     };
     let text = data.and_then(super::Works::text);
-    if let (Some(super::Works::Images(d)), false) = (data, matches!(outcome, ProbeOutcome::Images(_))) {
+    if let (Some(super::Works::Images(d)), ProbeOutcome::Skipped(_)) = (data, &outcome) {
         // Skipped: the images are still recorded with their hashes.
         s.inspect.inputs.extend(d.recorded_inputs());
     }

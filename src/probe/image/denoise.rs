@@ -120,14 +120,12 @@ pub(crate) fn latents(model: &SdModel, images: &[&RgbImage], batch: usize) -> Re
     let mut shape = (0, 0, 0);
     for chunk in images.chunks(batch) {
         let r = chunk[0].width() as usize;
-        let values: Vec<f32> = chunk.iter().flat_map(|img| pixels::to_unit_range(img)).collect();
-        let x = Tensor::from_vec(values, (chunk.len(), 3, r, r), &Device::Cpu).map_err(cerr)?;
+        let px: Vec<f32> = chunk.iter().flat_map(|img| pixels::to_unit_range(img)).collect();
+        let x = Tensor::from_vec(px, (chunk.len(), 3, r, r), &Device::Cpu).map_err(cerr)?;
         let z = model.encode_images(&x)?;
         let (_, c, h, w) = z.dims4().map_err(cerr)?;
         shape = (c, h, w);
-        let per = z.elem_count() / chunk.len();
-        let flat: Vec<f32> = z.flatten_all().and_then(|t| t.to_vec1()).map_err(cerr)?;
-        out.extend(flat.chunks(per).map(<[f32]>::to_vec));
+        out.extend(values(&z)?.chunks(c * h * w).map(<[f32]>::to_vec));
     }
     Ok((out, shape))
 }
@@ -214,24 +212,15 @@ pub fn denoising_losses(
     let mut full_u = full_c.clone();
     let mut passes = 0;
     let pairs: Vec<(usize, usize)> = (0..n_img).flat_map(|i| (0..draws).map(move |n| (i, n))).collect();
+    let per = shape.0 * shape.1 * shape.2;
     for (k, &t) in timesteps.iter().enumerate() {
-        let a = sched.alphas_cumprod[t];
-        let (sa, sb) = (a.sqrt() as f32, (1.0 - a).sqrt() as f32);
         for chunk in pairs.chunks(batch) {
-            let mut x = Vec::with_capacity(chunk.len() * z0[0].len());
-            let mut target = Vec::with_capacity(x.capacity());
-            for &(i, n) in chunk {
-                let eps = &noise.samples[k * draws + n];
-                x.extend(z0[i].iter().zip(eps).map(|(z, e)| sa * z + sb * e));
-                match sched.prediction {
-                    Prediction::Epsilon => target.extend_from_slice(eps),
-                    Prediction::V => target.extend(z0[i].iter().zip(eps).map(|(z, e)| sa * e - sb * z)),
-                }
-            }
-            let idx: Vec<usize> = chunk.iter().map(|&(i, _)| i).collect();
-            let (c, u) = predict_both(model, &x, t, &cond_ctx, &uncond_ctx, &idx, shape)?;
+            let z = stack(chunk.iter().map(|&(i, _)| &z0[i]), shape)?;
+            let eps = stack(chunk.iter().map(|&(_, n)| &noise.samples[k * draws + n]), shape)?;
+            let target = values(&sched.target(&z, &eps, t)?)?;
+            let rows: Vec<usize> = chunk.iter().map(|&(i, _)| i).collect();
+            let (c, u) = predict_both(model, &sched.add_noise(&z, &eps, t)?, t, &cond_ctx, &uncond_ctx, &rows)?;
             passes += 1;
-            let per = z0[0].len();
             for (j, &(i, n)) in chunk.iter().enumerate() {
                 let tj = &target[j * per..(j + 1) * per];
                 full_c[i][k * draws + n] = mse(&c[j * per..(j + 1) * per], tj);
@@ -240,7 +229,7 @@ pub fn denoising_losses(
             progress.inc(1);
         }
     }
-    let wen = wen_magnitudes(model, n_img, noise, &cond_ctx, &uncond_ctx, shape, batch, draws, progress, &mut passes)?;
+    let wen = wen_magnitudes(model, &pairs, noise, (&cond_ctx, &uncond_ctx), shape, batch, progress, &mut passes)?;
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
     let per_t = full_c.iter().map(|row| row.chunks(draws).map(mean).collect()).collect();
     Ok(Losses {
@@ -248,23 +237,21 @@ pub fn denoising_losses(
         uncond: full_u.iter().map(|r| mean(r)).collect(),
         per_t,
         full: full_c,
-        wen,
+        wen: wen.into_iter().map(|s| s / draws as f64).collect(),
         passes,
     })
 }
 
-/// Wen et al.'s statistic per image: mean over the draws of ‖ε̂(x_T, c) − ε̂(x_T, ∅)‖₂ at the
-/// last training timestep, x_T the draw itself.
+/// Wen et al.'s statistic per image, summed over the draws (the caller takes the mean):
+/// ‖ε̂(x_T, c) − ε̂(x_T, ∅)‖₂ at the last training timestep, x_T the draw itself.
 #[allow(clippy::too_many_arguments)]
 fn wen_magnitudes(
     model: &SdModel,
-    n_img: usize,
+    pairs: &[(usize, usize)],
     noise: &Noise,
-    cond_ctx: &Tensor,
-    uncond_ctx: &Tensor,
+    (cond_ctx, uncond_ctx): (&Tensor, &Tensor),
     shape: LatentShape,
     batch: usize,
-    draws: usize,
     progress: &dyn Progress,
     passes: &mut usize,
 ) -> Result<Vec<f64>> {
@@ -275,21 +262,21 @@ fn wen_magnitudes(
         Prediction::Epsilon => 1.0,
         Prediction::V => sched.alphas_cumprod[t].sqrt(),
     };
+    let n_img = pairs.iter().map(|&(i, _)| i + 1).max().unwrap_or(0);
     let mut sums = vec![0.0; n_img];
-    let pairs: Vec<(usize, usize)> = (0..n_img).flat_map(|i| (0..draws).map(move |n| (i, n))).collect();
+    let per = shape.0 * shape.1 * shape.2;
     for chunk in pairs.chunks(batch) {
-        let x: Vec<f32> = chunk.iter().flat_map(|&(_, n)| noise.wen[n].iter().copied()).collect();
-        let idx: Vec<usize> = chunk.iter().map(|&(i, _)| i).collect();
-        let (c, u) = predict_both(model, &x, t, cond_ctx, uncond_ctx, &idx, shape)?;
+        let x = stack(chunk.iter().map(|&(_, n)| &noise.wen[n]), shape)?;
+        let rows: Vec<usize> = chunk.iter().map(|&(i, _)| i).collect();
+        let (c, u) = predict_both(model, &x, t, cond_ctx, uncond_ctx, &rows)?;
         *passes += 1;
-        let per = x.len() / chunk.len();
         for (j, &(i, _)) in chunk.iter().enumerate() {
             let d: f64 = (j * per..(j + 1) * per).map(|q| (c[q] as f64 - u[q] as f64).powi(2)).sum();
             sums[i] += factor * d.sqrt();
         }
         progress.inc(1);
     }
-    Ok(sums.into_iter().map(|s| s / draws as f64).collect())
+    Ok(sums)
 }
 
 /// Caption embeddings (one row per image) and the empty caption's.
@@ -299,34 +286,40 @@ fn contexts(model: &SdModel, captions: &[&str]) -> Result<(Tensor, Tensor)> {
     Ok((cond, uncond))
 }
 
-/// The model's predictions for the batch `x` with each row's caption and with the empty one,
-/// in one UNet call of twice the batch (as classifier-free guidance runs).
+/// Flattened latents as one B × C × H × W batch.
+fn stack<'a>(rows: impl Iterator<Item = &'a Vec<f32>>, (c, h, w): LatentShape) -> Result<Tensor> {
+    let v: Vec<f32> = rows.flat_map(|r| r.iter().copied()).collect();
+    let b = v.len() / (c * h * w);
+    Tensor::from_vec(v, (b, c, h, w), &Device::Cpu).map_err(cerr)
+}
+
+/// A tensor's values, flattened.
+pub(super) fn values(t: &Tensor) -> Result<Vec<f32>> {
+    t.flatten_all().and_then(|t| t.to_vec1()).map_err(cerr)
+}
+
+/// The model's predictions for the batch `x` with each row's caption (`rows` index the caption
+/// embeddings) and with the empty one, in one UNet call of twice the batch (as classifier-free
+/// guidance runs).
 fn predict_both(
     model: &SdModel,
-    x: &[f32],
+    x: &Tensor,
     t: usize,
     cond_ctx: &Tensor,
     uncond_ctx: &Tensor,
     rows: &[usize],
-    (c, h, w): LatentShape,
 ) -> Result<(Vec<f32>, Vec<f32>)> {
     let b = rows.len();
-    let run = || -> candle_core::Result<(Vec<f32>, Vec<f32>)> {
-        let xt = Tensor::from_slice(x, (b, c, h, w), &Device::Cpu)?;
+    let inputs = || -> candle_core::Result<(Tensor, Tensor)> {
         let idx = Tensor::from_vec(rows.iter().map(|&r| r as u32).collect::<Vec<u32>>(), b, &Device::Cpu)?;
-        let cond = cond_ctx.index_select(&idx, 0)?;
         let (_, l, d) = uncond_ctx.dims3()?;
         let uncond = uncond_ctx.broadcast_as((b, l, d))?.contiguous()?;
-        let ctx = Tensor::cat(&[&cond, &uncond], 0)?;
-        let x2 = Tensor::cat(&[&xt, &xt], 0)?;
-        Ok((ctx, x2)).and_then(|(ctx, x2)| {
-            let out = model.predict(&x2, t, &ctx).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-            let v: Vec<f32> = out.flatten_all()?.to_vec1()?;
-            let half = v.len() / 2;
-            Ok((v[..half].to_vec(), v[half..].to_vec()))
-        })
+        Ok((Tensor::cat(&[x, x], 0)?, Tensor::cat(&[&cond_ctx.index_select(&idx, 0)?, &uncond], 0)?))
     };
-    run().map_err(cerr)
+    let (x2, ctx) = inputs().map_err(cerr)?;
+    let mut v = values(&model.predict(&x2, t, &ctx)?)?;
+    let u = v.split_off(v.len() / 2);
+    Ok((v, u))
 }
 
 fn mse(a: &[f32], b: &[f32]) -> f64 {

@@ -13,7 +13,7 @@ use crate::rng::Rng;
 
 use super::super::pair::Pair;
 use super::super::Progress;
-use super::denoise::{LatentShape, Subject};
+use super::denoise::{values, LatentShape, Subject};
 use super::similarity::{compare, Similarity};
 use super::{pixels, Closest, Generation, GenerationModel, ImageEvidence, ImageRole, ImageSettings, Picture};
 
@@ -30,11 +30,17 @@ pub(crate) fn run(
     progress.stage("generate", (2 * works.len() * settings.generate_seeds.len()) as u64);
     let mut generations = vec![];
     let mut pictures = vec![];
+    let both = [(models.base, GenerationModel::Base), (models.merged, GenerationModel::Merged)];
     for w in &works {
+        // Each model's embeddings of the caption and of the empty caption, once per work.
+        let contexts = both
+            .iter()
+            .map(|(m, _)| Ok((m.encode_text(&[w.caption.as_str()])?, m.encode_text(&[""])?)))
+            .collect::<Result<Vec<_>>>()?;
         for &seed in &settings.generate_seeds {
             let start = start_noise(seed, shape)?;
-            for (model, which) in [(models.base, GenerationModel::Base), (models.merged, GenerationModel::Merged)] {
-                let img = sample(model, &w.caption, &start, settings)?;
+            for (&(model, which), (cond, uncond)) in both.iter().zip(&contexts) {
+                let img = sample(model, cond, uncond, &start, settings)?;
                 let png = png_bytes(&img)?;
                 generations.push(Generation {
                     caption_of: w.id.clone(),
@@ -90,14 +96,11 @@ fn start_noise(seed: u64, (c, h, w): LatentShape) -> Result<Tensor> {
     Tensor::from_vec(v, (1, c, h, w), &Device::Cpu).map_err(cerr)
 }
 
-fn sample(model: &SdModel, caption: &str, start: &Tensor, s: &ImageSettings) -> Result<RgbImage> {
-    let cond = model.encode_text(&[caption])?;
-    let uncond = model.encode_text(&[""])?;
-    let z = model.sample_ddim(start, &cond, &uncond, s.ddim_steps, s.guidance)?;
+fn sample(model: &SdModel, cond: &Tensor, uncond: &Tensor, start: &Tensor, s: &ImageSettings) -> Result<RgbImage> {
+    let z = model.sample_ddim(start, cond, uncond, s.ddim_steps, s.guidance)?;
     let x = model.decode_latents(&z)?;
     let side = x.dim(3).map_err(cerr)? as u32;
-    let v: Vec<f32> = x.flatten_all().and_then(|t| t.to_vec1()).map_err(cerr)?;
-    Ok(pixels::from_unit_range(&v, side))
+    Ok(pixels::from_unit_range(&values(&x)?, side))
 }
 
 fn png_bytes(img: &RgbImage) -> Result<Vec<u8>> {
