@@ -195,6 +195,20 @@ fn both_namings_and_the_single_file_checkpoint_give_the_same_findings() {
         let (ga, gb) = (a["gain"].as_f64().unwrap(), b["gain"].as_f64().unwrap());
         assert!((ga - gb).abs() <= 1e-4 * ga.abs().max(1e-3), "{}: kohya {ga} vs diffusers {gb}", a["id"]);
     }
+    // The single file's tokenizer came from --tokenizer: recorded with the hash of its bytes.
+    let vocab = std::fs::read(tok.join("vocab.json")).unwrap();
+    let want: String = {
+        use sha2::Digest;
+        sha2::Sha256::digest(&vocab).iter().map(|b| format!("{b:02x}")).collect()
+    };
+    let recorded = single["inputs"].as_array().unwrap();
+    assert!(
+        recorded.iter().any(|i| i["role"] == "tokenizer"
+            && i["path"].as_str().unwrap().ends_with("vocab.json")
+            && i["sha256"] == want.as_str()),
+        "{recorded:?}"
+    );
+    assert!(!kohya["inputs"].as_array().unwrap().iter().any(|i| i["role"] == "tokenizer"));
     let (a, b) = (findings(kohya.clone()), findings(single));
     let (ja, jb) = (serde_json::to_string(&a["works"]).unwrap(), serde_json::to_string(&b["works"]).unwrap());
     assert_eq!(ja, jb, "the single-file checkpoint gives byte-identical evidence");

@@ -96,6 +96,8 @@ pub fn probe_images(
     base.check_unchanged()?;
     let mut spectrum = spectrum;
     spectrum.inspect.inputs.extend(data.recorded_inputs());
+    // What `--tokenizer` named (and the pipeline configs beside it), as parsed.
+    spectrum.inspect.inputs.extend(sd.input_files().iter().map(|(p, d)| recorded(InputRole::Tokenizer, p, d)));
     let r = ImageProbeReport { spectrum, probe: ImageProbeSection { merge, result } };
     report::check_finite("probe", &r)?;
     Ok(r)

@@ -35,7 +35,8 @@ closed_set! {
         StyleControl = "style-control",
         /// A caption sidecar (`NAME.txt`) of an image work or control.
         Caption = "caption",
-        /// A tokenizer folder given with `--tokenizer` (single-file image bases carry none).
+        /// A file read through `--tokenizer` (single-file image bases carry no tokenizer): the
+        /// tokenizer's files and the configs of the pipeline beside it.
         Tokenizer = "tokenizer",
     }
 }
