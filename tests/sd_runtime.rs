@@ -530,6 +530,37 @@ fn merged_linear_and_conv_modules_match_a_dense_reference() {
     assert_same("single-file merged text encoder", &s.text, &a.text);
 }
 
+/// transformers ≥ 5 saves `CLIPTextModel` without its `text_model.` level (a pipeline saved by
+/// transformers 5.25 has `text_encoder.encoder.layers.0…`): the same weights under those names
+/// run bit-identically, and kohya's `lora_te_text_model_…` modules resolve to them.
+#[test]
+fn a_text_encoder_saved_without_its_text_model_level_runs_and_merges_the_same() {
+    let d = tempfile::tempdir().unwrap();
+    let (spec, w, p) = micro(d.path(), 4);
+    let v5: Weights =
+        w.iter().map(|(k, v)| (k.replacen("text_encoder.text_model.", "text_encoder.", 1), v.clone())).collect();
+    let q = d.path().join("v5");
+    spec.write(&q, &v5).unwrap();
+    let te_key = "text_encoder.encoder.layers.1.self_attn.v_proj.weight";
+    let opened = BaseModel::open(&q).unwrap();
+    assert!(opened.keys().any(|k| k == te_key) && !opened.keys().any(|k| k.contains("text_model.")));
+    let (old, new) = (load(&p, None), load(&q, None));
+    let (a, b) = (run_all(&old), run_all(&new));
+    assert_same("text encoder", &b.text, &a.text);
+    assert_same("UNet", &b.unet, &a.unet);
+    assert_eq!(new.info().params, old.info().params);
+    let lora = d.path().join("lora.safetensors");
+    write_kohya(&lora, false);
+    let (mo, _) = old.merged(&attach(&lora, &p)).unwrap();
+    let (mn, sn) = new.merged(&attach(&lora, &q)).unwrap();
+    assert_eq!(sn.merged.len(), MODULES.len(), "{sn:?}");
+    assert!(sn.merged.iter().any(|k| k == te_key), "{sn:?}");
+    let (ma, mb) = (run_all(&mo), run_all(&mn));
+    assert!(diff(&ma.text, &a.text).0 > 1e-4, "the adapter changes the text encoder");
+    assert_same("merged text encoder", &mb.text, &ma.text);
+    assert_same("merged UNet", &mb.unet, &ma.unet);
+}
+
 #[test]
 fn a_zero_adapter_leaves_every_output_unchanged() {
     let d = tempfile::tempdir().unwrap();

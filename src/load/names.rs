@@ -84,6 +84,21 @@ fn split_component(key: &str) -> (Component, &str) {
     (Component::Other, key)
 }
 
+/// A CLIP text encoder path with and without the `text_model.` level: transformers before 5
+/// saved `CLIPTextModel` as `text_model.encoder.…` (and kohya names its modules
+/// `lora_te_text_model_encoder_…` after it); transformers ≥ 5 saves `encoder.…`, as do some
+/// old LDM checkpoints under `cond_stage_model.transformer.`. Either naming of an adapter
+/// resolves against either layout of a base. Paths outside a CLIP text model are kept as they
+/// are.
+fn clip_paths(path: &str) -> Vec<String> {
+    const CLIP_ROOTS: &[&str] = &["embeddings.", "encoder.", "final_layer_norm."];
+    match path.strip_prefix("text_model.") {
+        Some(rest) => vec![path.to_string(), rest.to_string()],
+        None if CLIP_ROOTS.iter().any(|r| path.starts_with(r)) => vec![path.to_string(), format!("text_model.{path}")],
+        None => vec![path.to_string()],
+    }
+}
+
 fn underscored(path: &str) -> String {
     path.replace('.', "_")
 }
@@ -404,13 +419,17 @@ impl KeyResolver {
                     }
                 }
                 Component::TextEncoder1 => {
-                    r.add(format!("text_encoder.{path}"), key);
-                    r.add(format!("lora_te_{}", underscored(path)), key);
-                    r.add(format!("lora_te1_{}", underscored(path)), key);
+                    for p in clip_paths(path) {
+                        r.add(format!("text_encoder.{p}"), key);
+                        r.add(format!("lora_te_{}", underscored(&p)), key);
+                        r.add(format!("lora_te1_{}", underscored(&p)), key);
+                    }
                 }
                 Component::TextEncoder2 => {
-                    r.add(format!("text_encoder_2.{path}"), key);
-                    r.add(format!("lora_te2_{}", underscored(path)), key);
+                    for p in clip_paths(path) {
+                        r.add(format!("text_encoder_2.{p}"), key);
+                        r.add(format!("lora_te2_{}", underscored(&p)), key);
+                    }
                 }
                 Component::Dit => {
                     // sd-scripts lora_flux.py / lora_sd3.py: `lora_unet_` + the path, `.`→`_`.

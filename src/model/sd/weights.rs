@@ -1,5 +1,6 @@
 //! Where the SD runtime's parameters come from. The modules ask for diffusers names under
-//! `unet.`, `vae.` and `text_encoder.text_model.`; a diffusers pipeline stores exactly those, a
+//! `unet.`, `vae.` and `text_encoder.text_model.`; a diffusers pipeline stores exactly those (or,
+//! saved by transformers ≥ 5, the text encoder without its `text_model.` level), a
 //! single-file checkpoint stores them under original-LDM names (load/names.rs:
 //! `diffusers_to_ldm`, `vae_diffusers_to_ldm`, `clip_to_openclip`), with the VAE attention's
 //! linear layers as 1×1 convolutions and SD 2.x's q/k/v fused in one `in_proj`. The first load
@@ -63,7 +64,14 @@ impl KeyMap {
     fn candidates(&self, name: &str) -> Vec<Source> {
         let plain = |k: String| Source { key: k, third: None };
         match self {
-            KeyMap::Pipeline => vec![plain(name.to_string())],
+            KeyMap::Pipeline => {
+                let mut v = vec![plain(name.to_string())];
+                // transformers ≥ 5 saves `CLIPTextModel` without its `text_model.` level.
+                if let Some(p) = name.strip_prefix("text_encoder.text_model.") {
+                    v.push(plain(format!("text_encoder.{p}")));
+                }
+                v
+            }
             KeyMap::Ldm { layers_per_block, vae_levels, text } => {
                 if let Some(p) = name.strip_prefix("unet.") {
                     diffusers_to_ldm(p, *layers_per_block)
