@@ -6,6 +6,9 @@
 //! empty caption. Wen et al.'s magnitude is measured at the first sampling step from pure noise
 //! x_T = ε (their detection statistic, ICLR 2024 §3), as ε-predictions.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
 use candle_core::{Device, Tensor};
 use image::RgbImage;
 
@@ -17,7 +20,7 @@ use crate::rng::Rng;
 use super::super::pair::Pair;
 use super::super::Progress;
 use super::captions::{choose, CaptionSource};
-use super::{pixels, ImageEvidence, ImageRole, ImageVerdict, TimestepLoss};
+use super::{pixels, ImageEvidence, ImageRole, ImageVerdict, Plan, TimestepLoss};
 
 /// One image as the probe uses it.
 pub(crate) struct Subject {
@@ -138,6 +141,7 @@ pub(crate) fn measure(
     models: Pair<&SdModel>,
     subjects: &[Subject],
     settings: &super::ImageSettings,
+    plan: &Plan,
     progress: &dyn Progress,
 ) -> Result<Measured> {
     let images: Vec<&RgbImage> = subjects.iter().map(|s| &s.fitted).collect();
@@ -147,6 +151,8 @@ pub(crate) fn measure(
     let noise = Noise::seeded(settings.noise_seed, settings.timesteps.len(), settings.draws, latent_len);
     let per_model = (subjects.len() * settings.draws * (settings.timesteps.len() + 1)).div_ceil(settings.batch);
     progress.stage("denoise", 2 * per_model as u64);
+    let first_call_latents = 2 * settings.batch.min(subjects.len() * settings.draws);
+    let progress = &FirstCall::new(progress, plan, first_call_latents);
     let losses = models.try_map(|_, m| {
         denoising_losses(
             m,
@@ -174,6 +180,38 @@ pub(crate) fn measure(
         })
         .collect();
     Ok(Measured { per_image, unet_passes: losses.base.passes + losses.merged.passes, shape })
+}
+
+/// The probe's progress, which also prints, once, the time the first UNet call took and what
+/// that makes for the whole probe (`Plan::estimate`): the work items count calls, so the first
+/// `inc` marks the end of the first call.
+struct FirstCall<'a> {
+    inner: &'a dyn Progress,
+    plan: &'a Plan,
+    latents: usize,
+    start: Instant,
+    told: AtomicBool,
+}
+
+impl<'a> FirstCall<'a> {
+    fn new(inner: &'a dyn Progress, plan: &'a Plan, latents: usize) -> Self {
+        FirstCall { inner, plan, latents, start: Instant::now(), told: AtomicBool::new(false) }
+    }
+}
+
+impl Progress for FirstCall<'_> {
+    fn stage(&self, name: &str, total: u64) {
+        self.inner.stage(name, total)
+    }
+    fn inc(&self, n: u64) {
+        if !self.told.swap(true, Ordering::Relaxed) {
+            self.inner.plan(&self.plan.estimate(self.latents, self.start.elapsed().as_secs_f64()));
+        }
+        self.inner.inc(n)
+    }
+    fn plan(&self, line: &str) {
+        self.inner.plan(line)
+    }
 }
 
 /// One model's losses for every image.

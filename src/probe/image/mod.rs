@@ -306,8 +306,9 @@ pub(crate) fn run(
         }
     }
     notes.extend(captions::notes(&subjects, &tags));
-    progress.plan(&plan(subjects.len(), inputs.works.images.len(), settings));
-    let measured = denoise::measure(models, &subjects, settings, progress)?;
+    let plan = Plan::new(subjects.len(), inputs.works.images.len(), settings);
+    progress.plan(&plan.line(subjects.len(), settings));
+    let measured = denoise::measure(models, &subjects, settings, &plan, progress)?;
     let mut evidence: Vec<ImageEvidence> =
         subjects.iter().zip(measured.per_image).map(|(s, m)| s.evidence(m)).collect();
     let (generations, pictures, passes) = if settings.generate_seeds.is_empty() {
@@ -338,24 +339,87 @@ pub(crate) fn run(
     })
 }
 
-/// UNet evaluations the probe will run (per model: four per image, timestep and draw; two per
-/// image and draw for Wen's statistic; 2 × steps per generation), as a line for the user.
-fn plan(images: usize, works: usize, s: &ImageSettings) -> String {
-    let denoise = 2 * images * s.draws * (2 * s.timesteps.len() + 2);
-    let generate = 2 * works * s.generate_seeds.len() * 2 * s.ddim_steps;
-    format!(
-        "image probe: {images} images × {} timesteps × {} draws under base and merged = {denoise} UNet evaluations{}; \
-         at SD 1.5 size on a CPU one evaluation takes 20–30 s",
-        s.timesteps.len(),
-        s.draws,
-        if generate > 0 {
-            format!(
-                ", plus {generate} for {} generations of {} steps",
-                2 * works * s.generate_seeds.len(),
-                s.ddim_steps
-            )
-        } else {
-            String::new()
+/// UNet evaluations (latents through the UNet) the probe will run, per model and both: four
+/// per image, timestep and draw (caption and empty caption, as two latents of one call); two
+/// per image and draw for Wen's statistic; 2 × steps per generation (guidance).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Plan {
+    pub denoise: usize,
+    pub generate: usize,
+    generations: usize,
+}
+
+impl Plan {
+    pub fn new(images: usize, works: usize, s: &ImageSettings) -> Plan {
+        Plan {
+            denoise: 2 * images * s.draws * (2 * s.timesteps.len() + 2),
+            generate: 2 * works * s.generate_seeds.len() * 2 * s.ddim_steps,
+            generations: 2 * works * s.generate_seeds.len(),
         }
-    )
+    }
+
+    pub fn evaluations(&self) -> usize {
+        self.denoise + self.generate
+    }
+
+    /// The line printed before any work.
+    pub fn line(&self, images: usize, s: &ImageSettings) -> String {
+        format!(
+            "image probe: {images} images × {} timesteps × {} draws under base and merged = {} UNet evaluations{}; \
+             the time of the first UNet call follows, with an estimate for the whole probe",
+            s.timesteps.len(),
+            s.draws,
+            self.denoise,
+            if self.generate > 0 {
+                format!(", plus {} for {} generations of {} steps", self.generate, self.generations, s.ddim_steps)
+            } else {
+                String::new()
+            }
+        )
+    }
+
+    /// The line printed after the first UNet call (`latents` latents in `seconds`): the
+    /// measured time per evaluation here, times every evaluation of the probe.
+    pub fn estimate(&self, latents: usize, seconds: f64) -> String {
+        let per = seconds / latents.max(1) as f64;
+        let total = per * self.evaluations() as f64;
+        format!(
+            "first UNet call: {latents} latents in {seconds:.1} s ({per:.2} s each) → about {} for the {} evaluations of this probe",
+            duration(total),
+            self.evaluations()
+        )
+    }
+}
+
+/// A duration for a person: seconds, minutes or hours.
+fn duration(s: f64) -> String {
+    if s < 90.0 {
+        format!("{s:.0} s")
+    } else if s < 5400.0 {
+        format!("{:.0} min", s / 60.0)
+    } else {
+        format!("{:.1} h", s / 3600.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_plan_counts_every_unet_evaluation_and_scales_the_first_call() {
+        let s = ImageSettings { generate_seeds: vec![1, 2], ..ImageSettings::default() };
+        let p = Plan::new(3, 1, &s);
+        // Per model: 3 images × 2 draws × (4 timesteps × 2 captions + 2 for Wen) = 60; both: 120.
+        assert_eq!(p.denoise, 120);
+        // 2 models × 1 work × 2 seeds × 2 (guidance) × 50 steps.
+        assert_eq!(p.generate, 400);
+        // 16 latents in 8 s: 0.5 s each, × 520 = 260 s.
+        assert_eq!(
+            p.estimate(16, 8.0),
+            "first UNet call: 16 latents in 8.0 s (0.50 s each) → about 4 min for the 520 evaluations of this probe"
+        );
+        assert_eq!(duration(45.0), "45 s");
+        assert_eq!(duration(7200.0), "2.0 h");
+    }
 }
