@@ -396,12 +396,17 @@ impl BaseModel {
     }
 
     /// The weight's values as f32, row-major in its stored shape (for the model runtime, which
-    /// computes in f32; f64 sources are rounded).
+    /// computes in f32; f64 sources are rounded). A memory-mapped tensor's pages are dropped
+    /// from the process afterwards (`TensorFile::release`), so a runtime holding its f32 copy
+    /// does not also hold the mapped file.
     pub(crate) fn values_f32(&self, key: &str) -> Result<Vec<f32>> {
         let e = self.entry(key)?;
         match &e.source {
             Source::St { file, name } => {
-                Ok(self.st_files[*file].read_f64(name)?.into_iter().map(|v| v as f32).collect())
+                let f = &self.st_files[*file];
+                let v = f.read_f64(name)?.into_iter().map(|v| v as f32).collect();
+                f.release(name);
+                Ok(v)
             }
             Source::Gguf { .. } => self.gguf_values(e),
         }

@@ -31,6 +31,17 @@ impl FileDigest {
     pub(crate) fn of(bytes: &[u8]) -> Self {
         FileDigest { sha256: sha256_bytes(bytes), bytes: bytes.len() as u64 }
     }
+
+    /// [`FileDigest::of`] in pieces of `piece` bytes, calling `after(offset, len)` once each
+    /// piece is hashed (a mapped file drops the piece's pages there).
+    pub(crate) fn of_pieces(bytes: &[u8], piece: usize, mut after: impl FnMut(usize, usize)) -> Self {
+        let mut h = Sha256::new();
+        for (i, p) in bytes.chunks(piece.max(1)).enumerate() {
+            h.update(p);
+            after(i * piece.max(1), p.len());
+        }
+        FileDigest { sha256: hex(&h.finalize()), bytes: bytes.len() as u64 }
+    }
 }
 
 /// Streamed SHA-256 of a file of any size (1 MiB reads), opened through `fsguard` (a regular

@@ -108,7 +108,7 @@ impl TensorFile {
         // (base models only: adapters are read into memory).
         let mmap = unsafe { memmap2::MmapOptions::new().map(&o.file) }
             .map_err(|e| Error::read(path, "cannot memory-map", e))?;
-        let digest = FileDigest::of(&mmap);
+        let digest = digest_releasing(&mmap);
         let mut tf = Self::parse(path, Storage::Map(mmap))?;
         tf.mapped = Some(digest);
         Ok(tf)
@@ -137,7 +137,10 @@ impl TensorFile {
     /// that is undone before this check is not seen (docs/security.md).
     pub(crate) fn recheck(&self) -> Result<()> {
         let Some(before) = &self.mapped else { return Ok(()) };
-        let now = FileDigest::of(&self.mmap);
+        let now = match &self.mmap {
+            Storage::Map(m) => digest_releasing(m),
+            Storage::Owned(v) => FileDigest::of(v),
+        };
         if now != *before {
             return Err(changed(&self.path, &before.sha256, &now.sha256));
         }
@@ -250,12 +253,48 @@ impl TensorFile {
         Ok(&self.data_section()[e.start..e.end])
     }
 
+    /// Drop a mapped tensor's pages from this process once its values were copied out (a base
+    /// model read into the runtime's own f32 tensors): they stay in the page cache, and a later
+    /// read faults them back in with the same bytes. So the process holds the runtime's copy,
+    /// not that copy plus the mapped file. Nothing for bytes in memory.
+    pub(crate) fn release(&self, name: &str) {
+        if let (Storage::Map(m), Ok(e)) = (&self.mmap, self.entry(name)) {
+            release_range(m, 8 + self.header_len + e.start, e.end - e.start);
+        }
+    }
+
     /// The tensor's values as f64, row-major, from any float dtype.
     pub(crate) fn read_f64(&self, name: &str) -> Result<Vec<f64>> {
         let e = self.entry(name)?;
         decode_f64(self.raw(name)?, e.dtype)
             .ok_or_else(|| Error::input(&self.path, format!("tensor {name} has dtype {:?}, not a float type", e.dtype)))
     }
+}
+
+/// Bytes of a mapped file hashed before its pages are dropped (see [`digest_releasing`]).
+const HASH_PIECE: usize = 64 << 20;
+
+/// SHA-256 of a mapped file, dropping each 64 MiB piece's pages from this process once hashed:
+/// hashing a 4 GB base (at open, and again in `recheck` beside the model built from it) then
+/// holds 64 MiB of the file, not all of it.
+fn digest_releasing(m: &Mmap) -> FileDigest {
+    FileDigest::of_pieces(m, HASH_PIECE, |at, len| release_range(m, at, len))
+}
+
+/// madvise(MADV_DONTNEED) on part of a read-only file map: the pages leave this process's
+/// resident set; the next access reads them again from the page cache (or the file). The map
+/// is private and never written, so no data is lost; a file changed on disk meanwhile shows
+/// its new bytes, which `recheck`'s second hash refuses as it always has. A failure only
+/// means the pages stay resident.
+fn release_range(m: &Mmap, at: usize, len: usize) {
+    #[cfg(unix)]
+    // SAFETY: see above; no reference into the range is held across the call by this crate
+    // that depends on the old pages (they read back identical while the file is unchanged).
+    unsafe {
+        let _ = m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, at, len);
+    }
+    #[cfg(not(unix))]
+    let _ = (m, at, len);
 }
 
 /// A file whose bytes changed between the hash taken when it was opened and the one after.
