@@ -1,17 +1,39 @@
 //! Layers shared by the UNet, the VAE and the text encoder, as diffusers and transformers define
 //! them: the resnet block (diffusers `ResnetBlock2D`, `time_embedding_norm="default"`),
-//! multi-head scaled dot-product attention (`AttnProcessor2_0`: softmax(q·kᵀ/√d)·v, computed in
-//! slices of heads so the score matrices stay within a fixed budget), and convolution and
-//! normalisation constructors over candle-nn.
+//! multi-head scaled dot-product attention (`AttnProcessor2_0`: softmax(q·kᵀ/√d)·v), GEGLU, and
+//! convolution and group-norm layers. On the CPU the convolution, group norm (+SiLU),
+//! unmasked attention and GEGLU run on kernels.rs; elsewhere, and for masked attention (in
+//! slices of heads so the score matrices stay within a fixed budget), on candle's operations.
 
 use candle_core::{Module, Tensor, D};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use candle_nn::{Conv2dConfig, Linear, VarBuilder};
 
+use super::kernels;
 use crate::model::CResult;
 
-/// Bytes of attention scores computed at once (heads are sliced to stay within it): SD 1.5's
-/// self-attention at 64×64 latents is 4096×4096 scores per head, 64 MiB in f32.
+/// Bytes of attention scores computed at once by candle's attention (other devices, or with a
+/// mask): heads are sliced to stay within it. SD 1.5's self-attention at 64×64 latents is
+/// 4096×4096 scores per head, 64 MiB in f32.
 const ATTENTION_SCORE_BYTES: usize = 256 << 20;
+
+/// A convolution: stride-1 ones with a bias run on the CPU kernel (kernels.rs), others and
+/// other devices through candle's.
+#[derive(Debug)]
+pub(crate) struct Conv2d {
+    inner: candle_nn::Conv2d,
+}
+
+impl Module for Conv2d {
+    fn forward(&self, x: &Tensor) -> CResult<Tensor> {
+        let c = self.inner.config();
+        match self.inner.bias() {
+            Some(b) if x.device().is_cpu() && c.stride == 1 && c.dilation == 1 && c.groups == 1 => {
+                x.contiguous()?.apply_op3_no_bwd(self.inner.weight(), b, &kernels::Conv { padding: c.padding })
+            }
+            _ => self.inner.forward(x),
+        }
+    }
+}
 
 pub(crate) fn conv(
     vb: VarBuilder,
@@ -22,11 +44,48 @@ pub(crate) fn conv(
     padding: usize,
 ) -> CResult<Conv2d> {
     let cfg = Conv2dConfig { padding, stride, ..Default::default() };
-    candle_nn::conv2d(cin, cout, k, cfg, vb)
+    Ok(Conv2d { inner: candle_nn::conv2d(cin, cout, k, cfg, vb)? })
+}
+
+/// torch's `GroupNorm` (affine), optionally followed by SiLU in the same pass on the CPU.
+#[derive(Debug)]
+pub(crate) struct GroupNorm {
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+    eps: f64,
+    inner: candle_nn::GroupNorm,
+}
+
+impl GroupNorm {
+    fn run(&self, x: &Tensor, silu: bool) -> CResult<Tensor> {
+        if x.device().is_cpu() {
+            let op = kernels::GroupNorm { groups: self.groups, eps: self.eps, silu };
+            return x.contiguous()?.apply_op3_no_bwd(&self.weight, &self.bias, &op);
+        }
+        let y = self.inner.forward(x)?;
+        if silu {
+            candle_nn::ops::silu(&y)
+        } else {
+            Ok(y)
+        }
+    }
+
+    /// SiLU(GroupNorm(x)), the order every resnet and output head applies them in.
+    pub fn forward_silu(&self, x: &Tensor) -> CResult<Tensor> {
+        self.run(x, true)
+    }
+}
+
+impl Module for GroupNorm {
+    fn forward(&self, x: &Tensor) -> CResult<Tensor> {
+        self.run(x, false)
+    }
 }
 
 pub(crate) fn group_norm(vb: VarBuilder, groups: usize, channels: usize, eps: f64) -> CResult<GroupNorm> {
-    candle_nn::group_norm(groups, channels, eps, vb)
+    let inner = candle_nn::group_norm(groups, channels, eps, vb.clone())?;
+    Ok(GroupNorm { weight: vb.get(channels, "weight")?, bias: vb.get(channels, "bias")?, groups, eps, inner })
 }
 
 pub(crate) fn linear(vb: VarBuilder, cin: usize, cout: usize, bias: bool) -> CResult<Linear> {
@@ -79,12 +138,12 @@ impl Resnet {
     }
 
     pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> CResult<Tensor> {
-        let mut h = self.conv1.forward(&candle_nn::ops::silu(&self.norm1.forward(x)?)?)?;
+        let mut h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
         if let (Some(p), Some(t)) = (&self.time_emb_proj, temb) {
             let t = p.forward(&candle_nn::ops::silu(t)?)?;
             h = h.broadcast_add(&t.unsqueeze(2)?.unsqueeze(3)?)?;
         }
-        let h = self.conv2.forward(&candle_nn::ops::silu(&self.norm2.forward(&h)?)?)?;
+        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
         let skip = match &self.shortcut {
             Some(s) => s.forward(x)?,
             None => x.clone(),
@@ -101,6 +160,9 @@ impl Resnet {
 /// Multi-head attention of `q` `[B, N, H·d]` over `k`, `v` `[B, M, H·d]`: softmax(q·kᵀ/√d + mask)·v
 /// per head, `mask` `[N, M]` added to the scores when given (the text encoder's causal mask).
 pub(crate) fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<&Tensor>) -> CResult<Tensor> {
+    if mask.is_none() && q.device().is_cpu() {
+        return q.contiguous()?.apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &kernels::Attention { heads });
+    }
     let (b, n, c) = q.dims3()?;
     let m = k.dim(1)?;
     let d = c / heads;
@@ -141,6 +203,16 @@ pub(crate) fn from_tokens(x: &Tensor, h: usize, w: usize) -> CResult<Tensor> {
 /// The exact (erf) GELU, as `torch.nn.functional.gelu` (diffusers' GEGLU, OpenCLIP).
 pub(crate) fn gelu(x: &Tensor) -> CResult<Tensor> {
     x.gelu_erf()
+}
+
+/// diffusers' `GEGLU` on its projection's output: the first half of the last dimension times
+/// the exact GELU of the second half.
+pub(crate) fn geglu(x: &Tensor) -> CResult<Tensor> {
+    if x.device().is_cpu() {
+        return x.contiguous()?.apply_op1_no_bwd(&kernels::Geglu);
+    }
+    let (h, gate) = halves(x)?;
+    h * gelu(&gate)?
 }
 
 /// transformers' `quick_gelu`: x·σ(1.702x) (OpenAI CLIP).

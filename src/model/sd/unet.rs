@@ -7,10 +7,10 @@
 //! read under diffusers' names; the caller's `VarBuilder` maps them to the base's keys.
 
 use candle_core::{Device, Module, Tensor};
-use candle_nn::{Conv2d, GroupNorm, LayerNorm, Linear, VarBuilder};
+use candle_nn::{LayerNorm, Linear, VarBuilder};
 
 use super::config::UnetConfig;
-use super::nn::{self, Resnet, ResnetCfg};
+use super::nn::{self, Conv2d, GroupNorm, Resnet, ResnetCfg};
 use crate::model::CResult;
 
 #[derive(Debug)]
@@ -71,8 +71,7 @@ impl TransformerBlock {
         let n1 = self.norm1.forward(x)?;
         let x = (self.attn1.forward(&n1, &n1)? + x)?;
         let x = (self.attn2.forward(&self.norm2.forward(&x)?, context)? + x)?;
-        let (h, gate) = nn::halves(&self.ff_in.forward(&self.norm3.forward(&x)?)?)?;
-        self.ff_out.forward(&(h * nn::gelu(&gate)?)?)? + x
+        self.ff_out.forward(&nn::geglu(&self.ff_in.forward(&self.norm3.forward(&x)?)?)?)? + x
     }
 }
 
@@ -313,7 +312,7 @@ impl Unet {
                 h = s.forward(&h.upsample_nearest2d(th, tw)?)?;
             }
         }
-        let h = candle_nn::ops::silu(&self.norm_out.forward(&h)?)?;
+        let h = self.norm_out.forward_silu(&h)?;
         self.conv_out.forward(&h)
     }
 }

@@ -4,10 +4,10 @@
 //! `quant_conv`'s output, as `DiagonalGaussianDistribution.mean`); nothing is sampled.
 
 use candle_core::{Module, Tensor};
-use candle_nn::{Conv2d, GroupNorm, Linear, VarBuilder};
+use candle_nn::{Linear, VarBuilder};
 
 use super::config::VaeConfig;
-use super::nn::{self, Resnet, ResnetCfg};
+use super::nn::{self, Conv2d, GroupNorm, Resnet, ResnetCfg};
 use crate::model::CResult;
 
 /// diffusers' resnets, attention and output norm in the VAE all use eps 1e-6.
@@ -154,7 +154,7 @@ impl Vae {
             }
         }
         h = self.enc_mid.forward(&h)?;
-        h = self.enc_out.forward(&candle_nn::ops::silu(&self.enc_norm.forward(&h)?)?)?;
+        h = self.enc_out.forward(&self.enc_norm.forward_silu(&h)?)?;
         if let Some(q) = &self.quant {
             h = q.forward(&h)?;
         }
@@ -178,6 +178,6 @@ impl Vae {
                 h = s.forward(&h.upsample_nearest2d(2 * hh, 2 * ww)?)?;
             }
         }
-        self.dec_out.forward(&candle_nn::ops::silu(&self.dec_norm.forward(&h)?)?)
+        self.dec_out.forward(&self.dec_norm.forward_silu(&h)?)
     }
 }
