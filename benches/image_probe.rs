@@ -13,10 +13,11 @@
 //! `cargo bench --bench image_probe` (add `-- --no-diffusers` to time lorascope alone,
 //! `--fixture-only` to skip the SD 1.5-shaped case, `--reps N` for the number of pairs).
 
+mod common;
+
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Command, Stdio};
+use std::process::Command;
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
@@ -26,49 +27,9 @@ use lorascope::model::SdModel;
 use lorascope::rng::Rng;
 use lorascope::BaseModel;
 
+use common::{median, Reference};
+
 const SD15_DIR: &str = "target/bench-sd15";
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-/// The diffusers side, a child process answering one timing request per line.
-struct Reference {
-    child: Child,
-    out: BufReader<ChildStdout>,
-}
-
-impl Reference {
-    fn start(job: &Path) -> Self {
-        let mut child = Command::new("scripts/bench-diffusers.sh")
-            .arg("serve")
-            .arg(job)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("scripts/bench-diffusers.sh runs");
-        let out = BufReader::new(child.stdout.take().expect("piped"));
-        let mut r = Reference { child, out };
-        let hello = r.read();
-        println!("  diffusers side: torch {} with {} threads", hello["torch"], hello["threads"]);
-        r
-    }
-    fn read(&mut self) -> Value {
-        let mut line = String::new();
-        self.out.read_line(&mut line).expect("reference answers");
-        serde_json::from_str(&line).unwrap_or_else(|_| panic!("diffusers reference failed (see above): {line:?}"))
-    }
-    fn ask(&mut self, cmd: &str) -> Value {
-        let stdin = self.child.stdin.as_mut().expect("piped");
-        writeln!(stdin, "{cmd}").and_then(|_| stdin.flush()).expect("reference listens");
-        self.read()
-    }
-    fn quit(mut self) {
-        let _ = writeln!(self.child.stdin.as_mut().expect("piped"), "quit");
-        let _ = self.child.wait();
-    }
-}
 
 /// This process's peak resident set (VmHWM) in bytes, and its reset (clear_refs 5).
 fn peak_rss() -> u64 {
@@ -166,7 +127,9 @@ fn run_case(case: &Case, threads: usize, diffusers: bool) -> Vec<String> {
         });
         let job_path = Path::new("target/bench-image-job.json");
         std::fs::write(job_path, job.to_string()).expect("job written");
-        Reference::start(job_path)
+        let r = Reference::start("scripts/bench-diffusers.sh", &["serve".as_ref(), job_path.as_os_str()]);
+        println!("  diffusers side: torch {} with {} threads", r.hello["torch"], r.hello["threads"]);
+        r
     });
 
     let mut rows = vec![];

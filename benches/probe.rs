@@ -5,9 +5,9 @@
 //! `cargo bench --bench probe` (add `-- --no-pytorch` to skip the reference, `--scoring-only`
 //! to time scoring alone, e.g. under a profiler).
 
-use std::io::{BufRead, BufReader, Write};
+mod common;
+
 use std::path::Path;
-use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::Instant;
 
 use serde_json::Value;
@@ -15,45 +15,11 @@ use serde_json::Value;
 use lorascope::model::{greedy, score, RunOptions, TextModel};
 use lorascope::BaseModel;
 
+use common::{median, Reference};
+
 const GGUF: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
 const REPS: usize = 5;
 const NEW_TOKENS: usize = 50;
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-/// The PyTorch side, a child process answering one timing request per line.
-struct Reference {
-    child: Child,
-    out: BufReader<ChildStdout>,
-}
-
-impl Reference {
-    fn start(job: &Path) -> Self {
-        let mut child = Command::new("scripts/bench-pytorch.sh")
-            .arg(job)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("scripts/bench-pytorch.sh runs");
-        let out = BufReader::new(child.stdout.take().expect("piped"));
-        let mut r = Reference { child, out };
-        r.read();
-        r
-    }
-    fn read(&mut self) -> Value {
-        let mut line = String::new();
-        self.out.read_line(&mut line).expect("reference answers");
-        serde_json::from_str(&line).unwrap_or_else(|_| panic!("PyTorch reference failed (see above): {line:?}"))
-    }
-    fn ask(&mut self, cmd: &str) -> Value {
-        let stdin = self.child.stdin.as_mut().expect("piped");
-        writeln!(stdin, "{cmd}").and_then(|_| stdin.flush()).expect("reference listens");
-        self.read()
-    }
-}
 
 fn main() {
     let no_pytorch = std::env::args().any(|a| a == "--no-pytorch");
@@ -102,7 +68,7 @@ fn main() {
         });
         let job_path = Path::new("target/bench-probe-job.json");
         std::fs::write(job_path, job.to_string()).expect("job written");
-        Reference::start(job_path)
+        Reference::start("scripts/bench-pytorch.sh", &[job_path.as_os_str()])
     });
     // Warm-up both sides, then alternate them REPS times; the ratio is the median of the
     // per-pair ratios, so a noisy neighbour hurts both sides of a pair alike.
@@ -182,8 +148,7 @@ fn main() {
     for r in rows {
         println!("{r}");
     }
-    if let Some(mut r) = reference {
-        let _ = writeln!(r.child.stdin.as_mut().expect("piped"), "quit");
-        let _ = r.child.wait();
+    if let Some(r) = reference {
+        r.quit();
     }
 }

