@@ -90,10 +90,22 @@ impl SharedMut {
     }
 }
 
-/// Stride-1 convolution with zero padding, input `[B, C_in, H, W]`, weight `[C_out, C_in, k, k]`,
-/// bias `[C_out]`; output `[B, C_out, H + 2p − k + 1, W + 2p − k + 1]`.
+/// Convolution with zero padding, input `[B, C_in, H, W]`, weight `[C_out, C_in, k, k]`, bias
+/// `[C_out]`; output `[B, C_out, (H + 2p − k)/s + 1, (W + 2p − k)/s + 1]`.
 pub(crate) struct Conv {
     pub padding: usize,
+    pub stride: usize,
+}
+
+/// Bytes of output and input columns one task of the convolution keeps in cache while its k²
+/// products accumulate (about a core's L2): a 128-channel layer at 512×512 then runs in tiles
+/// of ~1500 pixels instead of streaming its whole output through memory k² times.
+const CONV_TILE_BYTES: usize = 1536 << 10;
+
+/// Output columns per task: what fits [`CONV_TILE_BYTES`] for `rows` floats per column, at
+/// least 256 (smaller products lose more to packing than they gain in cache).
+fn tile_columns(rows: usize) -> usize {
+    (CONV_TILE_BYTES / (4 * rows.max(1))).max(256)
 }
 
 impl CustomOp3 for Conv {
@@ -113,49 +125,96 @@ impl CustomOp3 for Conv {
         let (x, w, bias) = (f32s(xs, xl, "conv input")?, f32s(ws, wl, "conv weight")?, f32s(bs, bl, "conv bias")?);
         let (b, cin, h, wd) = xl.shape().dims4()?;
         let (cout, wcin, kh, kw) = wl.shape().dims4()?;
-        let p = self.padding;
-        if wcin != cin || kh != kw || bias.len() != cout || h + 2 * p < kh || wd + 2 * p < kw {
+        let (p, st) = (self.padding, self.stride);
+        if wcin != cin || kh != kw || bias.len() != cout || h + 2 * p < kh || wd + 2 * p < kw || st == 0 {
             candle_core::bail!("sd-conv2d: input {:?}, weight {:?}, bias {}", xl.dims(), wl.dims(), bias.len());
         }
-        let k = kh;
-        let (hp, wp) = (h + 2 * p, wd + 2 * p);
-        let (oh, ow) = (hp - k + 1, wp - k + 1);
-        let plane = hp * wp;
-        // The padded input laid out channel-major, the batch inside each channel
-        // ([C_in, B, H_p, W_p]), so one product per tap covers every image: its columns run
-        // over all B planes of a channel (the rows between images are junk, dropped with the
-        // extra columns). k spare values at the end: the last tap reads up to k − 2 past it.
-        let mut xp = vec![0f32; cin * b * plane + k];
-        xp[..cin * b * plane].par_chunks_mut(plane).enumerate().for_each(|(cb, dst)| {
+        let geo = ConvGeometry { b, cin, cout, k: kh, hp: h + 2 * p, wp: wd + 2 * p, stride: st };
+        let xp = geo.padded(x, h, wd, p);
+        let out = if st == 1 { geo.shifted_products(&xp, w, bias) } else { geo.gathered_products(&xp, w, bias) };
+        Ok((CpuStorage::F32(out), Shape::from((b, cout, geo.oh(), geo.ow()))))
+    }
+}
+
+/// Sizes of one convolution, over the padded input.
+struct ConvGeometry {
+    b: usize,
+    cin: usize,
+    cout: usize,
+    k: usize,
+    hp: usize,
+    wp: usize,
+    stride: usize,
+}
+
+impl ConvGeometry {
+    fn oh(&self) -> usize {
+        (self.hp - self.k) / self.stride + 1
+    }
+    fn ow(&self) -> usize {
+        (self.wp - self.k) / self.stride + 1
+    }
+    fn plane(&self) -> usize {
+        self.hp * self.wp
+    }
+
+    /// The padded input laid out channel-major, the batch inside each channel
+    /// ([C_in, B, H_p, W_p]), so a stride-1 product per tap covers every image: its columns run
+    /// over all B planes of a channel (the rows between images are junk, dropped with the
+    /// extra columns). k spare values at the end: the last tap reads up to k − 2 past it.
+    fn padded(&self, x: &[f32], h: usize, wd: usize, p: usize) -> Vec<f32> {
+        let (b, plane, wp) = (self.b, self.plane(), self.wp);
+        let mut xp = vec![0f32; self.cin * b * plane + self.k];
+        xp[..self.cin * b * plane].par_chunks_mut(plane).enumerate().for_each(|(cb, dst)| {
             let (ci, bi) = (cb / b, cb % b);
-            let src = &x[(bi * cin + ci) * h * wd..][..h * wd];
+            let src = &x[(bi * self.cin + ci) * h * wd..][..h * wd];
             for (y, row) in src.chunks(wd).enumerate() {
                 let at = (y + p) * wp + p;
                 dst[at..at + wd].copy_from_slice(row);
             }
         });
+        xp
+    }
+
+    /// Stride 1: output pixel (y, x) of tap (i, j) reads padded (y + i, x + j), so with rows of
+    /// the padded width each tap is one product whose right operand is the padded input at
+    /// offset i·W_p + j. The columns are split in tiles (one task each, products single-threaded)
+    /// so a tile's output stays in cache across its k² accumulations.
+    fn shifted_products(&self, xp: &[f32], w: &[f32], bias: &[f32]) -> Vec<f32> {
+        let (b, cin, cout, k, wp, plane) = (self.b, self.cin, self.cout, self.k, self.wp, self.plane());
+        let (oh, ow) = (self.oh(), self.ow());
         let n = (b - 1) * plane + oh * wp;
         let mut outp = vec![0f32; cout * n];
-        let (w_rs, w_cs) = (cin * k * k, k * k);
-        for tap in 0..k * k {
-            let (i, j) = (tap / k, tap % k);
-            // SAFETY: dst is [cout × n] = outp; lhs reads w[co·w_rs + ci·w_cs + tap] < w.len();
-            // rhs reads xp[ci·b·plane + i·wp + j + col], col < n, at most
-            // cin·b·plane + k − 2 < xp.len() (see above).
-            unsafe {
-                matmul(
-                    (cout, n, cin),
-                    outp.as_mut_ptr(),
-                    n,
-                    tap > 0,
-                    w.as_ptr().add(tap),
-                    (w_rs, w_cs),
-                    xp.as_ptr().add(i * wp + j),
-                    (b * plane, 1),
-                    threads(),
-                );
-            }
+        // Tiles in parallel with single-threaded products when there are enough of them;
+        // otherwise (small feature maps, wide layers) one tile with the product threaded.
+        let (mut tile, mut par) = (tile_columns(cin + cout), Parallelism::None);
+        if n.div_ceil(tile) < 4 * rayon::current_num_threads() {
+            (tile, par) = (n, threads());
         }
+        let dst = SharedMut(outp.as_mut_ptr());
+        (0..n.div_ceil(tile)).into_par_iter().for_each(|t| {
+            let (c0, cols) = (t * tile, tile.min(n - t * tile));
+            for tap in 0..k * k {
+                let (i, j) = (tap / k, tap % k);
+                // SAFETY: dst is columns c0..c0+cols of the [cout × n] outp (tiles disjoint);
+                // lhs reads w[co·cin·k² + ci·k² + tap] < w.len(); rhs reads
+                // xp[ci·b·plane + i·wp + j + col], col < n, at most cin·b·plane + k − 2 <
+                // xp.len() (see `padded`).
+                unsafe {
+                    matmul(
+                        (cout, cols, cin),
+                        dst.get().add(c0),
+                        n,
+                        tap > 0,
+                        w.as_ptr().add(tap),
+                        (cin * k * k, k * k),
+                        xp.as_ptr().add(i * wp + j + c0),
+                        (b * plane, 1),
+                        par,
+                    );
+                }
+            }
+        });
         let mut out = vec![0f32; b * cout * oh * ow];
         out.par_chunks_mut(oh * ow).enumerate().for_each(|(bc, dst)| {
             let (bi, co) = (bc / cout, bc % cout);
@@ -167,7 +226,58 @@ impl CustomOp3 for Conv {
                 }
             }
         });
-        Ok((CpuStorage::F32(out), Shape::from((b, cout, oh, ow))))
+        out
+    }
+
+    /// Any stride: tiles of output rows, each gathering its patches into [C_in·k² × pixels]
+    /// (rows in the weight's own (c_in, i, j) order) for one product with the weight as stored,
+    /// accumulated onto the bias.
+    fn gathered_products(&self, xp: &[f32], w: &[f32], bias: &[f32]) -> Vec<f32> {
+        let (b, cin, cout, k, wp, plane, st) =
+            (self.b, self.cin, self.cout, self.k, self.wp, self.plane(), self.stride);
+        let (oh, ow) = (self.oh(), self.ow());
+        let kk = cin * k * k;
+        let rows_per = (tile_columns(kk + cout) / ow).max(1);
+        let mut out = vec![0f32; b * cout * oh * ow];
+        out.par_chunks_mut(oh * ow).enumerate().for_each(|(bc, row)| row.fill(bias[bc % cout]));
+        let dst = SharedMut(out.as_mut_ptr());
+        let tiles = oh.div_ceil(rows_per);
+        (0..b * tiles).into_par_iter().for_each(|t| {
+            let (bi, y0) = (t / tiles, (t % tiles) * rows_per);
+            let rows = rows_per.min(oh - y0);
+            let cols = rows * ow;
+            let mut col = vec![0f32; kk * cols];
+            for ci in 0..cin {
+                let src = &xp[(ci * b + bi) * plane..][..plane];
+                for tap in 0..k * k {
+                    let (i, j) = (tap / k, tap % k);
+                    let dst_row = &mut col[(ci * k * k + tap) * cols..][..cols];
+                    for (r, d) in dst_row.chunks_mut(ow).enumerate() {
+                        let line = &src[((y0 + r) * st + i) * wp + j..];
+                        for (x, v) in d.iter_mut().enumerate() {
+                            *v = line[x * st];
+                        }
+                    }
+                }
+            }
+            // SAFETY: dst is rows y0..y0+rows of every output channel of image bi (tiles
+            // disjoint), row stride oh·ow; lhs is the [cout × kk] weight; rhs the [kk × cols]
+            // gather.
+            unsafe {
+                matmul(
+                    (cout, cols, kk),
+                    dst.get().add(bi * cout * oh * ow + y0 * ow),
+                    oh * ow,
+                    true,
+                    w.as_ptr(),
+                    (kk, 1),
+                    col.as_ptr(),
+                    (cols, 1),
+                    Parallelism::None,
+                );
+            }
+        });
+        out
     }
 }
 
@@ -463,6 +573,71 @@ impl CustomOp3 for Attention {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::{Device, Module, Tensor};
+
+    fn randn(seed: u64, shape: &[usize]) -> Tensor {
+        let mut rng = crate::rng::Rng::new(seed);
+        let n: usize = shape.iter().product();
+        Tensor::from_vec((0..n).map(|_| rng.normal() as f32).collect::<Vec<_>>(), shape, &Device::Cpu).unwrap()
+    }
+
+    /// max |a − b| / max |b|.
+    fn rel(a: &Tensor, b: &Tensor) -> f32 {
+        assert_eq!(a.dims(), b.dims());
+        let d = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        d / b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+    }
+
+    #[test]
+    fn convolutions_match_candles_for_every_stride_padding_and_kernel() {
+        // (batch, c_in, c_out, side, k, padding, stride); the last is large enough for the
+        // tiled path on a 2-core machine (its columns exceed 4 tiles per thread).
+        let cases = [
+            (2, 5, 7, 9, 3, 1, 1),
+            (3, 4, 6, 8, 1, 0, 1),
+            (1, 3, 8, 11, 3, 0, 2),
+            (2, 6, 4, 10, 3, 1, 2),
+            (1, 2, 3, 7, 3, 2, 1),
+            (1, 4, 4, 640, 3, 1, 1),
+        ];
+        for (i, &(b, cin, cout, side, k, p, st)) in cases.iter().enumerate() {
+            let x = randn(i as u64, &[b, cin, side, side]);
+            let w = randn(100 + i as u64, &[cout, cin, k, k]);
+            let bias = randn(200 + i as u64, &[cout]);
+            let ours = x.apply_op3_no_bwd(&w, &bias, &Conv { padding: p, stride: st }).unwrap();
+            let want =
+                x.conv2d(&w, p, st, 1, 1).unwrap().broadcast_add(&bias.reshape((1, cout, 1, 1)).unwrap()).unwrap();
+            assert!(rel(&ours, &want) < 1e-5, "case {i}: {}", rel(&ours, &want));
+        }
+    }
+
+    #[test]
+    fn group_norm_with_and_without_silu_matches_candles() {
+        let x = randn(1, &[2, 8, 5, 6]);
+        let (w, b) = (randn(2, &[8]), randn(3, &[8]));
+        let reference = candle_nn::GroupNorm::new(w.clone(), b.clone(), 8, 4, 1e-5).unwrap().forward(&x).unwrap();
+        let plain = x.apply_op3_no_bwd(&w, &b, &GroupNorm { groups: 4, eps: 1e-5, silu: false }).unwrap();
+        assert!(rel(&plain, &reference) < 1e-5);
+        let silu = x.apply_op3_no_bwd(&w, &b, &GroupNorm { groups: 4, eps: 1e-5, silu: true }).unwrap();
+        assert!(rel(&silu, &candle_nn::ops::silu(&reference).unwrap()) < 1e-5);
+    }
+
+    #[test]
+    fn attention_and_geglu_match_their_definitions() {
+        // 2 heads of 3 over 200 queries (two blocks, the second partial) and 7 keys.
+        let (q, k, v) = (randn(1, &[2, 200, 6]), randn(2, &[2, 7, 6]), randn(3, &[2, 7, 6]));
+        let ours = q.apply_op3_no_bwd(&k, &v, &Attention { heads: 2 }).unwrap();
+        let head = |t: &Tensor, h: usize| t.narrow(2, 3 * h, 3).unwrap().contiguous().unwrap();
+        let mut outs = vec![];
+        for h in 0..2 {
+            let s = (head(&q, h).matmul(&head(&k, h).t().unwrap()).unwrap() / 3f64.sqrt()).unwrap();
+            outs.push(candle_nn::ops::softmax_last_dim(&s).unwrap().matmul(&head(&v, h)).unwrap());
+        }
+        assert!(rel(&ours, &Tensor::cat(&outs, 2).unwrap()) < 1e-5);
+        let x = randn(4, &[3, 5, 8]);
+        let want = (x.narrow(2, 0, 4).unwrap() * x.narrow(2, 4, 4).unwrap().gelu_erf().unwrap()).unwrap();
+        assert!(rel(&x.apply_op1_no_bwd(&Geglu).unwrap(), &want) < 1e-5);
+    }
 
     #[test]
     fn softmax_rows_sum_to_one_and_follow_the_definition() {

@@ -16,8 +16,8 @@ use crate::model::CResult;
 /// 4096×4096 scores per head, 64 MiB in f32.
 const ATTENTION_SCORE_BYTES: usize = 256 << 20;
 
-/// A convolution: stride-1 ones with a bias run on the CPU kernel (kernels.rs), others and
-/// other devices through candle's.
+/// A convolution: on the CPU with a bias (every SD convolution has one) through kernels.rs,
+/// elsewhere through candle's.
 #[derive(Debug)]
 pub(crate) struct Conv2d {
     inner: candle_nn::Conv2d,
@@ -27,9 +27,11 @@ impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> CResult<Tensor> {
         let c = self.inner.config();
         match self.inner.bias() {
-            Some(b) if x.device().is_cpu() && c.stride == 1 && c.dilation == 1 && c.groups == 1 => {
-                x.contiguous()?.apply_op3_no_bwd(self.inner.weight(), b, &kernels::Conv { padding: c.padding })
-            }
+            Some(b) if x.device().is_cpu() && c.dilation == 1 && c.groups == 1 => x.contiguous()?.apply_op3_no_bwd(
+                self.inner.weight(),
+                b,
+                &kernels::Conv { padding: c.padding, stride: c.stride },
+            ),
             _ => self.inner.forward(x),
         }
     }
