@@ -130,6 +130,10 @@ impl CustomOp3 for Conv {
             candle_core::bail!("sd-conv2d: input {:?}, weight {:?}, bias {}", xl.dims(), wl.dims(), bias.len());
         }
         let geo = ConvGeometry { b, cin, cout, k: kh, hp: h + 2 * p, wp: wd + 2 * p, stride: st };
+        if b == 0 || cin == 0 || cout == 0 || kh == 0 {
+            // Nothing to compute (and the layouts below assume at least one of each).
+            return Ok((CpuStorage::F32(vec![]), Shape::from((b, cout, geo.oh(), geo.ow()))));
+        }
         let xp = geo.padded(x, h, wd, p);
         let out = if st == 1 { geo.shifted_products(&xp, w, bias) } else { geo.gathered_products(&xp, w, bias) };
         Ok((CpuStorage::F32(out), Shape::from((b, cout, geo.oh(), geo.ow()))))
@@ -397,6 +401,9 @@ impl CustomOp3 for GroupNorm {
         }
         let c = dims[1];
         let per_channel: usize = dims[2..].iter().product();
+        if x.is_empty() {
+            return Ok((CpuStorage::F32(vec![]), xl.shape().clone()));
+        }
         let cpg = c / self.groups;
         let mut out = vec![0f32; x.len()];
         out.par_chunks_mut(cpg * per_channel).zip(x.par_chunks(cpg * per_channel)).enumerate().for_each(
@@ -513,6 +520,9 @@ impl CustomOp3 for Attention {
         if kl.dims() != vl.dims() || kb != b || kc != c || !c.is_multiple_of(self.heads) || m == 0 {
             candle_core::bail!("sd-attention: q {:?}, k {:?}, v {:?}", ql.dims(), kl.dims(), vl.dims());
         }
+        if b == 0 || n == 0 || c == 0 {
+            return Ok((CpuStorage::F32(vec![]), ql.shape().clone()));
+        }
         let d = c / self.heads;
         let scale = 1.0 / (d as f32).sqrt();
         let mut out = vec![0f32; b * n * c];
@@ -599,6 +609,7 @@ mod tests {
             (2, 6, 4, 10, 3, 1, 2),
             (1, 2, 3, 7, 3, 2, 1),
             (1, 4, 4, 640, 3, 1, 1),
+            (0, 4, 4, 8, 3, 1, 1),
         ];
         for (i, &(b, cin, cout, side, k, p, st)) in cases.iter().enumerate() {
             let x = randn(i as u64, &[b, cin, side, side]);
@@ -607,6 +618,10 @@ mod tests {
             let ours = x.apply_op3_no_bwd(&w, &bias, &Conv { padding: p, stride: st }).unwrap();
             let want =
                 x.conv2d(&w, p, st, 1, 1).unwrap().broadcast_add(&bias.reshape((1, cout, 1, 1)).unwrap()).unwrap();
+            if b == 0 {
+                assert_eq!(ours.dims(), want.dims(), "an empty batch");
+                continue;
+            }
             assert!(rel(&ours, &want) < 1e-5, "case {i}: {}", rel(&ours, &want));
         }
     }
