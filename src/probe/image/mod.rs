@@ -383,8 +383,9 @@ impl Plan {
     pub fn estimate(&self, latents: usize, seconds: f64) -> String {
         let per = seconds / latents.max(1) as f64;
         let total = per * self.evaluations() as f64;
+        let each = if per < 0.1 { format!("{:.1} ms", per * 1e3) } else { format!("{per:.2} s") };
         format!(
-            "first UNet call: {latents} latents in {seconds:.1} s ({per:.2} s each) → about {} for the {} evaluations of this probe",
+            "first UNet call: {latents} latents in {seconds:.1} s ({each} each) → about {} for the {} evaluations of this probe",
             duration(total),
             self.evaluations()
         )
@@ -419,6 +420,7 @@ mod tests {
             p.estimate(16, 8.0),
             "first UNet call: 16 latents in 8.0 s (0.50 s each) → about 4 min for the 520 evaluations of this probe"
         );
+        assert!(p.estimate(16, 0.08).contains("(5.0 ms each)"), "{}", p.estimate(16, 0.08));
         assert_eq!(duration(45.0), "45 s");
         assert_eq!(duration(7200.0), "2.0 h");
     }
