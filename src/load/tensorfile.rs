@@ -283,10 +283,14 @@ fn digest_releasing(m: &Mmap) -> FileDigest {
 
 /// madvise(MADV_DONTNEED) on part of a read-only file map: the pages leave this process's
 /// resident set; the next access reads them again from the page cache (or the file). The map
-/// is private and never written, so no data is lost; a file changed on disk meanwhile shows
+/// is read-only and never written, so no data is lost; a file changed on disk meanwhile shows
 /// its new bytes, which `recheck`'s second hash refuses as it always has. A failure only
 /// means the pages stay resident.
 fn release_range(m: &Mmap, at: usize, len: usize) {
+    // memmap2 checks the offset and the length apart, not their sum.
+    if at.checked_add(len).is_none_or(|end| end > m.len()) {
+        return;
+    }
     #[cfg(unix)]
     // SAFETY: see above; no reference into the range is held across the call by this crate
     // that depends on the old pages (they read back identical while the file is unchanged).

@@ -130,7 +130,10 @@ impl CustomOp3 for Conv {
             candle_core::bail!("sd-conv2d: input {:?}, weight {:?}, bias {}", xl.dims(), wl.dims(), bias.len());
         }
         let geo = ConvGeometry { b, cin, cout, k: kh, hp: h + 2 * p, wp: wd + 2 * p, stride: st };
-        if b == 0 || cin == 0 || cout == 0 || kh == 0 {
+        if cin == 0 || kh == 0 || h == 0 || wd == 0 {
+            candle_core::bail!("sd-conv2d: zero-size input {:?} or weight {:?}", xl.dims(), wl.dims());
+        }
+        if b == 0 || cout == 0 {
             // Nothing to compute (and the layouts below assume at least one of each).
             return Ok((CpuStorage::F32(vec![]), Shape::from((b, cout, geo.oh(), geo.ow()))));
         }
@@ -287,7 +290,8 @@ impl ConvGeometry {
 
 /// exp(x) for f32 in straight-line arithmetic the compiler vectorises: x = n·ln 2 + r with
 /// |r| ≤ ln 2 / 2, e^r by Cephes' expf polynomial (relative error about 1e-7), 2^n from the
-/// exponent bits. Inputs below −87.3 give 0 (as e^x underflows), above 88.7 give f32::MAX·2.
+/// exponent bits. Inputs are clamped to [−87.3, 88.7]: below, the result is e^−87.3 ≈ 1.2e-38
+/// (not 0); above, e^88.7 ≈ 3.3e38.
 #[inline(always)]
 pub(crate) fn exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
