@@ -136,11 +136,9 @@ impl TensorFile {
     /// hash taken when it was opened (the file was changed while lorascope read it). A change
     /// that is undone before this check is not seen (docs/security.md).
     pub(crate) fn recheck(&self) -> Result<()> {
-        let Some(before) = &self.mapped else { return Ok(()) };
-        let now = match &self.mmap {
-            Storage::Map(m) => digest_releasing(m),
-            Storage::Owned(v) => FileDigest::of(v),
-        };
+        // Only mapped files have a digest taken at open.
+        let (Some(before), Storage::Map(m)) = (&self.mapped, &self.mmap) else { return Ok(()) };
+        let now = digest_releasing(m);
         if now != *before {
             return Err(changed(&self.path, &before.sha256, &now.sha256));
         }

@@ -56,7 +56,6 @@ pub(crate) struct GroupNorm {
     bias: Tensor,
     groups: usize,
     eps: f64,
-    inner: candle_nn::GroupNorm,
 }
 
 impl GroupNorm {
@@ -65,7 +64,9 @@ impl GroupNorm {
             let op = kernels::GroupNorm { groups: self.groups, eps: self.eps, silu };
             return x.contiguous()?.apply_op3_no_bwd(&self.weight, &self.bias, &op);
         }
-        let y = self.inner.forward(x)?;
+        let channels = self.weight.dim(0)?;
+        let norm = candle_nn::GroupNorm::new(self.weight.clone(), self.bias.clone(), channels, self.groups, self.eps)?;
+        let y = norm.forward(x)?;
         if silu {
             candle_nn::ops::silu(&y)
         } else {
@@ -86,8 +87,10 @@ impl Module for GroupNorm {
 }
 
 pub(crate) fn group_norm(vb: VarBuilder, groups: usize, channels: usize, eps: f64) -> CResult<GroupNorm> {
-    let inner = candle_nn::group_norm(groups, channels, eps, vb.clone())?;
-    Ok(GroupNorm { weight: vb.get(channels, "weight")?, bias: vb.get(channels, "bias")?, groups, eps, inner })
+    if groups == 0 || !channels.is_multiple_of(groups) {
+        candle_core::bail!("GroupNorm: {channels} channels are not a multiple of {groups} groups");
+    }
+    Ok(GroupNorm { weight: vb.get(channels, "weight")?, bias: vb.get(channels, "bias")?, groups, eps })
 }
 
 pub(crate) fn linear(vb: VarBuilder, cin: usize, cout: usize, bias: bool) -> CResult<Linear> {
