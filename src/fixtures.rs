@@ -167,36 +167,92 @@ pub fn llama_cpp_permute(v: &[f32], rows: usize, cols: usize, heads: usize) -> V
     out
 }
 
+/// llama.cpp's name of a Hugging Face llama weight (`model.layers.3.mlp.up_proj.weight` →
+/// `blk.3.ffn_up.weight`).
+pub fn gguf_name(hf: &str) -> String {
+    let stem = hf.strip_suffix(".weight").unwrap_or(hf);
+    let g = match stem {
+        "model.embed_tokens" => "token_embd".to_string(),
+        "model.norm" => "output_norm".to_string(),
+        "lm_head" => "output".to_string(),
+        _ => {
+            let rest = stem.strip_prefix("model.layers.").expect("a layer weight");
+            let (l, part) = rest.split_once('.').expect("layer.part");
+            let gg = match part {
+                "input_layernorm" => "attn_norm",
+                "self_attn.q_proj" => "attn_q",
+                "self_attn.k_proj" => "attn_k",
+                "self_attn.v_proj" => "attn_v",
+                "self_attn.o_proj" => "attn_output",
+                "post_attention_layernorm" => "ffn_norm",
+                "mlp.gate_proj" => "ffn_gate",
+                "mlp.up_proj" => "ffn_up",
+                "mlp.down_proj" => "ffn_down",
+                other => panic!("no GGUF name for {other}"),
+            };
+            format!("blk.{l}.{gg}")
+        }
+    };
+    format!("{g}.weight")
+}
+
+/// GGUF metadata of a llama shaped `cfg` with the character tokenizer ([`char_vocab`]).
+fn llama_gguf_metadata(cfg: &TinyLlama, context: u32) -> Vec<(&'static str, candle_core::quantized::gguf_file::Value)> {
+    use candle_core::quantized::gguf_file::Value;
+    let (tokens, merges) = char_vocab();
+    vec![
+        ("general.architecture", Value::String("llama".into())),
+        ("llama.attention.head_count", Value::U32(cfg.heads as u32)),
+        ("llama.attention.head_count_kv", Value::U32(cfg.kv_heads as u32)),
+        ("llama.block_count", Value::U32(cfg.layers as u32)),
+        ("llama.embedding_length", Value::U32(cfg.hidden as u32)),
+        ("llama.feed_forward_length", Value::U32(cfg.intermediate as u32)),
+        ("llama.context_length", Value::U32(context)),
+        ("llama.rope.dimension_count", Value::U32(cfg.head_dim() as u32)),
+        ("llama.rope.freq_base", Value::F32(10000.0)),
+        ("llama.attention.layer_norm_rms_epsilon", Value::F32(1e-5)),
+        ("tokenizer.ggml.model", Value::String("gpt2".into())),
+        ("tokenizer.ggml.pre", Value::String("smollm".into())),
+        ("tokenizer.ggml.tokens", Value::Array(tokens.iter().map(|t| Value::String(t.clone())).collect())),
+        (
+            "tokenizer.ggml.merges",
+            Value::Array(merges.iter().map(|(a, b)| Value::String(format!("{a} {b}"))).collect()),
+        ),
+        ("tokenizer.ggml.bos_token_id", Value::U32(1)),
+        ("tokenizer.ggml.add_bos_token", Value::Bool(true)),
+        ("tokenizer.ggml.eos_token_id", Value::U32(2)),
+    ]
+}
+
+fn write_gguf(
+    path: &Path,
+    md: &[(&str, candle_core::quantized::gguf_file::Value)],
+    tensors: &[(String, candle_core::quantized::QTensor)],
+) -> Result<()> {
+    let md_refs: Vec<_> = md.iter().map(|(k, v)| (*k, v)).collect();
+    let t_refs: Vec<_> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path).map_err(|e| Error::input(path, e.to_string()))?);
+    candle_core::quantized::gguf_file::write(&mut f, &md_refs, &t_refs).map_err(|e| Error::input(path, e.to_string()))
+}
+
 /// Write a tiny llama as GGUF (f32 tensors, llama.cpp names and q/k permutation).
 pub fn write_tiny_llama_gguf(cfg: &TinyLlama, seed: u64, path: &Path) -> Result<()> {
-    use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+    write_llama_gguf(cfg, seed, candle_core::quantized::GgmlDType::F32, path)
+}
+
+/// Write the llama of [`TinyLlama::base`] as GGUF with its matrices in `dtype` (norms f32), as
+/// llama.cpp's converter would: its names, q/k rows permuted.
+pub fn write_llama_gguf(
+    cfg: &TinyLlama,
+    seed: u64,
+    dtype: candle_core::quantized::GgmlDType,
+    path: &Path,
+) -> Result<()> {
+    use candle_core::quantized::{GgmlDType, QTensor};
     use candle_core::{Device, Tensor};
     let base = cfg.base(seed);
     let bytes = base.to_bytes();
     let st = safetensors::SafeTensors::deserialize(&bytes).expect("own bytes");
-    let hf_to_gguf: BTreeMap<String, String> = {
-        let mut m = BTreeMap::new();
-        m.insert("model.embed_tokens".into(), "token_embd".into());
-        m.insert("model.norm".into(), "output_norm".into());
-        m.insert("lm_head".into(), "output".into());
-        for l in 0..cfg.layers {
-            for (hf, gg) in [
-                ("input_layernorm", "attn_norm"),
-                ("self_attn.q_proj", "attn_q"),
-                ("self_attn.k_proj", "attn_k"),
-                ("self_attn.v_proj", "attn_v"),
-                ("self_attn.o_proj", "attn_output"),
-                ("post_attention_layernorm", "ffn_norm"),
-                ("mlp.gate_proj", "ffn_gate"),
-                ("mlp.up_proj", "ffn_up"),
-                ("mlp.down_proj", "ffn_down"),
-            ] {
-                m.insert(format!("model.layers.{l}.{hf}"), format!("blk.{l}.{gg}"));
-            }
-        }
-        m
-    };
-    let (tokens, merges) = char_vocab();
     let mut qtensors = vec![];
     for (name, shape) in cfg.weights() {
         let view = st.tensor(&name).expect("own tensor");
@@ -206,41 +262,45 @@ pub fn write_tiny_llama_gguf(cfg: &TinyLlama, seed: u64, path: &Path) -> Result<
         } else if name.ends_with("k_proj.weight") {
             v = llama_cpp_permute(&v, shape[0], shape[1], cfg.kv_heads);
         }
-        let stem = name.strip_suffix(".weight").unwrap();
-        let gname = format!("{}.weight", hf_to_gguf[stem]);
         let t = Tensor::from_vec(v, shape.as_slice(), &Device::Cpu).map_err(|e| Error::Internal(e.to_string()))?;
-        let q = QTensor::quantize(&t, GgmlDType::F32).map_err(|e| Error::Internal(e.to_string()))?;
-        qtensors.push((gname, q));
+        let d = if shape.len() == 1 { GgmlDType::F32 } else { dtype };
+        let q = QTensor::quantize(&t, d).map_err(|e| Error::Internal(e.to_string()))?;
+        qtensors.push((gguf_name(&name), q));
     }
-    let md = [
-        ("general.architecture", gguf_file::Value::String("llama".into())),
-        ("llama.attention.head_count", gguf_file::Value::U32(cfg.heads as u32)),
-        ("llama.attention.head_count_kv", gguf_file::Value::U32(cfg.kv_heads as u32)),
-        ("llama.block_count", gguf_file::Value::U32(cfg.layers as u32)),
-        ("llama.embedding_length", gguf_file::Value::U32(cfg.hidden as u32)),
-        ("llama.feed_forward_length", gguf_file::Value::U32(cfg.intermediate as u32)),
-        ("llama.context_length", gguf_file::Value::U32(256)),
-        ("llama.rope.dimension_count", gguf_file::Value::U32(cfg.head_dim() as u32)),
-        ("llama.rope.freq_base", gguf_file::Value::F32(10000.0)),
-        ("llama.attention.layer_norm_rms_epsilon", gguf_file::Value::F32(1e-5)),
-        ("tokenizer.ggml.model", gguf_file::Value::String("gpt2".into())),
-        ("tokenizer.ggml.pre", gguf_file::Value::String("smollm".into())),
-        (
-            "tokenizer.ggml.tokens",
-            gguf_file::Value::Array(tokens.iter().map(|t| gguf_file::Value::String(t.clone())).collect()),
-        ),
-        (
-            "tokenizer.ggml.merges",
-            gguf_file::Value::Array(merges.iter().map(|(a, b)| gguf_file::Value::String(format!("{a} {b}"))).collect()),
-        ),
-        ("tokenizer.ggml.bos_token_id", gguf_file::Value::U32(1)),
-        ("tokenizer.ggml.add_bos_token", gguf_file::Value::Bool(true)),
-        ("tokenizer.ggml.eos_token_id", gguf_file::Value::U32(2)),
-    ];
-    let md_refs: Vec<(&str, &gguf_file::Value)> = md.iter().map(|(k, v)| (*k, v)).collect();
-    let t_refs: Vec<(&str, &QTensor)> = qtensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let mut f = std::fs::File::create(path).map_err(|e| Error::input(path, e.to_string()))?;
-    gguf_file::write(&mut f, &md_refs, &t_refs).map_err(|e| Error::input(path, e.to_string()))
+    write_gguf(path, &llama_gguf_metadata(cfg, 256), &qtensors)
+}
+
+/// Write a llama shaped `cfg` with random weights (uniform in ±1/√in; norms 1)
+/// as GGUF, matrices in `dtype`: for measuring memory and speed at 7–8B sizes without the real
+/// model. Tensors are generated and quantised in parallel, one seeded stream each; the
+/// quantised tensors are held until written (about the file's size).
+pub fn write_random_llama_gguf(
+    cfg: &TinyLlama,
+    seed: u64,
+    dtype: candle_core::quantized::GgmlDType,
+    path: &Path,
+) -> Result<()> {
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::{Device, Tensor};
+    use rayon::prelude::*;
+    let qtensors = cfg
+        .weights()
+        .into_par_iter()
+        .enumerate()
+        .map(|(i, (name, shape))| {
+            let n: usize = shape.iter().product();
+            let (v, d) = if shape.len() == 1 {
+                (vec![1f32; n], GgmlDType::F32)
+            } else {
+                let mut rng = Rng::new(seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+                (rng.values(n, 1.0 / (shape[1] as f64).sqrt()), dtype)
+            };
+            let t = Tensor::from_vec(v, shape.as_slice(), &Device::Cpu).map_err(|e| Error::Internal(e.to_string()))?;
+            let q = QTensor::quantize(&t, d).map_err(|e| Error::Internal(e.to_string()))?;
+            Ok((gguf_name(&name), q))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    write_gguf(path, &llama_gguf_metadata(cfg, 4096), &qtensors)
 }
 
 /// Weights of a cut-down SD1.x-style checkpoint in original-LDM naming (UNet under

@@ -333,7 +333,9 @@ impl lorascope::probe::Progress for ProbeProgress {
 /// The probe's progress bar: tokens scored and generated, per stage.
 fn probe_progress(quiet: bool) -> ProbeProgress {
     let progress = ProbeProgress(Progress::new(0, quiet), Default::default());
-    if let Ok(style) = ProgressStyle::with_template("{spinner} {msg} [{bar:30}] {pos}/{len} tokens ({eta})") {
+    if let Ok(style) =
+        ProgressStyle::with_template("{spinner} {msg} [{bar:30}] {pos}/{len} tokens, {per_sec} ({eta} left)")
+    {
         progress.0.bar.set_style(style.progress_chars("=> "));
     }
     progress
@@ -502,7 +504,9 @@ fn fit_lora(a: FitArgs) -> lorascope::Result<ExitCode> {
         return usage("--alpha, --lr and --target-loss must be finite numbers, --lr positive".into());
     }
     let base = BaseModel::open(&a.base)?;
-    let model = lorascope::model::TextModel::load(&base, &candle_core::Device::Cpu)?;
+    // Trained in f32 throughout: quantised products have no backward pass.
+    let model =
+        lorascope::model::TextModel::load_as(&base, &candle_core::Device::Cpu, lorascope::model::Precision::F32)?;
     let texts: Vec<String> = load_works(&a.texts)?.works.into_iter().map(|w| w.text).collect();
     let opts = FitOptions {
         rank: a.rank,

@@ -16,7 +16,8 @@ use std::io::{BufReader, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use candle_core::quantized::gguf_file;
+use candle_core::quantized::ggml_file::qtensor_from_ggml;
+use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::Device;
 use nalgebra::DMatrix;
 use serde_json::Value;
@@ -56,6 +57,16 @@ pub struct BaseEntry {
     pub shape: Vec<usize>,
     pub dtype: String,
     source: Source,
+}
+
+/// A weight matrix as its file stores it (see [`BaseModel::stored_matrix`]).
+pub(crate) enum StoredMatrix {
+    F32(Vec<f32>),
+    /// bf16 bit patterns.
+    Bf16(Vec<u16>),
+    /// f16 bit patterns.
+    F16(Vec<u16>),
+    Quant(QTensor),
 }
 
 /// A GGUF base: its parsed header, and the descriptor its tensors are read through (one reader
@@ -412,6 +423,79 @@ impl BaseModel {
         }
     }
 
+    /// The matrix under `key` as stored, for a runtime that multiplies in the stored type:
+    /// f32 (and f64, rounded) as f32 values, bf16/f16 as their 16-bit patterns, GGUF quantised
+    /// blocks as candle's `QTensor` (q/k rows put back in Hugging Face order on the blocks
+    /// themselves). A mapped tensor's pages are dropped from the process after the copy.
+    pub(crate) fn stored_matrix(&self, key: &str) -> Result<StoredMatrix> {
+        let e = self.entry(key)?;
+        match &e.source {
+            Source::St { file, name } => {
+                let f = &self.st_files[*file];
+                let entry = f.entry(name)?;
+                let raw = f.raw(name)?;
+                let halves = || raw.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]])).collect();
+                let out = match entry.dtype {
+                    safetensors::Dtype::BF16 => StoredMatrix::Bf16(halves()),
+                    safetensors::Dtype::F16 => StoredMatrix::F16(halves()),
+                    _ => StoredMatrix::F32(f.read_f64(name)?.into_iter().map(|v| v as f32).collect()),
+                };
+                f.release(name);
+                Ok(out)
+            }
+            Source::Gguf { name, heads } => {
+                let g = self.gguf.as_ref().expect("gguf source");
+                let path = &g.path;
+                let bad = |m: String| Error::input(path, format!("tensor {name}: {m}"));
+                let q = {
+                    let file = g.file.lock().map_err(|_| Error::Internal("GGUF reader lock poisoned".into()))?;
+                    let mut r = BufReader::new(&*file);
+                    g.content
+                        .tensor(&mut r, name, &Device::Cpu)
+                        .map_err(|e| Error::read(path, format!("tensor {name}"), e))?
+                };
+                let (rows, cols) = matrix_dims(&e.shape);
+                let dtype = q.dtype();
+                let order = match heads {
+                    Some(h) => Some(unpermute_order(rows, *h).map_err(bad)?),
+                    None => None,
+                };
+                let reorder = |v: Vec<u16>| match &order {
+                    Some(o) => o.iter().flat_map(|&src| v[src * cols..(src + 1) * cols].to_vec()).collect(),
+                    None => v,
+                };
+                let data = q.data().map_err(|e| Error::read(path, format!("tensor {name}"), e))?;
+                let halves = || data.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]])).collect::<Vec<u16>>();
+                Ok(match dtype {
+                    GgmlDType::F16 => StoredMatrix::F16(reorder(halves())),
+                    GgmlDType::BF16 => StoredMatrix::Bf16(reorder(halves())),
+                    GgmlDType::F32 => {
+                        drop(data);
+                        StoredMatrix::F32(self.gguf_values(e)?)
+                    }
+                    _ => match &order {
+                        None => {
+                            drop(data);
+                            StoredMatrix::Quant(q)
+                        }
+                        Some(o) => {
+                            let rb = (cols.is_multiple_of(dtype.block_size()))
+                                .then(|| cols / dtype.block_size() * dtype.type_size())
+                                .ok_or_else(|| bad(format!("rows of {cols} values are not whole {dtype:?} blocks")))?;
+                            let mut out = Vec::with_capacity(data.len());
+                            for &src in o {
+                                out.extend_from_slice(&data[src * rb..(src + 1) * rb]);
+                            }
+                            let t = qtensor_from_ggml(dtype, &out, vec![rows, cols], &Device::Cpu)
+                                .map_err(|e| Error::read(path, format!("tensor {name}"), e))?;
+                            StoredMatrix::Quant(t)
+                        }
+                    },
+                })
+            }
+        }
+    }
+
     /// Dequantise a GGUF tensor, undoing the q/k row permutation.
     fn gguf_values(&self, e: &BaseEntry) -> Result<Vec<f32>> {
         let Source::Gguf { name, heads } = &e.source else { unreachable!("gguf entry") };
@@ -441,6 +525,17 @@ fn matrix_dims(shape: &[usize]) -> (usize, usize) {
     (shape.first().copied().unwrap_or(1), shape.iter().skip(1).product())
 }
 
+/// The source row of every Hugging Face row under llama.cpp's `permute(w, n_head)`: HF row
+/// `h·d + s·d/2 + i` is GGUF row `h·d + 2i + s` (see [`unpermute_rows`]).
+pub(crate) fn unpermute_order(rows: usize, heads: usize) -> std::result::Result<Vec<usize>, String> {
+    if heads == 0 || !rows.is_multiple_of(heads) || !(rows / heads).is_multiple_of(2) {
+        return Err(format!("{rows} rows cannot be split into {heads} heads of even size"));
+    }
+    let d = rows / heads;
+    let half = d / 2;
+    Ok((0..rows).map(|hf| (hf / d) * d + 2 * (hf % d % half) + (hf % d) / half).collect())
+}
+
 /// Undo llama.cpp's `permute(w, n_head)` (convert_hf_to_gguf.py), which interleaves the two
 /// rotary halves of every head: GGUF row `h·d + 2i + s` holds HF row `h·d + s·d/2 + i`.
 pub fn unpermute_rows<T: Copy + Default>(
@@ -449,20 +544,10 @@ pub fn unpermute_rows<T: Copy + Default>(
     cols: usize,
     heads: usize,
 ) -> std::result::Result<Vec<T>, String> {
-    if heads == 0 || !rows.is_multiple_of(heads) || !(rows / heads).is_multiple_of(2) {
-        return Err(format!("{rows} rows cannot be split into {heads} heads of even size"));
-    }
-    let d = rows / heads;
-    let half = d / 2;
+    let order = unpermute_order(rows, heads)?;
     let mut out = vec![T::default(); v.len()];
-    for h in 0..heads {
-        for s in 0..2 {
-            for i in 0..half {
-                let hf = h * d + s * half + i;
-                let gg = h * d + 2 * i + s;
-                out[hf * cols..(hf + 1) * cols].copy_from_slice(&v[gg * cols..(gg + 1) * cols]);
-            }
-        }
+    for (hf, &gg) in order.iter().enumerate() {
+        out[hf * cols..(hf + 1) * cols].copy_from_slice(&v[gg * cols..(gg + 1) * cols]);
     }
     Ok(out)
 }

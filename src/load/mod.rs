@@ -20,6 +20,7 @@ pub mod works;
 pub(crate) mod write;
 
 pub use adapter::{Adapter, LoadOptions};
+pub(crate) use base::StoredMatrix;
 pub use base::{BaseKind, BaseModel};
 pub use families::Family;
 pub use formats::{detect_format, Format, LoraConfig};

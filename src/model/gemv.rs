@@ -1,7 +1,8 @@
 //! y = x·Wᵀ for a few rows of x (greedy decoding: one row per sequence). candle's matmul packs
 //! W before every product, which for a handful of rows costs more than the product itself;
 //! here each row of W is read once and dotted with every row of x, in parallel over W's rows.
-//! The result is the same sum in another order (f32 rounding differs in the last bits).
+//! The result is the same sum in another order (f32 rounding differs in the last bits). A bf16
+//! or f16 W is widened row by row as it is read (`few_rows_half`).
 
 use candle_core::Tensor;
 use rayon::prelude::*;
@@ -9,7 +10,7 @@ use rayon::prelude::*;
 use super::{with_f32, CResult};
 
 /// Rows of x at or below which the few-row path is used.
-const MAX_ROWS: usize = 16;
+pub(crate) const MAX_ROWS: usize = 16;
 
 /// `x` `[rows, in]` · `w`ᵀ (`w` `[out, in]`) → `[rows, out]`. Few rows on the CPU take the path
 /// below, but only where nothing upstream needs gradients (it has no backward pass); everything
@@ -44,13 +45,57 @@ fn few_rows(x: &Tensor, w: &Tensor) -> CResult<Tensor> {
             }
         })
     })?;
+    untranspose(&yt, rows, out, x.device())
+}
+
+/// The few-row product on a bf16 or f16 `w` (contiguous, CPU): each row of W is widened to f32
+/// into a buffer of the thread that reads it, then dotted like an f32 row.
+pub(crate) fn few_rows_half(x: &Tensor, w: &Tensor) -> CResult<Tensor> {
+    use half::slice::HalfFloatSliceExt;
+    let (rows, inp) = x.dims2()?;
+    let (out, w_in) = w.dims2()?;
+    if inp != w_in {
+        candle_core::bail!("matmul_t: x has {inp} columns, w has {w_in}");
+    }
+    let xv = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+    let mut yt = vec![0f32; out * rows];
+    let (storage, layout) = w.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else { candle_core::bail!("the weight is not in CPU memory") };
+    let Some((from, _)) = layout.contiguous_offsets() else { candle_core::bail!("the weight is not contiguous") };
+    let mut fill = |widen: &(dyn Fn(usize, &mut [f32]) + Sync)| {
+        yt.par_chunks_mut(rows * 64).enumerate().for_each(|(blk, dst)| {
+            let mut wrow = vec![0f32; inp];
+            for (k, cell) in dst.chunks_mut(rows).enumerate() {
+                widen(blk * 64 + k, &mut wrow);
+                for (r, c) in cell.iter_mut().enumerate() {
+                    *c = dot(&xv[r * inp..(r + 1) * inp], &wrow);
+                }
+            }
+        })
+    };
+    match w.dtype() {
+        candle_core::DType::BF16 => {
+            let v = &cpu.as_slice::<half::bf16>()?[from..];
+            fill(&|o, buf| v[o * inp..(o + 1) * inp].convert_to_f32_slice(buf));
+        }
+        candle_core::DType::F16 => {
+            let v = &cpu.as_slice::<half::f16>()?[from..];
+            fill(&|o, buf| v[o * inp..(o + 1) * inp].convert_to_f32_slice(buf));
+        }
+        other => candle_core::bail!("few_rows_half: weight dtype {other:?} is not 16-bit"),
+    }
+    untranspose(&yt, rows, out, x.device())
+}
+
+/// `[out, rows]` → `[rows, out]` tensor.
+fn untranspose(yt: &[f32], rows: usize, out: usize, dev: &candle_core::Device) -> CResult<Tensor> {
     let mut y = vec![0f32; rows * out];
     for o in 0..out {
         for r in 0..rows {
             y[r * out + o] = yt[o * rows + r];
         }
     }
-    Tensor::from_vec(y, (rows, out), x.device())
+    Tensor::from_vec(y, (rows, out), dev)
 }
 
 fn dot(a: &[f32], b: &[f32]) -> f32 {

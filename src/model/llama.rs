@@ -14,10 +14,10 @@
 
 use candle_core::{Device, Result, Tensor, D};
 use candle_nn::kv_cache::KvCache;
-use candle_nn::{ops, rotary_emb, Embedding, Module, VarBuilder};
+use candle_nn::{ops, rotary_emb, Module};
 
 use super::config::LlamaConfig;
-use super::gemv;
+use super::weight::Weight;
 
 /// A layer's projections by their Hugging Face module names, as LoRA adapters target them.
 pub const PROJECTIONS: &[&str] = &[
@@ -30,6 +30,49 @@ pub const PROJECTIONS: &[&str] = &[
     "mlp.down_proj",
 ];
 
+/// Where [`Llama::load`] takes its tensors from, by Hugging Face key: small tensors (norms,
+/// biases) in f32, weight matrices as the source holds them.
+pub(crate) trait Params {
+    /// The f32 tensor under `key`, of `shape`.
+    fn tensor(&self, key: &str, shape: &[usize]) -> Result<Tensor>;
+    /// The matrix `[rows, cols]` under `key`.
+    fn matrix(&self, key: &str, rows: usize, cols: usize) -> Result<Weight>;
+    fn device(&self) -> &Device;
+}
+
+/// A [`Params`] under a key prefix, as candle-nn's `VarBuilder` is (`vb.pp("mlp")`).
+#[derive(Clone)]
+pub(crate) struct Vb<'a> {
+    params: &'a dyn Params,
+    prefix: String,
+}
+
+impl<'a> Vb<'a> {
+    pub(crate) fn new(params: &'a dyn Params) -> Self {
+        Vb { params, prefix: String::new() }
+    }
+
+    pub(crate) fn pp(&self, part: impl AsRef<str>) -> Self {
+        Vb { params: self.params, prefix: self.key(part.as_ref()) }
+    }
+
+    fn key(&self, name: &str) -> String {
+        if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.prefix)
+        }
+    }
+
+    fn get(&self, shape: &[usize], name: &str) -> Result<Tensor> {
+        self.params.tensor(&self.key(name), shape)
+    }
+
+    fn matrix(&self, rows: usize, cols: usize, name: &str) -> Result<Weight> {
+        self.params.matrix(&self.key(name), rows, cols)
+    }
+}
+
 /// A LoRA pair applied beside a frozen weight: y += scale·(x·Aᵀ)·Bᵀ.
 #[derive(Debug, Clone)]
 pub struct LoraPair {
@@ -40,30 +83,90 @@ pub struct LoraPair {
     pub scale: f64,
 }
 
-/// `y = x·Wᵀ + b` (candle-nn's `Linear`) with the few-row product and room for an unmerged LoRA.
+/// What an adapter does to one projection, applied beside the frozen weight instead of merged
+/// into it (the base is never copied): with x' = x ⊙ `in_scale`,
+/// y = (x'·Wᵀ + scale·(x'·Aᵀ)·Bᵀ + x'·ΔWᵀ) ⊙ `out_scale` + bias. LoRA and rsLoRA are the pair
+/// alone; DoRA is the pair with `out_scale` = m / ‖W + sBA‖ per row (or `in_scale` per column,
+/// the norm axis of the file); (IA)³ is `in_scale` or `out_scale` = 1 + l alone; formats that
+/// exist only as a dense ΔW (LoHa, LoKr, full) carry `dense`.
+#[derive(Debug, Clone, Default)]
+pub struct Adaptation {
+    pub lora: Option<LoraPair>,
+    /// ΔW `[out, in]` in f32.
+    pub dense: Option<Tensor>,
+    /// `[in]`
+    pub in_scale: Option<Tensor>,
+    /// `[out]`
+    pub out_scale: Option<Tensor>,
+}
+
+impl Adaptation {
+    /// Bytes of f32 the adaptation holds.
+    pub fn bytes(&self) -> usize {
+        let n = |t: &Option<Tensor>| t.as_ref().map_or(0, Tensor::elem_count);
+        let pair = self.lora.as_ref().map_or(0, |l| l.a.elem_count() + l.b.elem_count());
+        4 * (pair + n(&self.dense) + n(&self.in_scale) + n(&self.out_scale))
+    }
+}
+
+/// `y = x·Wᵀ + b` (candle-nn's `Linear`) on a weight as stored, with room for an adapter.
 #[derive(Debug, Clone)]
 pub struct Linear {
     /// `[out, in]`
-    weight: Tensor,
+    weight: Weight,
     bias: Option<Tensor>,
-    lora: Option<LoraPair>,
+    adapter: Option<Adaptation>,
 }
 
 impl Linear {
     /// `weight` `[out_dim, in_dim]` and, with `bias`, `bias` `[out_dim]` under `vb`.
-    pub(crate) fn load(vb: VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
-        let weight = vb.get((out_dim, in_dim), "weight")?;
-        let bias = if bias { Some(vb.get(out_dim, "bias")?) } else { None };
-        Ok(Linear { weight, bias, lora: None })
+    pub(crate) fn load(vb: Vb, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
+        let weight = vb.matrix(out_dim, in_dim, "weight")?;
+        let bias = if bias { Some(vb.get(&[out_dim], "bias")?) } else { None };
+        Ok(Linear { weight, bias, adapter: None })
     }
 
-    pub fn weight(&self) -> &Tensor {
+    pub fn weight(&self) -> &Weight {
         &self.weight
     }
 
-    /// Run `lora` beside the weight from now on (replacing any pair attached before).
+    /// Run `lora` beside the weight from now on (replacing any adapter attached before).
     pub(crate) fn set_lora(&mut self, lora: LoraPair) {
-        self.lora = Some(lora);
+        self.adapter = Some(Adaptation { lora: Some(lora), ..Default::default() });
+    }
+
+    /// Run `a` beside the weight from now on (replacing any adapter attached before).
+    pub(crate) fn set_adaptation(&mut self, a: Adaptation) {
+        self.adapter = Some(a);
+    }
+
+    /// `x` `[rows, in]` → `[rows, out]`.
+    fn forward_2d(&self, x: &Tensor) -> Result<Tensor> {
+        let Some(a) = &self.adapter else {
+            let y = self.weight.matmul_t(x)?;
+            return match &self.bias {
+                Some(b) => y.broadcast_add(b),
+                None => Ok(y),
+            };
+        };
+        let x = match &a.in_scale {
+            Some(s) => x.broadcast_mul(s)?,
+            None => x.clone(),
+        };
+        let mut y = self.weight.matmul_t(&x)?;
+        if let Some(l) = &a.lora {
+            y = (y + (x.matmul(&l.a.t()?)?.matmul(&l.b.t()?)? * l.scale)?)?;
+        }
+        if let Some(d) = &a.dense {
+            y = (y + x.matmul(&d.t()?)?)?;
+        }
+        if let Some(s) = &a.out_scale {
+            y = y.broadcast_mul(s)?;
+        }
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
     }
 }
 
@@ -72,17 +175,9 @@ impl Module for Linear {
         let dims = x.dims().to_vec();
         let (last, lead) = dims.split_last().expect("projection input has a feature axis");
         let rows: usize = lead.iter().product();
-        let x2 = x.reshape((rows, *last))?;
-        let mut y = gemv::matmul_t(&x2, &self.weight)?;
-        if let Some(l) = &self.lora {
-            let low = x2.matmul(&l.a.t()?)?.matmul(&l.b.t()?)?;
-            y = (y + (low * l.scale)?)?;
-        }
-        if let Some(b) = &self.bias {
-            y = y.broadcast_add(b)?;
-        }
+        let y = self.forward_2d(&x.reshape((rows, *last))?)?;
         let mut out = lead.to_vec();
-        out.push(self.weight.dim(0)?);
+        out.push(self.weight.dims()?.0);
         y.reshape(out)
     }
 }
@@ -95,8 +190,8 @@ struct RmsNorm {
 }
 
 impl RmsNorm {
-    fn load(vb: VarBuilder, size: usize, eps: f64) -> Result<Self> {
-        Ok(RmsNorm { weight: vb.get(size, "weight")?, eps: eps as f32 })
+    fn load(vb: Vb, size: usize, eps: f64) -> Result<Self> {
+        Ok(RmsNorm { weight: vb.get(&[size], "weight")?, eps: eps as f32 })
     }
 
     fn forward(&self, x: &Tensor, exact_grad: bool) -> Result<Tensor> {
@@ -108,8 +203,9 @@ impl RmsNorm {
     }
 }
 
-/// Rotary tables in the Hugging Face layout (the two halves of a head rotate together),
-/// `[positions, head_dim / 2]`.
+/// Rotary angles in the Hugging Face layout (the two halves of a head rotate together),
+/// `[positions, head_dim / 2]`, for the positions of one forward call only: computed when
+/// needed rather than tabled for the whole context (131 072 positions for Llama 3).
 #[derive(Debug, Clone)]
 struct RotaryEmbedding {
     cos: Tensor,
@@ -117,30 +213,23 @@ struct RotaryEmbedding {
 }
 
 impl RotaryEmbedding {
-    /// Angles p·f in f64 for every position of the context and inverse frequency, rounded to f32.
-    fn new(cfg: &LlamaConfig, dev: &Device) -> Result<Self> {
-        let inv = cfg.inv_freq();
-        let n = cfg.context();
+    /// Angles p·f in f64 for positions `start..start + len` and every inverse frequency of
+    /// `inv`, rounded to f32.
+    fn window(inv: &[f64], start: usize, len: usize, dev: &Device) -> Result<Self> {
         let half = inv.len();
-        let mut cos = Vec::with_capacity(n * half);
-        let mut sin = Vec::with_capacity(n * half);
-        for p in 0..n {
-            for f in &inv {
+        let mut cos = Vec::with_capacity(len * half);
+        let mut sin = Vec::with_capacity(len * half);
+        for p in start..start + len {
+            for f in inv {
                 let a = p as f64 * f;
                 cos.push(a.cos() as f32);
                 sin.push(a.sin() as f32);
             }
         }
-        Ok(RotaryEmbedding { cos: Tensor::from_vec(cos, (n, half), dev)?, sin: Tensor::from_vec(sin, (n, half), dev)? })
-    }
-
-    fn positions(&self) -> usize {
-        self.cos.dims()[0]
-    }
-
-    /// The tables of positions `start..start + len`.
-    fn window(&self, start: usize, len: usize) -> Result<Self> {
-        Ok(RotaryEmbedding { cos: self.cos.narrow(0, start, len)?, sin: self.sin.narrow(0, start, len)? })
+        Ok(RotaryEmbedding {
+            cos: Tensor::from_vec(cos, (len, half), dev)?,
+            sin: Tensor::from_vec(sin, (len, half), dev)?,
+        })
     }
 
     /// Rotate `x` `[batch, heads, positions, head_dim]` by the window's angles.
@@ -166,7 +255,7 @@ struct Attention {
 }
 
 impl Attention {
-    fn load(vb: VarBuilder, cfg: &LlamaConfig) -> Result<Self> {
+    fn load(vb: Vb, cfg: &LlamaConfig) -> Result<Self> {
         let (h, hd, bias) = (cfg.hidden_size, cfg.head_dim, cfg.attention_bias);
         let (q_dim, kv_dim) = (cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd);
         Ok(Attention {
@@ -228,7 +317,7 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn load(vb: VarBuilder, cfg: &LlamaConfig) -> Result<Self> {
+    fn load(vb: Vb, cfg: &LlamaConfig) -> Result<Self> {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
         Ok(Mlp {
             gate_proj: Linear::load(vb.pp("gate_proj"), h, i, false)?,
@@ -254,7 +343,7 @@ struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    fn load(vb: VarBuilder, cfg: &LlamaConfig) -> Result<Self> {
+    fn load(vb: Vb, cfg: &LlamaConfig) -> Result<Self> {
         let (h, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
         Ok(DecoderLayer {
             self_attn: Attention::load(vb.pp("self_attn"), cfg)?,
@@ -305,20 +394,9 @@ impl DecoderLayer {
         })
     }
 
-    /// The tensor under `part`, a key relative to the layer (`mlp.up_proj.weight`).
-    fn weight(&self, part: &str) -> Option<&Tensor> {
-        match part {
-            "input_layernorm.weight" => return Some(&self.input_layernorm.weight),
-            "post_attention_layernorm.weight" => return Some(&self.post_attention_layernorm.weight),
-            _ => {}
-        }
-        let (name, what) = part.rsplit_once('.')?;
-        let linear = self.linear(name)?;
-        match what {
-            "weight" => Some(&linear.weight),
-            "bias" => linear.bias.as_ref(),
-            _ => None,
-        }
+    /// The weight matrix under `part`, a key relative to the layer (`mlp.up_proj.weight`).
+    fn matrix(&self, part: &str) -> Option<&Weight> {
+        self.linear(part.strip_suffix(".weight")?).map(Linear::weight)
     }
 }
 
@@ -346,52 +424,53 @@ impl Cache {
 #[derive(Debug, Clone)]
 pub struct Llama {
     pub cfg: LlamaConfig,
-    embed_tokens: Embedding,
+    /// `[vocab, hidden]`, looked up row by row.
+    embed_tokens: Weight,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
-    /// `[vocab, hidden]`; the embedding's own tensor when the model ties them. A plain tensor,
-    /// not a `Linear`: its input (one position per row, picked out of the hidden states) goes to
-    /// the product as it is, without the reshape a `Linear` does.
-    lm_head: Tensor,
-    rotary: RotaryEmbedding,
+    /// `[vocab, hidden]`; holds the embedding's own weight when the model ties them.
+    lm_head: Linear,
+    inv_freq: Vec<f64>,
+    device: Device,
 }
 
 impl Llama {
-    /// Build the model from the weights under `vb` (Hugging Face names from the root). The
-    /// rotary tables and every tensor are on `vb`'s device.
-    pub(crate) fn load(vb: VarBuilder, cfg: &LlamaConfig) -> Result<Self> {
-        let embed_tokens = candle_nn::embedding(cfg.vocab_size, cfg.hidden_size, vb.pp("model.embed_tokens"))?;
+    /// Build the model from the weights under `vb` (Hugging Face names from the root), every
+    /// tensor on `vb`'s device.
+    pub(crate) fn load(vb: Vb, cfg: &LlamaConfig) -> Result<Self> {
+        let embed_tokens = vb.pp("model.embed_tokens").matrix(cfg.vocab_size, cfg.hidden_size, "weight")?;
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| DecoderLayer::load(vb.pp(format!("model.layers.{i}")), cfg))
             .collect::<Result<Vec<_>>>()?;
         let norm = RmsNorm::load(vb.pp("model.norm"), cfg.hidden_size, cfg.rms_norm_eps)?;
         let lm_head = if cfg.tie_word_embeddings {
-            embed_tokens.embeddings().clone()
+            Linear { weight: embed_tokens.clone(), bias: None, adapter: None }
         } else {
-            vb.pp("lm_head").get((cfg.vocab_size, cfg.hidden_size), "weight")?
+            Linear::load(vb.pp("lm_head"), cfg.hidden_size, cfg.vocab_size, false)?
         };
-        let rotary = RotaryEmbedding::new(cfg, vb.device())?;
-        Ok(Llama { cfg: cfg.clone(), embed_tokens, layers, norm, lm_head, rotary })
+        let device = vb.params.device().clone();
+        Ok(Llama { cfg: cfg.clone(), embed_tokens, layers, norm, lm_head, inv_freq: cfg.inv_freq(), device })
     }
 
     pub(crate) fn device(&self) -> &Device {
-        self.lm_head.device()
+        &self.device
     }
 
     /// Hidden states after the final norm, `[batch, positions, hidden]`, for `ids`
     /// (`[batch, positions]`) placed after what `cache` holds.
     pub fn hidden(&self, ids: &Tensor, mut cache: Option<&mut Cache>, exact_grad: bool) -> Result<Tensor> {
-        let (_, t) = ids.dims2()?;
+        let (b, t) = ids.dims2()?;
         let start = cache.as_ref().map_or(0, |c| c.positions());
-        if start + t > self.rotary.positions() {
-            candle_core::bail!("{} positions exceed the model's context of {}", start + t, self.rotary.positions());
+        if start + t > self.cfg.context() {
+            candle_core::bail!("{} positions exceed the model's context of {}", start + t, self.cfg.context());
         }
         if cache.as_ref().is_some_and(|c| c.layers.len() != self.layers.len()) {
             candle_core::bail!("the cache was made for a model with another number of layers");
         }
-        let rope = self.rotary.window(start, t)?;
+        let rope = RotaryEmbedding::window(&self.inv_freq, start, t, self.device())?;
         let mask = causal_mask(t, start, self.device())?;
-        let mut x = self.embed_tokens.forward(ids)?;
+        let flat: Vec<u32> = ids.flatten_all()?.to_vec1::<u32>()?;
+        let mut x = self.embed_tokens.rows(&flat)?.to_device(self.device())?.reshape((b, t, self.cfg.hidden_size))?;
         for (i, layer) in self.layers.iter().enumerate() {
             let kv = cache.as_mut().map(|c| &mut c.layers[i]);
             x = layer.forward(&x, &rope, mask.as_ref(), kv, exact_grad)?;
@@ -401,27 +480,64 @@ impl Llama {
 
     /// Logits `[rows, vocab]` of hidden states `[rows, hidden]`.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        gemv::matmul_t(hidden, &self.lm_head)
+        self.lm_head.forward_2d(hidden)
     }
 
-    /// The tensor the model holds under a Hugging Face key (for a model that ties them,
+    /// The weight matrix the model holds under a Hugging Face key (for a model that ties them,
     /// `lm_head.weight` is the embedding).
-    pub(crate) fn weight(&self, key: &str) -> Option<&Tensor> {
+    pub fn matrix(&self, key: &str) -> Option<&Weight> {
         match key {
-            "model.embed_tokens.weight" => Some(self.embed_tokens.embeddings()),
-            "lm_head.weight" => Some(&self.lm_head),
-            "model.norm.weight" => Some(&self.norm.weight),
+            "model.embed_tokens.weight" => Some(&self.embed_tokens),
+            "lm_head.weight" => Some(&self.lm_head.weight),
             _ => {
                 let (i, part) = layer_part(key)?;
-                self.layers.get(i)?.weight(part)
+                self.layers.get(i)?.matrix(part)
             }
         }
     }
 
-    /// The projection named by its Hugging Face module key (`model.layers.3.self_attn.q_proj`).
+    /// Put `w` in place of the matrix under `key` (both uses of a tied embedding); false when
+    /// the model has no such matrix.
+    pub(crate) fn set_matrix(&mut self, key: &str, w: Weight) -> bool {
+        let tied = self.cfg.tie_word_embeddings;
+        match key {
+            "model.embed_tokens.weight" | "lm_head.weight" if tied => {
+                self.embed_tokens = w.clone();
+                self.lm_head.weight = w;
+            }
+            "model.embed_tokens.weight" => self.embed_tokens = w,
+            "lm_head.weight" => self.lm_head.weight = w,
+            _ => match self.linear_mut(key.strip_suffix(".weight").unwrap_or("")) {
+                Some(l) => l.weight = w,
+                None => return false,
+            },
+        }
+        true
+    }
+
+    /// The projection named by its Hugging Face module key (`model.layers.3.self_attn.q_proj`,
+    /// or `lm_head`).
     pub(crate) fn linear_mut(&mut self, key: &str) -> Option<&mut Linear> {
+        if key == "lm_head" {
+            return Some(&mut self.lm_head);
+        }
         let (i, name) = layer_part(key)?;
         self.layers.get_mut(i)?.linear_mut(name)
+    }
+
+    /// The weight matrices held (embedding, every projection, and the output head when it is
+    /// not the embedding's own): how many of each stored type, and their bytes.
+    pub fn weight_summary(&self) -> (std::collections::BTreeMap<String, usize>, usize) {
+        let head = (!self.cfg.tie_word_embeddings).then_some(&self.lm_head.weight);
+        let layers = self.layers.iter().flat_map(|l| PROJECTIONS.iter().filter_map(move |p| l.linear(p)));
+        let all = std::iter::once(&self.embed_tokens).chain(layers.map(Linear::weight)).chain(head);
+        let mut types = std::collections::BTreeMap::new();
+        let mut bytes = 0;
+        for w in all {
+            *types.entry(w.stored()).or_insert(0) += 1;
+            bytes += w.bytes();
+        }
+        (types, bytes)
     }
 }
 

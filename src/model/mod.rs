@@ -1,6 +1,7 @@
-//! The merged-model runtimes: a llama-family model built from a base (Hugging Face directory or
-//! GGUF) on a device the caller chooses, the adapter merged into a copy of just the matrices it
-//! touches, teacher-forced token statistics and greedy generation; and Stable Diffusion 1.x/2.x
+//! The model runtimes: a llama-family model built from a base (Hugging Face directory or GGUF)
+//! on a device the caller chooses, its matrices kept as the file stores them (weight.rs), the
+//! adapter run unmerged beside them (or merged into f32 copies of the matrices it touches, the
+//! reference), teacher-forced token statistics and greedy generation; and Stable Diffusion 1.x/2.x
 //! (`sd`: text encoder, UNet, VAE, schedule, DDIM) for image adapters.
 
 pub(crate) mod config;
@@ -11,19 +12,22 @@ mod run;
 pub mod sd;
 pub(crate) mod tokenizer;
 pub mod train;
+mod weight;
 mod weights;
 
 use candle_core::{Device, Tensor};
 
 pub use config::LlamaConfig;
-pub use llama::{Cache, Linear, Llama, LoraPair};
-pub use merge::{attach_lora, merge_adapter, MergeSummary};
+pub use llama::{Adaptation, Cache, Linear, Llama, LoraPair};
+pub use merge::{apply_adapter, merge_adapter, MergeSummary};
 pub use run::{greedy, score, RunOptions, TokenStats};
 pub use sd::{
     check_sd_base, is_sd_base, NoiseSchedule, Prediction, SdFamily, SdInfo, SdLayout, SdModel, SdOptions, SdParams,
     TimestepSpacing,
 };
 pub use tokenizer::{TemplatePrefix, TextTokenizer};
+pub use weight::Weight;
+pub use weights::Precision;
 
 use crate::error::{Error, Result};
 use crate::load::{BaseKind, BaseModel};
@@ -81,8 +85,14 @@ pub struct TextModel {
 
 impl TextModel {
     /// Build the runnable model of `base` on `device`: a Hugging Face directory (config.json,
-    /// tokenizer.json) or a GGUF file (hyper-parameters and tokenizer from its metadata).
+    /// tokenizer.json) or a GGUF file (hyper-parameters and tokenizer from its metadata), its
+    /// matrices as the file stores them.
     pub fn load(base: &BaseModel, device: &Device) -> Result<Self> {
+        Self::load_as(base, device, Precision::Stored)
+    }
+
+    /// [`TextModel::load`] with the matrices held as `precision` says.
+    pub fn load_as(base: &BaseModel, device: &Device, precision: Precision) -> Result<Self> {
         let (cfg, tokenizer) = match base.kind {
             BaseKind::HfDirectory => {
                 let cfg_path = base.path.join("config.json");
@@ -107,7 +117,7 @@ impl TextModel {
                 ))
             }
         };
-        let llama = weights::load_base(base, &cfg, device)?;
+        let llama = weights::load_base(base, &cfg, device, precision)?;
         Ok(TextModel { llama, tokenizer })
     }
 

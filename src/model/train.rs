@@ -117,7 +117,14 @@ pub fn fit_lora(
             }
             let key = format!("model.layers.{l}.{full}");
             let linear = net.linear_mut(&key).expect("every layer has every projection");
-            let (out, inp) = linear.weight().dims2().map_err(cerr)?;
+            if matches!(linear.weight(), crate::model::Weight::Quant(_)) {
+                // candle's quantised matmul has no backward pass: gradients would stop there.
+                return Err(Error::Usage(
+                    "fit-lora trains on f32 weights: load the base with Precision::F32, not its quantised blocks"
+                        .into(),
+                ));
+            }
+            let (out, inp) = linear.weight().dims().map_err(cerr)?;
             // PEFT's init: A ~ kaiming-uniform(a=√5) = U(±1/√in), B = 0 (so training starts at the base).
             let bound = 1.0 / (inp as f64).sqrt();
             let a_vals: Vec<f32> = (0..opts.rank * inp).map(|_| ((rng.uniform() * 2.0 - 1.0) * bound) as f32).collect();

@@ -1,47 +1,100 @@
-//! Where the runtime's weights come from, as candle-nn `VarBuilder` backends (candle-nn's
-//! var_builder.rs, `SimpleBackend`): the base model's tensors, dequantised, checked against
-//! the shape the architecture asks for and refused when non-finite; and, for a merged model, the
-//! merged tensors over the base model's own.
+//! Where the text runtime's weights come from: the base model's tensors under their Hugging
+//! Face names (llama.rs `Params`), checked against the shape the architecture asks for and
+//! refused when non-finite. Matrices stay in the type the file stores (f32, bf16/f16, GGUF
+//! quantised blocks: weight.rs) unless the caller asks for f32 throughout (the trainer, whose
+//! gradients need f32 products); norms and biases are f32.
 
-use std::collections::HashMap;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 
-use candle_core::{DType, Device, Shape, Tensor};
-use candle_nn::var_builder::SimpleBackend;
-use candle_nn::{Init, VarBuilder};
+use candle_core::quantized::{ggml_file::qtensor_from_ggml, QTensor};
+use candle_core::{DType, Device, Tensor};
+use rayon::prelude::*;
 
 use super::cerr;
 use super::config::LlamaConfig;
-use super::llama::Llama;
+use super::llama::{Llama, Params, Vb};
+use super::weight::{row_bytes, Weight};
 use crate::error::{Error, Result};
-use crate::load::BaseModel;
+use crate::load::{BaseModel, StoredMatrix};
 
-/// The base model's weights under their Hugging Face names. candle's error type cannot carry the
-/// crate's typed error (which names the file) back out of `Llama::load`, so the first failure is
-/// also kept in `failure` for [`load_base`] to return.
+crate::named::closed_set! {
+    /// How the runtime holds the base's weight matrices.
+    pub enum Precision ("precision") {
+        /// As the file stores them (f32, bf16/f16, quantised blocks).
+        Stored = "stored",
+        /// Widened to f32 (a whole f32 copy: for training on small models).
+        F32 = "f32",
+    }
+}
+
+/// The base model's weights. candle's error type cannot carry the crate's typed error (which
+/// names the file) back out of `Llama::load`, so the first failure is also kept in `failure`
+/// for [`load_base`] to return.
 struct BaseWeights<'a> {
     base: &'a BaseModel,
+    precision: Precision,
+    device: Device,
     failure: &'a Mutex<Option<Error>>,
 }
 
 impl BaseWeights<'_> {
-    fn tensor(&self, key: &str, shape: Option<&[usize]>, dev: &Device) -> Result<Tensor> {
+    fn check_shape(&self, key: &str, shape: &[usize]) -> Result<()> {
         let base = self.base;
         let got = base.shape(key).ok_or_else(|| {
             Error::input(&base.path, format!("base model has no weight {key}, which the architecture needs"))
         })?;
-        if let Some(shape) = shape.filter(|&s| s != got) {
+        if got != shape {
             return Err(Error::input(
                 &base.path,
                 format!("weight {key} has shape {got:?}, the config implies {shape:?}"),
             ));
         }
-        let got = got.to_vec();
-        let v = base.values_f32(key)?;
+        Ok(())
+    }
+
+    fn nonfinite(&self, key: &str, at: usize) -> Error {
+        Error::input(&self.base.path, format!("weight {key} holds a non-finite value at index {at}"))
+    }
+
+    fn f32_tensor(&self, key: &str, shape: &[usize]) -> Result<Tensor> {
+        self.check_shape(key, shape)?;
+        let v = self.base.values_f32(key)?;
         if let Some(i) = v.iter().position(|x| !x.is_finite()) {
-            return Err(Error::input(&base.path, format!("weight {key} holds a non-finite value at index {i}")));
+            return Err(self.nonfinite(key, i));
         }
-        Tensor::from_vec(v, got, dev).map_err(cerr)
+        Tensor::from_vec(v, shape, &self.device).map_err(cerr)
+    }
+
+    fn stored_matrix(&self, key: &str, rows: usize, cols: usize) -> Result<Weight> {
+        self.check_shape(key, &[rows, cols])?;
+        if self.precision == Precision::F32 {
+            return self.f32_tensor(key, &[rows, cols]).map(Weight::F32);
+        }
+        let half = |bits: Vec<u16>, dtype: DType, exp_mask: u16| -> Result<Weight> {
+            if let Some(i) = bits.iter().position(|b| b & exp_mask == exp_mask) {
+                return Err(self.nonfinite(key, i));
+            }
+            let bytes: Vec<u8> = bits.iter().flat_map(|b| b.to_le_bytes()).collect();
+            drop(bits);
+            let t = Tensor::from_raw_buffer(&bytes, dtype, &[rows, cols], &self.device).map_err(cerr)?;
+            Ok(Weight::Half(t))
+        };
+        match self.base.stored_matrix(key)? {
+            StoredMatrix::F32(v) => {
+                if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+                    return Err(self.nonfinite(key, i));
+                }
+                Tensor::from_vec(v, (rows, cols), &self.device).map(Weight::F32).map_err(cerr)
+            }
+            StoredMatrix::Bf16(bits) => half(bits, DType::BF16, 0x7f80),
+            StoredMatrix::F16(bits) => half(bits, DType::F16, 0x7c00),
+            StoredMatrix::Quant(q) => {
+                if let Some(i) = first_nonfinite(&q, rows, cols).map_err(cerr)? {
+                    return Err(self.nonfinite(key, i));
+                }
+                Ok(Weight::Quant(Arc::new(q)))
+            }
+        }
     }
 
     /// Keep `e` for [`load_base`] and hand candle an error with the same text.
@@ -52,61 +105,50 @@ impl BaseWeights<'_> {
     }
 }
 
-impl SimpleBackend for BaseWeights<'_> {
-    fn get(&self, s: Shape, name: &str, _: Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        self.tensor(name, Some(s.dims()), dev).map_err(|e| self.fail(e))?.to_dtype(dtype)
+/// Rows decoded at a time when a quantised matrix is checked for non-finite values.
+const CHECK_ROWS: usize = 256;
+
+/// The index of the first non-finite value of a quantised `[rows, cols]` matrix (a block scale
+/// can be NaN or Inf), decoding `CHECK_ROWS` rows at a time in parallel rather than the whole
+/// matrix at once (an 8B model's output head is 2 GB of f32).
+fn first_nonfinite(q: &QTensor, rows: usize, cols: usize) -> candle_core::Result<Option<usize>> {
+    let dtype = q.dtype();
+    let Some(rb) = row_bytes(dtype, cols) else {
+        candle_core::bail!("rows of {cols} values are not whole {dtype:?} blocks")
+    };
+    let data = q.data()?;
+    let found = (0..rows.div_ceil(CHECK_ROWS))
+        .into_par_iter()
+        .map(|c| -> candle_core::Result<Option<usize>> {
+            let (r0, r1) = (c * CHECK_ROWS, ((c + 1) * CHECK_ROWS).min(rows));
+            let part = qtensor_from_ggml(dtype, &data[r0 * rb..r1 * rb], vec![r1 - r0, cols], &Device::Cpu)?;
+            let v = part.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
+            Ok(v.iter().position(|x| !x.is_finite()).map(|i| r0 * cols + i))
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Ok(found.into_iter().flatten().min())
+}
+
+impl Params for BaseWeights<'_> {
+    fn tensor(&self, key: &str, shape: &[usize]) -> candle_core::Result<Tensor> {
+        self.f32_tensor(key, shape).map_err(|e| self.fail(e))
     }
 
-    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        self.tensor(name, None, dev).map_err(|e| self.fail(e))?.to_dtype(dtype)
+    fn matrix(&self, key: &str, rows: usize, cols: usize) -> candle_core::Result<Weight> {
+        self.stored_matrix(key, rows, cols).map_err(|e| self.fail(e))
     }
 
-    fn contains_tensor(&self, name: &str) -> bool {
-        self.base.shape(name).is_some()
+    fn device(&self) -> &Device {
+        &self.device
     }
 }
 
-/// The runnable f32 model of `base` on `device`.
-pub(crate) fn load_base(base: &BaseModel, cfg: &LlamaConfig, device: &Device) -> Result<Llama> {
+/// The runnable model of `base` on `device`, its matrices held as `precision` says.
+pub(crate) fn load_base(base: &BaseModel, cfg: &LlamaConfig, device: &Device, precision: Precision) -> Result<Llama> {
     let failure = Mutex::new(None);
-    let vb = VarBuilder::from_backend(Box::new(BaseWeights { base, failure: &failure }), DType::F32, device.clone());
-    let loaded = Llama::load(vb, cfg);
+    let params = BaseWeights { base, precision, device: device.clone(), failure: &failure };
+    let loaded = Llama::load(Vb::new(&params), cfg);
     loaded.map_err(|e| failure.into_inner().unwrap_or_else(PoisonError::into_inner).unwrap_or_else(|| cerr(e)))
-}
-
-/// A merged model's weights: the merged tensors for the keys an adapter changed, the base
-/// model's own tensors (shared, not copied) for the rest.
-struct Overlay<'a> {
-    base: &'a Llama,
-    merged: HashMap<String, Tensor>,
-}
-
-impl SimpleBackend for Overlay<'_> {
-    fn get(&self, s: Shape, name: &str, _: Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        let t = self.get_unchecked(name, dtype, dev)?;
-        if t.shape() != &s {
-            candle_core::bail!("merged weight {name} has shape {:?}, the model needs {:?}", t.dims(), s.dims());
-        }
-        Ok(t)
-    }
-
-    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        let t = self.merged.get(name).or_else(|| self.base.weight(name));
-        let t = t.ok_or_else(|| candle_core::Error::CannotFindTensor { path: name.to_string() })?;
-        t.to_device(dev)?.to_dtype(dtype)
-    }
-
-    fn contains_tensor(&self, name: &str) -> bool {
-        self.merged.contains_key(name) || self.base.weight(name).is_some()
-    }
-}
-
-/// `base` with the tensors in `merged` (Hugging Face keys; the embedding's key for a tied
-/// output head) put in place of its own, built the way `base` was. LoRA pairs attached to
-/// `base` are not carried over.
-pub(crate) fn load_merged(base: &Llama, merged: HashMap<String, Tensor>) -> Result<Llama> {
-    let vb = VarBuilder::from_backend(Box::new(Overlay { base, merged }), DType::F32, base.device().clone());
-    Llama::load(vb, &base.cfg).map_err(cerr)
 }
 
 #[cfg(test)]
@@ -158,7 +200,7 @@ mod tests {
         }
         st.write(&dir.path().join("model.safetensors")).unwrap();
         let base = BaseModel::open(dir.path()).unwrap();
-        (load_base(&base, &cfg(), &Device::Cpu), dir)
+        (load_base(&base, &cfg(), &Device::Cpu, Precision::Stored), dir)
     }
 
     fn input_error(r: Result<Llama>, dir: &Path) -> String {
@@ -181,22 +223,40 @@ mod tests {
         assert_eq!(input_error(r, d.path()), "weight model.norm.weight holds a non-finite value at index 3");
     }
 
-    #[test]
-    fn a_merged_model_shares_the_tensors_it_does_not_change() {
+    /// A base directory holding `weights()` in `dtype`, value 0.5 everywhere except `nan_at`.
+    fn write_base(dtype: safetensors::Dtype, nan_at: Option<&str>) -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();
         let mut st = SafetensorsBuilder::new();
         for (k, shape) in weights() {
-            st.add(&k, &shape, &vec![0.5; shape.iter().product()], safetensors::Dtype::F32);
+            let mut v = vec![0.5; shape.iter().product()];
+            if nan_at == Some(k.as_str()) {
+                v[5] = f32::INFINITY;
+            }
+            st.add(&k, &shape, &v, dtype);
         }
         st.write(&dir.path().join("model.safetensors")).unwrap();
-        let base = load_base(&BaseModel::open(dir.path()).unwrap(), &cfg(), &Device::Cpu).unwrap();
-        let up = "model.layers.0.mlp.up_proj.weight";
-        let new = Tensor::zeros((8, 4), DType::F32, &Device::Cpu).unwrap();
-        let merged = load_merged(&base, HashMap::from([(up.to_string(), new.clone())])).unwrap();
-        // The same tensor (candle's id), not a copy.
-        assert_eq!(merged.weight(up).unwrap().id(), new.id());
-        for (k, _) in weights().iter().filter(|(k, _)| k != up) {
-            assert_eq!(merged.weight(k).unwrap().id(), base.weight(k).unwrap().id(), "{k} was copied");
+        dir
+    }
+
+    #[test]
+    fn sixteen_bit_matrices_stay_sixteen_bit_and_norms_are_f32() {
+        for (dtype, name) in [(safetensors::Dtype::BF16, "bf16"), (safetensors::Dtype::F16, "f16")] {
+            let dir = write_base(dtype, None);
+            let base = BaseModel::open(dir.path()).unwrap();
+            let m = load_base(&base, &cfg(), &Device::Cpu, Precision::Stored).unwrap();
+            let (types, bytes) = m.weight_summary();
+            // Embedding, 7 projections, output head: 8·4 + 3·16 + 4·4 + 4·8… values of 2 bytes.
+            assert_eq!(types, std::collections::BTreeMap::from([(name.to_string(), 9)]));
+            assert_eq!(bytes, 2 * (32 + 4 * 16 + 3 * 32 + 32));
+            let f = load_base(&base, &cfg(), &Device::Cpu, Precision::F32).unwrap();
+            assert_eq!(f.weight_summary().0, std::collections::BTreeMap::from([("f32".to_string(), 9)]));
+            // An Inf in a 16-bit matrix is found from its bit pattern.
+            let dir = write_base(dtype, Some("model.layers.0.mlp.gate_proj.weight"));
+            let r = load_base(&BaseModel::open(dir.path()).unwrap(), &cfg(), &Device::Cpu, Precision::Stored);
+            assert_eq!(
+                input_error(r, dir.path()),
+                "weight model.layers.0.mlp.gate_proj.weight holds a non-finite value at index 5"
+            );
         }
     }
 }

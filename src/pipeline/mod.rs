@@ -60,7 +60,8 @@ pub fn probe(
     check_probe_text(inputs)?;
     let text_model = model::TextModel::load(base, &candle_core::Device::Cpu)?;
     progress.stage("merge", 1);
-    let (merged, merge) = model::merge_adapter(&text_model.llama, adapter)?;
+    let (merged, merge) = model::apply_adapter(&text_model.llama, adapter)?;
+    progress.plan(&memory_line(&text_model.llama, &merge));
     let no_controls = load::works::WorkSet { works: vec![], files: vec![], digests: vec![] };
     let controls = inputs.controls.unwrap_or(&no_controls);
     let prompts = inputs.prompts.map(|p| p.lines.as_slice()).unwrap_or(&[]);
@@ -149,9 +150,30 @@ pub fn spectrum(
     Ok(r)
 }
 
+/// What the model costs in memory, said before the long stages: the base's matrices as stored
+/// and what the adapter adds beside them.
+fn memory_line(m: &model::Llama, merge: &model::MergeSummary) -> String {
+    let (types, bytes) = m.weight_summary();
+    let types: Vec<String> = types.iter().map(|(t, n)| format!("{n} {t}")).collect();
+    let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+    let dense = if merge.dense.is_empty() {
+        String::new()
+    } else {
+        format!(", {} of them dense f32 copies of the matrices they change", merge.dense.len())
+    };
+    format!(
+        "memory: base weights {:.2} GiB ({} matrices), adapter beside them {:.3} GiB ({} modules{dense})",
+        gib(bytes),
+        types.join(", "),
+        gib(merge.adapter_bytes),
+        merge.merged.len()
+    )
+}
+
 /// What the probe ran on, for the report.
 fn model_info(m: &model::TextModel, context: usize, tokens: model::ContextTokens) -> report::ModelInfo {
     let c = &m.llama.cfg;
+    let (weights, weight_bytes) = m.llama.weight_summary();
     report::ModelInfo {
         model_type: c.model_type.clone(),
         layers: c.num_hidden_layers,
@@ -168,6 +190,8 @@ fn model_info(m: &model::TextModel, context: usize, tokens: model::ContextTokens
         context_source: tokens.source,
         tokenizer: report::path_string(&m.tokenizer.source),
         dtype: "f32".into(),
+        weights,
+        weight_bytes,
     }
 }
 

@@ -30,8 +30,16 @@ pub struct ModelInfo {
     #[serde(default)]
     pub context_source: String,
     pub tokenizer: String,
-    /// Computation dtype (weights are dequantised to it).
+    /// Activation dtype: products run in f32 on weights kept as stored (`weights`).
     pub dtype: String,
+    /// The weight matrices as the runtime holds them: how many of each stored type (`f32`,
+    /// `bf16`, `q4_0`…). Quantisation changes absolute bits (docs/probe.md); base and merged
+    /// share the same weights, so the gain compares like with like.
+    #[serde(default)]
+    pub weights: std::collections::BTreeMap<String, usize>,
+    /// Bytes those matrices occupy.
+    #[serde(default)]
+    pub weight_bytes: usize,
 }
 
 /// Bits the adapter supplies on the claimed works against what it could store at most.

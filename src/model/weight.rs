@@ -1,0 +1,153 @@
+//! A weight matrix `[out, in]` kept as the base stores it, and the product `x·Wᵀ` on it: f32;
+//! bf16/f16 (16-bit safetensors or GGUF F16/BF16 tensors), widened to f32 as it is read; or
+//! GGUF quantised blocks (Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K… anything candle's `QTensor`
+//! holds), multiplied by candle's quantised matmul (`QMatMul`, which quantises the activations
+//! to the blocks' dot-product type as llama.cpp does). An 8B base thus costs what its file does
+//! instead of 32 GB of f32 (issue #13).
+//!
+//! Every product goes through here, for the base and for the model with an adapter alike, so the
+//! probe's gain compares like with like; the adapter's own terms run in f32 beside it (llama.rs).
+
+use std::sync::Arc;
+
+use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Tensor};
+
+use super::{gemv, CResult};
+
+/// How a weight is held.
+#[derive(Debug, Clone)]
+pub enum Weight {
+    /// f32 `[out, in]`.
+    F32(Tensor),
+    /// bf16 or f16 `[out, in]`.
+    Half(Tensor),
+    /// Quantised blocks, rows of `in` values each.
+    Quant(Arc<QTensor>),
+}
+
+/// Rows of x above which a 16-bit weight is widened to f32 whole for candle's matmul (its CPU
+/// matmul has no bf16 kernel); at or below it, gemv.rs widens each row as it reads it.
+const HALF_FEW_ROWS: usize = gemv::MAX_ROWS;
+
+impl Weight {
+    /// `[out, in]`.
+    pub fn dims(&self) -> CResult<(usize, usize)> {
+        match self {
+            Weight::F32(t) | Weight::Half(t) => t.dims2(),
+            Weight::Quant(q) => q.shape().dims2(),
+        }
+    }
+
+    /// The stored type in GGUF/safetensors terms (`f32`, `bf16`, `q4_0`…).
+    pub fn stored(&self) -> String {
+        match self {
+            Weight::F32(_) => "f32".into(),
+            Weight::Half(t) => format!("{:?}", t.dtype()).to_ascii_lowercase(),
+            Weight::Quant(q) => format!("{:?}", q.dtype()).to_ascii_lowercase(),
+        }
+    }
+
+    /// Bytes the weight occupies in memory.
+    pub fn bytes(&self) -> usize {
+        match self {
+            Weight::F32(t) | Weight::Half(t) => t.elem_count() * t.dtype().size_in_bytes(),
+            Weight::Quant(q) => q.storage_size_in_bytes(),
+        }
+    }
+
+    /// `x` `[rows, in]` (f32) · Wᵀ → `[rows, out]` f32.
+    pub fn matmul_t(&self, x: &Tensor) -> CResult<Tensor> {
+        match self {
+            Weight::F32(w) => gemv::matmul_t(x, w),
+            Weight::Half(w) => {
+                if x.dim(0)? <= HALF_FEW_ROWS && !x.track_op() && w.is_contiguous() && w.device().is_cpu() {
+                    gemv::few_rows_half(x, w)
+                } else {
+                    // One matrix widened at a time, dropped after the product.
+                    x.matmul(&w.to_dtype(DType::F32)?.t()?)
+                }
+            }
+            Weight::Quant(q) => QMatMul::QTensor(q.clone()).forward(&x.contiguous()?),
+        }
+    }
+
+    /// The whole matrix as f32 (a copy for 16-bit and quantised weights: for merging one matrix
+    /// and for tests, never for the whole model at once).
+    pub fn to_f32(&self) -> CResult<Tensor> {
+        match self {
+            Weight::F32(t) => Ok(t.clone()),
+            Weight::Half(t) => t.to_dtype(DType::F32),
+            Weight::Quant(q) => q.dequantize(&Device::Cpu),
+        }
+    }
+
+    /// Rows `ids` as f32 `[ids.len(), in]` (an embedding lookup). Quantised rows are decoded one
+    /// at a time from their own blocks.
+    pub fn rows(&self, ids: &[u32]) -> CResult<Tensor> {
+        let (out, cols) = self.dims()?;
+        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= out) {
+            candle_core::bail!("token id {bad} is outside the vocabulary of {out}");
+        }
+        match self {
+            Weight::F32(t) | Weight::Half(t) => {
+                let idx = Tensor::new(ids, t.device())?;
+                t.index_select(&idx, 0)?.to_dtype(DType::F32)
+            }
+            Weight::Quant(q) => {
+                let dtype = q.dtype();
+                let row_bytes = cols / dtype.block_size() * dtype.type_size();
+                let data = q.data()?;
+                let mut values = Vec::with_capacity(ids.len() * cols);
+                for &i in ids {
+                    let raw = &data[i as usize * row_bytes..(i as usize + 1) * row_bytes];
+                    let row = qtensor_from_ggml(dtype, raw, vec![cols], &Device::Cpu)?;
+                    values.extend(row.dequantize(&Device::Cpu)?.to_vec1::<f32>()?);
+                }
+                Tensor::from_vec(values, (ids.len(), cols), &Device::Cpu)
+            }
+        }
+    }
+}
+
+/// Bytes of one row of `cols` values in `dtype`, or `None` when the row is not whole blocks.
+pub(crate) fn row_bytes(dtype: GgmlDType, cols: usize) -> Option<usize> {
+    cols.is_multiple_of(dtype.block_size()).then(|| cols / dtype.block_size() * dtype.type_size())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    }
+
+    #[test]
+    fn half_products_match_the_widened_f32_product() {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (70, 64), &dev).unwrap();
+        for dtype in [DType::BF16, DType::F16] {
+            let h = w.to_dtype(dtype).unwrap();
+            let wide = h.to_dtype(DType::F32).unwrap();
+            for rows in [1, 5, 40] {
+                let x = Tensor::randn(0f32, 1.0, (rows, 64), &dev).unwrap();
+                let got = Weight::Half(h.clone()).matmul_t(&x).unwrap();
+                let want = x.matmul(&wide.t().unwrap()).unwrap();
+                assert!(max_diff(&got, &want) < 1e-3, "{dtype:?} rows {rows}");
+            }
+        }
+    }
+
+    #[test]
+    fn quantised_rows_decode_as_the_whole_matrix_does() {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (10, 64), &dev).unwrap();
+        let q = Weight::Quant(Arc::new(QTensor::quantize(&w, GgmlDType::Q4_0).unwrap()));
+        let whole = q.to_f32().unwrap();
+        let picked = q.rows(&[7, 0, 7]).unwrap();
+        let want = whole.index_select(&Tensor::new(&[7u32, 0, 7], &dev).unwrap(), 0).unwrap();
+        assert_eq!(max_diff(&picked, &want), 0.0);
+        assert!(q.rows(&[10]).is_err());
+    }
+}
