@@ -125,6 +125,10 @@ enum Command {
         probe: ProbeArgs,
         #[command(flatten)]
         analysis: AnalysisArgs,
+        /// Also count intruder dimensions (two dense SVDs per module; `spectrum` and `report`
+        /// always do).
+        #[arg(long)]
+        intruders: bool,
         /// Exit with code 1 if any work gets one of these verdicts (comma-separated, or `any`
         /// for any verdict other than no-evidence).
         #[arg(long, value_parser = fail_on::<VerdictName>)]
@@ -717,10 +721,10 @@ fn run(cli: Cli) -> lorascope::Result<ExitCode> {
                 emit(&shown::lines(&report::render_spectrum(&r, top)));
             }
         }
-        Command::Probe { common: c, probe, analysis, fail_on } => {
+        Command::Probe { common: c, probe, analysis, intruders, fail_on } => {
             let settings = probe.settings()?;
             let th = settings.text;
-            let opts = analysis.options()?;
+            let opts = SpectrumOptions { intruders, ..analysis.options()? };
             let works = probe.works.as_deref().ok_or_else(|| lorascope::Error::Usage("probe needs --works".into()))?;
             if c.base.is_none() {
                 return Err(lorascope::Error::Usage("probe needs --base: it runs the merged model".into()));

@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 use lorascope::fixtures::{write_tiny_llama_gguf, TinyLlama};
 use lorascope::load::works::{load_works, Work};
 use lorascope::model::train::{fit_lora, write_peft_dir, FitOptions, FitReport};
-use lorascope::model::{apply_adapter, greedy, merge_adapter, score, Llama, RunOptions, TextModel};
+use lorascope::model::{apply_adapter, continue_and_score, greedy, merge_adapter, score, Llama, RunOptions, TextModel};
 use lorascope::probe::{self, Quiet, Thresholds, Verdict};
 use lorascope::{BaseModel, LoadOptions};
 
@@ -316,6 +316,31 @@ fn one_layer_logprobs_match_hand_computed_softmax() {
                 assert!((got.logp[t] - r.0).abs() < 1e-4);
             }
         }
+    }
+}
+
+#[test]
+fn suffix_logprobs_from_the_generation_prefill_match_a_plain_pass_over_prompt_and_suffix() {
+    let cfg = TinyLlama::default();
+    let dir = tempfile::tempdir().unwrap();
+    cfg.write_hf_dir(dir.path(), 23).unwrap();
+    let base = BaseModel::open(dir.path()).unwrap();
+    let model = TextModel::load(&base, &candle_core::Device::Cpu).unwrap();
+    let text = model.encode_with_bos("a fox ran over the hill; 7 owls sat still.").unwrap();
+    // Three prompts of one length with targets of 9, 1 and 0 tokens, run as one batch.
+    let prompts: Vec<Vec<u32>> = [0, 3, 6].iter().map(|&s| text[s..s + 8].to_vec()).collect();
+    let targets: Vec<Vec<u32>> = vec![text[8..17].to_vec(), text[11..12].to_vec(), vec![]];
+    let got = continue_and_score(&model.llama, &prompts, &targets, 5, None, 3, &|_| {}).unwrap();
+    for (i, (p, t)) in prompts.iter().zip(&targets).enumerate() {
+        assert_eq!(got[i].target_logp.len(), t.len());
+        let seq: Vec<u32> = p.iter().chain(t).copied().collect();
+        let reference = reference_logprobs(&base, &cfg, &seq);
+        for (k, lp) in got[i].target_logp.iter().enumerate() {
+            let want = reference[p.len() - 1 + k].0;
+            assert!((lp - want).abs() < 1e-4, "prompt {i} target token {k}: {lp} vs {want}");
+        }
+        let alone = greedy(&model.llama, std::slice::from_ref(p), 5, None, 1, &|_| {}).unwrap();
+        assert_eq!(got[i].tokens, alone[0], "scoring the target changed the continuation of prompt {i}");
     }
 }
 

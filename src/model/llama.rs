@@ -418,6 +418,25 @@ impl Cache {
     pub(crate) fn positions(&self) -> usize {
         self.layers.first().map_or(0, KvCache::current_seq_len)
     }
+
+    /// A copy of the positions held so far with room for `room` more, on its own storage:
+    /// candle's cache writes new positions in place, so two continuations of one prompt cannot
+    /// share one cache.
+    pub(crate) fn fork(&self, room: usize) -> Result<Cache> {
+        let n = self.positions();
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                let mut c = KvCache::new(2, (n + room).max(1));
+                if let (Some(k), Some(v)) = (l.k()?, l.v()?) {
+                    c.append(&k.contiguous()?, &v.contiguous()?)?;
+                }
+                Ok(c)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Cache { layers })
+    }
 }
 
 /// The decoder: embedding, layers, final norm and the output head.

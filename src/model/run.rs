@@ -165,15 +165,51 @@ pub fn greedy(
     rows_per_batch: usize,
     progress: &dyn Fn(usize),
 ) -> Result<Vec<Vec<u32>>> {
+    let none = vec![vec![]; prompts.len()];
+    let out = continue_and_score(m, prompts, &none, n_new, eos, rows_per_batch, progress)?;
+    Ok(out.into_iter().map(|c| c.tokens).collect())
+}
+
+/// A prompt's greedy continuation and, where a true continuation was given, the natural log
+/// probability of each of its tokens given the prompt and the true tokens before it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Continuation {
+    pub tokens: Vec<u32>,
+    pub target_logp: Vec<f64>,
+}
+
+/// [`greedy`], and the log-probabilities of `targets[i]` after `prompts[i]` (an empty target:
+/// none) from the same prefill: the prompt's keys and values are computed once and serve both
+/// the generation and the teacher-forced target, instead of a second pass over prompt + target.
+/// `progress` is told the generated and target tokens of each batch.
+pub fn continue_and_score(
+    m: &Llama,
+    prompts: &[Vec<u32>],
+    targets: &[Vec<u32>],
+    n_new: usize,
+    eos: Option<u32>,
+    rows_per_batch: usize,
+    progress: &dyn Fn(usize),
+) -> Result<Vec<Continuation>> {
+    if targets.len() != prompts.len() {
+        return Err(cerr(candle_core::Error::Msg(format!("{} targets for {} prompts", targets.len(), prompts.len()))));
+    }
+    let rows = rows_per_batch.max(1);
     let mut out = Vec::with_capacity(prompts.len());
-    for batch in prompts.chunks(rows_per_batch.max(1)) {
-        out.extend(greedy_batch(m, batch, n_new, eos).map_err(cerr)?);
-        progress(batch.len() * n_new);
+    for (batch, tgt) in prompts.chunks(rows).zip(targets.chunks(rows)) {
+        out.extend(greedy_batch(m, batch, tgt, n_new, eos).map_err(cerr)?);
+        progress(batch.len() * n_new + tgt.iter().map(Vec::len).sum::<usize>());
     }
     Ok(out)
 }
 
-fn greedy_batch(m: &Llama, prompts: &[Vec<u32>], n_new: usize, eos: Option<u32>) -> CResult<Vec<Vec<u32>>> {
+fn greedy_batch(
+    m: &Llama,
+    prompts: &[Vec<u32>],
+    targets: &[Vec<u32>],
+    n_new: usize,
+    eos: Option<u32>,
+) -> CResult<Vec<Continuation>> {
     let b = prompts.len();
     let plen = prompts[0].len();
     if prompts.iter().any(|p| p.len() != plen) || plen == 0 {
@@ -181,12 +217,12 @@ fn greedy_batch(m: &Llama, prompts: &[Vec<u32>], n_new: usize, eos: Option<u32>)
     }
     let n_new = n_new.min(m.cfg.context().saturating_sub(plen));
     let mut cache = Cache::new(&m.cfg, plen + n_new);
+    let h = m.hidden(&ids_tensor(prompts, m.device())?, Some(&mut cache), false)?;
+    let mut last = h.narrow(1, plen - 1, 1)?.squeeze(1)?;
+    let target_logp = teacher_forced(m, &cache, &last, targets)?;
     let mut outs: Vec<Vec<u32>> = vec![Vec::with_capacity(n_new); b];
     let mut done = vec![false; b];
-    let mut input = ids_tensor(prompts, m.device())?;
-    for _ in 0..n_new {
-        let h = m.hidden(&input, Some(&mut cache), false)?;
-        let last = h.narrow(1, h.dim(1)? - 1, 1)?.squeeze(1)?;
+    for step in 0..n_new {
         let next = m.logits(&last)?.argmax(D::Minus1)?.to_vec1::<u32>()?;
         for (r, &t) in next.iter().enumerate() {
             if !done[r] {
@@ -194,12 +230,44 @@ fn greedy_batch(m: &Llama, prompts: &[Vec<u32>], n_new: usize, eos: Option<u32>)
                 done[r] = Some(t) == eos;
             }
         }
-        if done.iter().all(|&d| d) {
+        if done.iter().all(|&d| d) || step + 1 == n_new {
             break;
         }
-        input = Tensor::from_vec(next, (b, 1), m.device())?;
+        let input = Tensor::from_vec(next, (b, 1), m.device())?;
+        last = m.hidden(&input, Some(&mut cache), false)?.squeeze(1)?;
     }
-    Ok(outs)
+    Ok(outs.into_iter().zip(target_logp).map(|(tokens, target_logp)| Continuation { tokens, target_logp }).collect())
+}
+
+/// log p of each row's target tokens after the prompt held in `cache`, whose last hidden states
+/// are `last` `[rows, hidden]`: the first token from `last`, the rest from one batched pass of
+/// the target (all but its last token, right-padded) on a copy of the prompt's cache.
+fn teacher_forced(m: &Llama, cache: &Cache, last: &Tensor, targets: &[Vec<u32>]) -> CResult<Vec<Vec<f64>>> {
+    let longest = targets.iter().map(Vec::len).max().unwrap_or(0);
+    if longest == 0 {
+        return Ok(vec![vec![]; targets.len()]);
+    }
+    let firsts: Vec<u32> = targets.iter().map(|t| t.first().copied().unwrap_or(0)).collect();
+    let first = token_stats(m, last, &firsts)?;
+    let mut out: Vec<Vec<f64>> =
+        targets.iter().zip(&first).map(|(t, f)| if t.is_empty() { vec![] } else { vec![f.0] }).collect();
+    if longest > 1 {
+        let mut fork = cache.fork(longest - 1)?;
+        let rows: Vec<Vec<u32>> = targets
+            .iter()
+            .map(|t| {
+                let mut r = t[..t.len().saturating_sub(1)].to_vec();
+                r.resize(longest - 1, 0);
+                r
+            })
+            .collect();
+        let h = m.hidden(&ids_tensor(&rows, m.device())?, Some(&mut fork), false)?;
+        for (r, t) in targets.iter().enumerate().filter(|(_, t)| t.len() > 1) {
+            let stats = token_stats(m, &h.get(r)?.narrow(0, 0, t.len() - 1)?, &t[1..])?;
+            out[r].extend(stats.into_iter().map(|s| s.0));
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 //! suffix given the prefix.
 
 use crate::error::Result;
-use crate::model::{TextTokenizer, TokenStats};
+use crate::model::TextTokenizer;
 
 use super::pair::Pair;
 use super::plan::{Plan, Window};
@@ -24,34 +24,34 @@ pub(crate) struct Comparison {
 
 /// Every window's evidence, grouped by subject (`subjects` of them), in window order. The
 /// windows' continuations are the first of `generated`, in the order of `plan.windows`, as are
-/// `suffix_stats`.
+/// `suffix_logp` (log p of each true suffix token given the prefix and the suffix before it).
 pub(crate) fn windows(
     tok: &TextTokenizer,
     subjects: usize,
     plan: &Plan,
     generated: &Pair<Vec<Vec<u32>>>,
-    suffix_stats: &Pair<Vec<TokenStats>>,
+    suffix_logp: &Pair<Vec<Vec<f64>>>,
     th: &Thresholds,
 ) -> Result<Vec<Vec<WindowEvidence>>> {
     let mut out = vec![vec![]; subjects];
     for (wi, w) in plan.windows.iter().enumerate() {
         let gen = generated.at(wi).map(|g| g.as_slice());
-        out[w.subject].push(window(tok, w, gen, suffix_stats.at(wi), th)?);
+        out[w.subject].push(window(tok, w, gen, suffix_logp.at(wi).map(Vec::as_slice), th)?);
     }
     Ok(out)
 }
 
 /// Evidence of `window` from what each model generated after its prefix and the statistics
-/// of its prefix + true suffix under each model.
+/// of its true suffix under each model.
 fn window(
     tok: &TextTokenizer,
     window: &Window,
     generated: Pair<&[u32]>,
-    suffix_stats: Pair<&TokenStats>,
+    suffix_logp: Pair<&[f64]>,
     th: &Thresholds,
 ) -> Result<WindowEvidence> {
     let true_text = normalise(&tok.decode(&window.suffix)?);
-    let c = generated.zip(suffix_stats).try_map(|_, (g, st)| compare(tok, window, g, &true_text, st, th))?;
+    let c = generated.zip(suffix_logp).try_map(|_, (g, lp)| compare(tok, window, g, &true_text, lp, th))?;
     Ok(WindowEvidence {
         offset: window.start,
         suffix_tokens: window.suffix.len(),
@@ -77,7 +77,7 @@ fn compare(
     window: &Window,
     generated: &[u32],
     true_text: &Normalised,
-    suffix_stats: &TokenStats,
+    suffix_logp: &[f64],
     th: &Thresholds,
 ) -> Result<Comparison> {
     let suffix = &window.suffix;
@@ -94,11 +94,6 @@ fn compare(
         e2,
         similarity,
         lcs_chars,
-        log2_p_suffix: log2_p_suffix(suffix_stats, suffix.len()),
+        log2_p_suffix: suffix_logp.iter().sum::<f64>() / std::f64::consts::LN_2,
     })
-}
-
-/// log₂ p(true suffix | prefix): the last `suffix_len` log-probabilities of prefix + suffix.
-fn log2_p_suffix(st: &TokenStats, suffix_len: usize) -> f64 {
-    st.logp[st.logp.len() - suffix_len..].iter().sum::<f64>() / std::f64::consts::LN_2
 }

@@ -21,11 +21,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::load::works::Work;
-use crate::model::{BosRule, Llama, TextModel, TokenStats};
+use crate::model::{BosRule, Llama, TextModel};
 use calibrate::{AaCheck, Auc};
 use pair::Pair;
 use passes::Passes;
-use plan::{Plan, Window};
+use plan::Plan;
 pub use verdict::CopyCalibration;
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
@@ -337,17 +337,19 @@ pub fn run(
 
     // 2. Extraction windows and neutral prompts, each continued greedily by both models.
     let plan = Plan::new(tok, bos, &subjects, prompts, th, passes.context())?;
+    // 3. With them, the probability of each window's true suffix given its prefix, from the
+    // same prefill as the window's continuation.
     let prompt_ids: Vec<&[u32]> = plan.prompts().map(|p| p.ids).collect();
-    let generated = passes.generate(&prompt_ids, th.new_tokens)?;
-
-    // 3. Probability of each true suffix given its prefix.
-    let suffix_stats = suffix_stats(&passes, &plan.windows)?;
+    let suffixes: Vec<&[u32]> = plan.windows.iter().map(|w| w.suffix.as_slice()).collect();
+    let continued = passes.generate(&prompt_ids, &suffixes, th.new_tokens)?;
+    let suffix_logp = continued.as_ref().map(|c| c.iter().map(|c| c.target_logp.clone()).collect::<Vec<_>>());
+    let generated = continued.map(|c| c.into_iter().map(|c| c.tokens).collect::<Vec<_>>());
 
     // 4. Every continuation searched for long verbatim spans of every text.
     let found = generated.as_ref().try_map(|name, g| spans::search(name, tok, &subjects, &plan, g, th))?;
 
     // 5. Per text: windows, scores, coverage.
-    let windows = compare::windows(tok, subjects.len(), &plan, &generated, &suffix_stats, th)?;
+    let windows = compare::windows(tok, subjects.len(), &plan, &generated, &suffix_logp, th)?;
     let mut evidence: Vec<WorkEvidence> = subjects
         .iter()
         .zip(windows)
@@ -391,10 +393,4 @@ pub fn run(
         scored_tokens: 2 * scored_tokens,
         notes: calibrated.notes,
     })
-}
-
-/// Statistics of every window's prefix + true suffix under each model, in window order.
-fn suffix_stats(passes: &Passes, windows: &[Window]) -> Result<Pair<Vec<TokenStats>>> {
-    let seqs: Vec<Vec<u32>> = windows.iter().map(Window::sequence).collect();
-    passes.score("suffix", &seqs, seqs.iter().map(|s| s.len() as u64).sum())
 }

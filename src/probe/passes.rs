@@ -1,9 +1,10 @@
 //! Every forward pass the probe makes, under the base and then the merged model, each a
 //! progress stage: code lengths of token sequences (`model::score`, batched, in sliding windows
-//! past the context) and greedy continuations (`model::greedy`, batched by prompt length).
+//! past the context) and greedy continuations with the log-probability of each window's true
+//! suffix from the same prefill (`model::continue_and_score`, batched by prompt length).
 
 use crate::error::Result;
-use crate::model::{greedy, score, Llama, RunOptions, TokenStats};
+use crate::model::{continue_and_score, score, Continuation, Llama, RunOptions, TokenStats};
 
 use super::pair::Pair;
 use super::{Progress, Thresholds};
@@ -40,28 +41,41 @@ impl<'a> Passes<'a> {
         })
     }
 
-    /// `new_tokens` greedy tokens after each prompt (fewer where EOS or the context ends them),
-    /// in the order of `prompts`, as stages "generate base" and "generate merged".
-    pub(crate) fn generate(&self, prompts: &[&[u32]], new_tokens: usize) -> Result<Pair<Vec<Vec<u32>>>> {
-        let total = (prompts.len() * new_tokens) as u64;
+    /// `new_tokens` greedy tokens after each prompt (fewer where EOS or the context ends them)
+    /// and log p of `targets[i]` after `prompts[i]` (empty: none), in the order of `prompts`,
+    /// as stages "generate base" and "generate merged".
+    pub(crate) fn generate(
+        &self,
+        prompts: &[&[u32]],
+        targets: &[&[u32]],
+        new_tokens: usize,
+    ) -> Result<Pair<Vec<Continuation>>> {
+        let total = (prompts.len() * new_tokens + targets.iter().map(|t| t.len()).sum::<usize>()) as u64;
         self.models.try_map(|name, m| {
             self.progress.stage(&format!("generate {name}"), total);
-            generate_all(m, prompts, new_tokens, &|n| self.progress.inc(n as u64))
+            generate_all(m, prompts, targets, new_tokens, &|n| self.progress.inc(n as u64))
         })
     }
 }
 
-fn generate_all(m: &Llama, prompts: &[&[u32]], n: usize, progress: &dyn Fn(usize)) -> Result<Vec<Vec<u32>>> {
+fn generate_all(
+    m: &Llama,
+    prompts: &[&[u32]],
+    targets: &[&[u32]],
+    n: usize,
+    progress: &dyn Fn(usize),
+) -> Result<Vec<Continuation>> {
     // Equal-length prompts run together; results go back in input order.
     let mut order: Vec<usize> = (0..prompts.len()).collect();
     order.sort_by_key(|&i| (prompts[i].len(), i));
-    let mut out = vec![vec![]; prompts.len()];
+    let mut out = vec![Continuation::default(); prompts.len()];
     let mut i = 0;
     while i < order.len() {
         let len = prompts[order[i]].len();
         let j = order[i..].iter().position(|&k| prompts[k].len() != len).map_or(order.len(), |p| i + p);
         let batch: Vec<Vec<u32>> = order[i..j].iter().map(|&k| prompts[k].to_vec()).collect();
-        let res = greedy(m, &batch, n, m.cfg.eos_token_id, GREEDY_ROWS, progress)?;
+        let tgt: Vec<Vec<u32>> = order[i..j].iter().map(|&k| targets.get(k).map_or(vec![], |t| t.to_vec())).collect();
+        let res = continue_and_score(m, &batch, &tgt, n, m.cfg.eos_token_id, GREEDY_ROWS, progress)?;
         for (k, r) in order[i..j].iter().zip(res) {
             out[*k] = r;
         }

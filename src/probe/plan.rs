@@ -115,13 +115,6 @@ pub(crate) struct Window {
     pub suffix: Vec<u32>,
 }
 
-impl Window {
-    /// The prompt followed by the true suffix, scored to get log p(suffix | prefix).
-    pub(crate) fn sequence(&self) -> Vec<u32> {
-        self.prefix.iter().chain(&self.suffix).copied().collect()
-    }
-}
-
 /// A neutral `--prompts` line: its continuations are searched for every subject.
 pub(crate) struct Neutral {
     /// `prompt:N`, N counting every line given from 1.

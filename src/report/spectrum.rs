@@ -12,7 +12,14 @@ pub struct SpectrumSettings {
     pub intruder_top_k: usize,
     pub intruder_epsilon: f64,
     pub max_dense_dim: usize,
+    /// Whether intruder dimensions were counted (`probe` leaves them out unless `--intruders`).
+    #[serde(default = "yes")]
+    pub intruders: bool,
     pub seed: u64,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl From<&SpectrumOptions> for SpectrumSettings {
@@ -22,6 +29,7 @@ impl From<&SpectrumOptions> for SpectrumSettings {
             intruder_top_k: o.intruder_top_k,
             intruder_epsilon: o.intruder_epsilon,
             max_dense_dim: o.max_dense_dim,
+            intruders: o.intruders,
             seed: o.seed,
         }
     }

@@ -30,6 +30,11 @@ pub struct SpectrumOptions {
     /// Largest min(m, n) for which dense SVDs of base-dependent matrices are computed; above it
     /// the spectrum is the randomized top 64 and intruders are not computed.
     pub max_dense_dim: usize,
+    /// Whether intruder dimensions are counted at all: two dense SVDs per module, most of the
+    /// spectrum's time on a real base (35 of 60 s on the SmolLM2 demo). `probe` leaves them
+    /// out unless asked (`--intruders`): its question is what the model gives back, and the
+    /// intruder count is a spectrum statistic that `spectrum` and `report` still give.
+    pub intruders: bool,
     pub seed: u64,
 }
 
@@ -40,6 +45,7 @@ impl Default for SpectrumOptions {
             intruder_top_k: 10,
             intruder_epsilon: 0.5,
             max_dense_dim: 1536,
+            intruders: true,
             seed: 0x5eed,
         }
     }
@@ -280,7 +286,9 @@ fn analyse_module(m: &LoraModule, base: Option<&BaseModel>, opts: &SpectrumOptio
                     truncated = true;
                     (Route::Randomized, randomized_svd(&d, 64, 10, 2, opts.seed)?)
                 };
-                dense_delta = Some(d);
+                if opts.intruders {
+                    dense_delta = Some(d);
+                }
                 (route, Some(s), energy)
             }
             None if m.kind == ModuleKind::Dora => {
@@ -317,7 +325,7 @@ fn analyse_module(m: &LoraModule, base: Option<&BaseModel>, opts: &SpectrumOptio
         };
         let s = svd_factors(&f, vectors)?;
         let e = s.values.iter().map(|x| x * x).sum();
-        if vectors && rows.min(cols) <= opts.max_dense_dim {
+        if vectors && opts.intruders && rows.min(cols) <= opts.max_dense_dim {
             dense_delta = Some(f.dense());
         }
         (route, Some(s), e)
@@ -339,7 +347,7 @@ fn analyse_module(m: &LoraModule, base: Option<&BaseModel>, opts: &SpectrumOptio
         }
         if let Some(d) = &dense_delta {
             intruders = Some(intruder_count(w, &(w + d), opts.intruder_top_k, opts.intruder_epsilon)?);
-        } else if note.is_none() {
+        } else if note.is_none() && opts.intruders {
             note = Some(format!("intruders not computed: min dimension above {}", opts.max_dense_dim));
         }
     }
