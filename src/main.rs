@@ -32,6 +32,30 @@ use lorascope::{Adapter, BaseModel};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Threads for the numerics (candle's kernels and lorascope's own parallel loops). Default:
+    /// candle's kernels one per physical core, the rest one per logical core.
+    #[arg(long, global = true, value_parser = threads)]
+    threads: Option<usize>,
+}
+
+/// `--threads`: at least 1, at most [`MAX_JOBS`].
+fn threads(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if (1..=MAX_JOBS).contains(&n) => Ok(n),
+        _ => Err(format!("expected a number of threads from 1 to {MAX_JOBS}")),
+    }
+}
+
+/// Size every thread pool before any starts: candle reads `CANDLE_NUM_THREADS` (its kernels'
+/// pool) and `RAYON_NUM_THREADS` when it first multiplies, rayon's global pool is built here.
+/// Called while the process has one thread, so setting the environment races with nothing.
+fn set_threads(n: usize) -> lorascope::Result<()> {
+    std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    std::env::set_var("CANDLE_NUM_THREADS", n.to_string());
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global()
+        .map_err(|e| lorascope::Error::Usage(format!("--threads {n}: {e}")))
 }
 
 #[derive(Args)]
@@ -911,6 +935,11 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 fn main() -> ExitCode {
     quiet_panics();
     let cli = Cli::parse();
+    if let Some(n) = cli.threads {
+        if let Err(e) = set_threads(n) {
+            return fail(&e.to_string(), e.exit_code());
+        }
+    }
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(cli))) {
         Ok(Ok(code)) => code,
         Ok(Err(e)) => fail(&e.to_string(), e.exit_code()),

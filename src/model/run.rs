@@ -1,5 +1,7 @@
 //! Teacher-forced token statistics and greedy generation, batched.
 
+use std::time::Instant;
+
 use candle_core::{Device, Tensor, D};
 use rayon::prelude::*;
 
@@ -268,6 +270,25 @@ fn teacher_forced(m: &Llama, cache: &Cache, last: &Tensor, targets: &[Vec<u32>])
         }
     }
     Ok(out)
+}
+
+/// Seconds per position of one teacher-forced pass over `sample` (a single position when it is
+/// empty) and seconds of one decoding step after it: the measurements a run's estimate is made
+/// from.
+pub fn time_passes(m: &Llama, sample: &[u32]) -> Result<(f64, f64)> {
+    let ids: Vec<u32> = if sample.is_empty() { vec![0] } else { sample.to_vec() };
+    let run = || -> CResult<(f64, f64)> {
+        let mut cache = Cache::new(&m.cfg, ids.len() + 1);
+        let t0 = Instant::now();
+        let h = m.hidden(&ids_tensor(std::slice::from_ref(&ids), m.device())?, Some(&mut cache), false)?;
+        m.logits(&h.narrow(1, ids.len() - 1, 1)?.squeeze(1)?)?;
+        let per_position = t0.elapsed().as_secs_f64() / ids.len() as f64;
+        let t1 = Instant::now();
+        let h = m.hidden(&ids_tensor(&[vec![ids[0]]], m.device())?, Some(&mut cache), false)?;
+        m.logits(&h.squeeze(1)?)?;
+        Ok((per_position, t1.elapsed().as_secs_f64()))
+    };
+    run().map_err(cerr)
 }
 
 #[cfg(test)]

@@ -307,6 +307,21 @@ pub trait Progress: Sync {
 pub struct Quiet;
 impl Progress for Quiet {}
 
+/// The line printed before the passes: what they will run and about how long it takes here.
+fn estimate_line(w: &passes::Workload, r: passes::Rates) -> String {
+    let secs = w.seconds(r);
+    let took = if secs >= 90.0 { format!("{:.0} min", secs / 60.0) } else { format!("{secs:.0} s") };
+    let step = if r.per_step < 0.1 { format!("{:.1} ms", r.per_step * 1e3) } else { format!("{:.2} s", r.per_step) };
+    format!(
+        "work: {} tokens to score, {} to prefill and {} decoding steps, under each of 2 models; at {:.1} \
+         positions/s and {step} a step measured on the base, about {took}",
+        w.scored,
+        w.prefill,
+        w.steps,
+        1.0 / r.per_position.max(1e-12),
+    )
+}
+
 /// Run every probe on `works` and `controls`, under `base` and `merged` (the same tokenizer).
 pub fn run(
     model: &TextModel,
@@ -323,11 +338,19 @@ pub fn run(
     let passes = Passes::new(Pair { base: &model.llama, merged }, th, progress);
     let mut subjects = plan::subjects(tok, works, controls, th)?;
 
+    // The plan first, so the run's cost can be estimated before any of it is spent.
+    let texts: Vec<Vec<u32>> = subjects.iter().map(|s| plan::with_bos(bos, &s.ids)).collect();
+    let scored_tokens: usize = texts.iter().map(|s| s.len().saturating_sub(1)).sum();
+    let plan = Plan::new(tok, bos, &subjects, prompts, th, passes.context())?;
+    let prompt_ids: Vec<&[u32]> = plan.prompts().map(|p| p.ids).collect();
+    let suffixes: Vec<&[u32]> = plan.windows.iter().map(|w| w.suffix.as_slice()).collect();
+    let workload = passes::Workload::new(scored_tokens, &prompt_ids, &suffixes, th.new_tokens);
+    let rates = passes.rates(texts.iter().max_by_key(|t| t.len()).map_or(&[][..], |t| t.as_slice()))?;
+    progress.plan(&estimate_line(&workload, rates));
+
     // 1. Code length of every text under both models. Without a context token the first token
     // of a text is predicted from nothing and is not scored (as transformers does), so the
     // statistics start at the second token.
-    let texts: Vec<Vec<u32>> = subjects.iter().map(|s| plan::with_bos(bos, &s.ids)).collect();
-    let scored_tokens: usize = texts.iter().map(|s| s.len().saturating_sub(1)).sum();
     let stats = passes.score("score", &texts, scored_tokens as u64)?;
     let unscored = usize::from(bos.is_empty());
     for (si, s) in subjects.iter_mut().enumerate() {
@@ -335,12 +358,9 @@ pub fn run(
         s.bits = stats.at(si).map(|st| surprisal::char_bits(&s.norm, offsets, &st.logp));
     }
 
-    // 2. Extraction windows and neutral prompts, each continued greedily by both models.
-    let plan = Plan::new(tok, bos, &subjects, prompts, th, passes.context())?;
-    // 3. With them, the probability of each window's true suffix given its prefix, from the
+    // 2. Extraction windows and neutral prompts, each continued greedily by both models, and
+    // 3. with them the probability of each window's true suffix given its prefix, from the
     // same prefill as the window's continuation.
-    let prompt_ids: Vec<&[u32]> = plan.prompts().map(|p| p.ids).collect();
-    let suffixes: Vec<&[u32]> = plan.windows.iter().map(|w| w.suffix.as_slice()).collect();
     let continued = passes.generate(&prompt_ids, &suffixes, th.new_tokens)?;
     let suffix_logp = continued.as_ref().map(|c| c.iter().map(|c| c.target_logp.clone()).collect::<Vec<_>>());
     let generated = continued.map(|c| c.into_iter().map(|c| c.tokens).collect::<Vec<_>>());

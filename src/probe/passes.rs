@@ -4,7 +4,7 @@
 //! suffix from the same prefill (`model::continue_and_score`, batched by prompt length).
 
 use crate::error::Result;
-use crate::model::{continue_and_score, score, Continuation, Llama, RunOptions, TokenStats};
+use crate::model::{continue_and_score, score, time_passes, Continuation, Llama, RunOptions, TokenStats};
 
 use super::pair::Pair;
 use super::{Progress, Thresholds};
@@ -58,6 +58,56 @@ impl<'a> Passes<'a> {
     }
 }
 
+/// Measured costs of the base model on this machine: seconds per position of a batched
+/// teacher-forced pass, and seconds per decoding step of one batch of continuations.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Rates {
+    pub per_position: f64,
+    pub per_step: f64,
+}
+
+/// What the passes will run, per model.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Workload {
+    /// Tokens scored in the code-length pass.
+    pub scored: usize,
+    /// Prompt and target positions of the continuations' prefills.
+    pub prefill: usize,
+    /// Decoding steps: new tokens times batches of continuations.
+    pub steps: usize,
+}
+
+impl Workload {
+    /// Seconds for both models at `rates`; a decoding step never costs less than its rows'
+    /// positions would in a batched pass (small models are bound by arithmetic, not memory).
+    pub(crate) fn seconds(&self, r: Rates) -> f64 {
+        let step = r.per_step.max(GREEDY_ROWS as f64 * r.per_position);
+        2.0 * ((self.scored + self.prefill) as f64 * r.per_position + self.steps as f64 * step)
+    }
+
+    pub(crate) fn new(scored: usize, prompts: &[&[u32]], targets: &[&[u32]], new_tokens: usize) -> Self {
+        let prefill = prompts.iter().chain(targets).map(|p| p.len()).sum();
+        let mut lengths: Vec<usize> = prompts.iter().map(|p| p.len()).collect();
+        lengths.sort_unstable();
+        let mut batches = 0;
+        for group in lengths.chunk_by(|a, b| a == b) {
+            batches += group.len().div_ceil(GREEDY_ROWS);
+        }
+        Workload { scored, prefill, steps: batches * new_tokens }
+    }
+}
+
+impl Passes<'_> {
+    /// Time one batched pass of up to 256 positions of `sample` and one decoding step after
+    /// it, under the base model: a second or so on a 7B model, and what the estimate printed
+    /// before the run is made from.
+    pub(crate) fn rates(&self, sample: &[u32]) -> Result<Rates> {
+        let n = sample.len().min(256).min(self.opts.context.saturating_sub(1));
+        let (per_position, per_step) = time_passes(self.models.base, &sample[..n])?;
+        Ok(Rates { per_position, per_step })
+    }
+}
+
 fn generate_all(
     m: &Llama,
     prompts: &[&[u32]],
@@ -82,4 +132,26 @@ fn generate_all(
         i = j;
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_workload_counts_batches_by_prompt_length_and_prices_both_models() {
+        let (a, b, c) = (vec![1u32; 4], vec![1u32; 4], vec![1u32; 7]);
+        let prompts: Vec<&[u32]> = vec![&a, &b, &c];
+        let t = vec![2u32; 5];
+        let targets: Vec<&[u32]> = vec![&t, &t];
+        let w = Workload::new(100, &prompts, &targets, 10);
+        // Two prompt lengths: two batches of continuations, 10 steps each.
+        assert_eq!((w.scored, w.prefill, w.steps), (100, 15 + 10, 20));
+        // Memory-bound steps (0.5 s, above 16 rows × 0.01 s): 2 × (125 × 0.01 + 20 × 0.5).
+        let s = w.seconds(Rates { per_position: 0.01, per_step: 0.5 });
+        assert!((s - 22.5).abs() < 1e-9, "{s}");
+        // Arithmetic-bound steps cost their 16 rows' positions: 2 × (125 + 20 × 16) × 0.01.
+        let s = w.seconds(Rates { per_position: 0.01, per_step: 0.001 });
+        assert!((s - 8.9).abs() < 1e-9, "{s}");
+    }
 }
