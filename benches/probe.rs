@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use serde_json::Value;
 
-use lorascope::model::{greedy, score, RunOptions, TextModel};
+use lorascope::model::{greedy, score, Precision, RunOptions, TextModel};
 use lorascope::BaseModel;
 
 use common::{median, Reference};
@@ -31,8 +31,13 @@ fn main() {
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let t = Instant::now();
     let base = BaseModel::open(path).expect("GGUF opens");
-    let model = TextModel::load(&base, &candle_core::Device::Cpu).expect("model loads");
-    println!("load (dequantise to f32): {:.2} s; threads {threads}", t.elapsed().as_secs_f64());
+    // Against PyTorch both sides dequantise to f32; `--stored` runs lorascope on the Q4_1
+    // blocks as the probe does (PyTorch still f32: then the ratio compares the two set-ups).
+    let stored = std::env::args().any(|a| a == "--stored");
+    let precision = if stored { Precision::Stored } else { Precision::F32 };
+    let model = TextModel::load_as(&base, &candle_core::Device::Cpu, precision).expect("model loads");
+    let how = if stored { "Q4_1 blocks as stored" } else { "dequantised to f32" };
+    println!("load ({how}): {:.2} s; threads {threads}", t.elapsed().as_secs_f64());
     let mut text = String::new();
     for d in ["fixtures/demo/works", "fixtures/demo/controls"] {
         for w in lorascope::load::works::load_works(Path::new(d)).expect("demo texts").works {

@@ -5,7 +5,7 @@
 //!
 //!   cargo run --release --example make-big-llama -- OUT_DIR [q4_0|q8_0|q4k|q6k|bf16|f16] [7b|1b|tiny]
 //!
-//! GGUF types write OUT_DIR/base.gguf; bf16/f16 write a Hugging Face directory OUT_DIR/base-<type>
+//! GGUF types write OUT_DIR/base-<type>.gguf; bf16/f16 write a Hugging Face directory OUT_DIR/base-<type>
 //! (config.json, tokenizer.json, one model.safetensors streamed tensor by tensor, so writing it
 //! never holds the model). The tokenizer is lorascope's character tokenizer: a 300-character work
 //! is about 300 tokens.

@@ -300,6 +300,14 @@ fn one_layer_logprobs_match_hand_computed_softmax() {
     let ids = model.encode_with_bos("the quick fox; 42!").unwrap();
     assert_eq!(ids[0], 1, "BOS from config.json");
     let reference = reference_logprobs(&base, &cfg, &ids);
+    // Attention in blocks of one query gives the same numbers as in one block.
+    let mut blocked = model.llama.clone();
+    blocked.set_attention_budget(1);
+    let opts = RunOptions { context: 256, batch_tokens: 64 };
+    let got = &score(&blocked, std::slice::from_ref(&ids), opts, &|_| {}).unwrap()[0];
+    for (t, r) in reference.iter().enumerate() {
+        assert!((got.logp[t] - r.0).abs() < 1e-4, "blocked attention, token {t}: {} vs {}", got.logp[t], r.0);
+    }
     // A context shorter than the text exercises the sliding windows too.
     for context in [256, 7] {
         let opts = RunOptions { context, batch_tokens: 64 };

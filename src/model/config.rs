@@ -171,6 +171,18 @@ impl TokenIds {
 }
 
 impl LlamaConfig {
+    /// Bytes of keys and values one position of one sequence holds in a KV cache (f32).
+    pub(crate) fn kv_bytes_per_position(&self) -> usize {
+        2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * 4
+    }
+
+    /// Bytes of activations one position holds in a teacher-forced pass at the widest point of
+    /// a layer (the feed-forward block's gate, up and their product; the residual stream, its
+    /// norm, queries, keys, values and the attention output), f32.
+    pub(crate) fn activation_bytes_per_position(&self) -> usize {
+        4 * (3 * self.intermediate_size + 6 * self.hidden_size)
+    }
+
     /// The longest context the runtime uses: the trained context, capped by a sliding window.
     pub(crate) fn context(&self) -> usize {
         match self.sliding_window {

@@ -30,6 +30,9 @@ pub const PROJECTIONS: &[&str] = &[
     "mlp.down_proj",
 ];
 
+/// Most bytes of attention scores one block of queries holds (f32).
+pub(crate) const ATTENTION_BUDGET: usize = 64 << 20;
+
 /// Where [`Llama::load`] takes its tensors from, by Hugging Face key: small tensors (norms,
 /// biases) in f32, weight matrices as the source holds them.
 pub(crate) trait Params {
@@ -252,6 +255,8 @@ struct Attention {
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
+    /// Most bytes of scores one block of queries holds ([`ATTENTION_BUDGET`] unless set).
+    score_budget: usize,
 }
 
 impl Attention {
@@ -266,6 +271,7 @@ impl Attention {
             num_heads: cfg.num_attention_heads,
             num_kv_heads: cfg.num_key_value_heads,
             head_dim: hd,
+            score_budget: ATTENTION_BUDGET,
         })
     }
 
@@ -292,19 +298,43 @@ impl Attention {
             Some(c) => c.append(&k, &v)?,
             None => (k, v),
         };
+        // Queries in blocks whose scores stay within ATTENTION_BUDGET: a 2048-position window of
+        // a 32-head model would otherwise hold 512 MB of scores, twice (mask and softmax).
+        let s = k.dim(2)?;
+        let kt = k.t()?;
+        let block = (self.score_budget / (4 * b * nh * s).max(1)).clamp(1, t.max(1));
+        let mut parts = Vec::with_capacity(t.div_ceil(block));
+        for t0 in (0..t).step_by(block) {
+            let tc = block.min(t - t0);
+            let qc = if tc == t { q.clone() } else { q.narrow(2, t0, tc)?.contiguous()? };
+            let mc = match mask {
+                Some(m) if tc < t => Some(m.narrow(0, t0, tc)?),
+                m => m.cloned(),
+            };
+            parts.push(self.attend(&qc, &kt, &v, mc.as_ref(), exact_grad)?);
+        }
+        let y = if parts.len() == 1 { parts.remove(0) } else { Tensor::cat(&parts, 2)? };
+        let y = y.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+        self.o_proj.forward(&y)
+    }
+
+    /// softmax(q·kᵀ/√d + mask)·v for queries `q` `[b, heads, t, d]`, keys transposed `kt`
+    /// `[b, kv heads, d, s]`, values `v` `[b, kv heads, s, d]`; `[b, heads, t, d]`.
+    fn attend(&self, q: &Tensor, kt: &Tensor, v: &Tensor, mask: Option<&Tensor>, exact_grad: bool) -> Result<Tensor> {
+        let (b, nh, t, hd) = q.dims4()?;
+        let nkv = self.num_kv_heads;
+        let s = kt.dim(3)?;
         // Grouped-query attention without copying keys and values per query head: the query
         // heads that share a key/value head are stacked along the position axis
         // (head h uses key/value head h / n_rep, as transformers' repeat_kv).
         let n_rep = nh / nkv;
-        let s = k.dim(2)?;
         let q = q.reshape((b, nkv, n_rep * t, hd))?;
-        let mut att = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?;
+        let mut att = (q.matmul(kt)? / (hd as f64).sqrt())?;
         if let Some(m) = mask {
             att = att.reshape((b, nkv, n_rep, t, s))?.broadcast_add(m)?.reshape((b, nkv, n_rep * t, s))?;
         }
         let att = if exact_grad { ops::softmax(&att, D::Minus1)? } else { ops::softmax_last_dim(&att)? };
-        let y = att.matmul(&v)?.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
-        self.o_proj.forward(&y)
+        att.matmul(v)?.reshape((b, nh, t, hd))
     }
 }
 
@@ -495,6 +525,15 @@ impl Llama {
             x = layer.forward(&x, &rope, mask.as_ref(), kv, exact_grad)?;
         }
         self.norm.forward(&x, exact_grad)
+    }
+
+    /// Bound the attention scores one block of queries holds to `bytes` (at least one query a
+    /// block): the default is [`ATTENTION_BUDGET`]; tests set it small to check that blocked
+    /// attention equals the whole.
+    pub fn set_attention_budget(&mut self, bytes: usize) {
+        for l in &mut self.layers {
+            l.self_attn.score_budget = bytes;
+        }
     }
 
     /// Logits `[rows, vocab]` of hidden states `[rows, hidden]`.

@@ -20,7 +20,10 @@ use candle_core::{Device, Tensor};
 pub use config::LlamaConfig;
 pub use llama::{Adaptation, Cache, Linear, Llama, LoraPair};
 pub use merge::{apply_adapter, merge_adapter, MergeSummary};
-pub use run::{continue_and_score, greedy, score, time_passes, Continuation, RunOptions, TokenStats};
+pub use run::{
+    continue_and_score, greedy, rows_per_batch, score, time_passes, Continuation, RunOptions, TokenStats,
+    ACTIVATION_BUDGET, KV_BUDGET,
+};
 pub use sd::{
     check_sd_base, is_sd_base, NoiseSchedule, Prediction, SdFamily, SdInfo, SdLayout, SdModel, SdOptions, SdParams,
     TimestepSpacing,

@@ -17,10 +17,30 @@ pub struct RunOptions {
     pub batch_tokens: usize,
 }
 
+/// Most bytes of activations a teacher-forced batch holds at once: with the weights as stored,
+/// a 7B model's activations at 4096 positions (0.7 GB) would cost more than its adapter and
+/// working buffers together are allowed (docs/probe.md, "Memory").
+pub const ACTIVATION_BUDGET: usize = 256 << 20;
+
+/// Most bytes of KV cache one batch of continuations holds (the generation's cache and the copy
+/// its true suffix is scored on, together).
+pub const KV_BUDGET: usize = 512 << 20;
+
 impl RunOptions {
+    /// Up to 4096 positions a batch, fewer where their activations would pass
+    /// [`ACTIVATION_BUDGET`] (a 7B model: about 1500), never fewer than 64.
     pub(crate) fn for_model(m: &Llama) -> Self {
-        RunOptions { context: m.cfg.context().min(2048), batch_tokens: 4096 }
+        let fit = ACTIVATION_BUDGET / m.cfg.activation_bytes_per_position().max(1);
+        RunOptions { context: m.cfg.context().min(2048), batch_tokens: fit.clamp(64, 4096) }
     }
+}
+
+/// Rows of continuations run together, at most `most`: as many as keep the KV caches of a batch
+/// (the generation's, `positions` long, and a copy for scoring its target) within [`KV_BUDGET`],
+/// and at least one.
+pub fn rows_per_batch(m: &Llama, positions: usize, most: usize) -> usize {
+    let per_row = 2 * positions.max(1) * m.cfg.kv_bytes_per_position();
+    (KV_BUDGET / per_row.max(1)).clamp(1, most.max(1))
 }
 
 /// Per predicted token (positions 1.. of a sequence): log p of the true token and the mean and

@@ -344,7 +344,9 @@ pub fn run(
     let plan = Plan::new(tok, bos, &subjects, prompts, th, passes.context())?;
     let prompt_ids: Vec<&[u32]> = plan.prompts().map(|p| p.ids).collect();
     let suffixes: Vec<&[u32]> = plan.windows.iter().map(|w| w.suffix.as_slice()).collect();
-    let workload = passes::Workload::new(scored_tokens, &prompt_ids, &suffixes, th.new_tokens);
+    let workload = passes::Workload::new(scored_tokens, &prompt_ids, &suffixes, th.new_tokens, |len| {
+        passes.rows(len, th.new_tokens)
+    });
     let rates = passes.rates(texts.iter().max_by_key(|t| t.len()).map_or(&[][..], |t| t.as_slice()))?;
     progress.plan(&estimate_line(&workload, rates));
 

@@ -4,12 +4,14 @@
 //! suffix from the same prefill (`model::continue_and_score`, batched by prompt length).
 
 use crate::error::Result;
-use crate::model::{continue_and_score, score, time_passes, Continuation, Llama, RunOptions, TokenStats};
+use crate::model::{
+    continue_and_score, rows_per_batch, score, time_passes, Continuation, Llama, RunOptions, TokenStats,
+};
 
 use super::pair::Pair;
 use super::{Progress, Thresholds};
 
-/// Rows per greedy batch.
+/// Most rows per greedy batch (fewer where their KV caches would be large: `rows_per_batch`).
 const GREEDY_ROWS: usize = 16;
 
 /// The two models with the run options and progress sink every pass shares.
@@ -67,7 +69,7 @@ pub(crate) struct Rates {
 }
 
 /// What the passes will run, per model.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct Workload {
     /// Tokens scored in the code-length pass.
     pub scored: usize,
@@ -75,25 +77,41 @@ pub(crate) struct Workload {
     pub prefill: usize,
     /// Decoding steps: new tokens times batches of continuations.
     pub steps: usize,
+    /// Rows of each batch of continuations.
+    pub batch_rows: Vec<usize>,
+    pub new_tokens: usize,
 }
 
 impl Workload {
     /// Seconds for both models at `rates`; a decoding step never costs less than its rows'
     /// positions would in a batched pass (small models are bound by arithmetic, not memory).
     pub(crate) fn seconds(&self, r: Rates) -> f64 {
-        let step = r.per_step.max(GREEDY_ROWS as f64 * r.per_position);
-        2.0 * ((self.scored + self.prefill) as f64 * r.per_position + self.steps as f64 * step)
+        let steps: f64 = self
+            .batch_rows
+            .iter()
+            .map(|&rows| self.new_tokens as f64 * r.per_step.max(rows as f64 * r.per_position))
+            .sum();
+        2.0 * ((self.scored + self.prefill) as f64 * r.per_position + steps)
     }
 
-    pub(crate) fn new(scored: usize, prompts: &[&[u32]], targets: &[&[u32]], new_tokens: usize) -> Self {
+    /// The batches `generate` will run: prompts of one length together, `rows(length)` at a
+    /// time.
+    pub(crate) fn new(
+        scored: usize,
+        prompts: &[&[u32]],
+        targets: &[&[u32]],
+        new_tokens: usize,
+        rows: impl Fn(usize) -> usize,
+    ) -> Self {
         let prefill = prompts.iter().chain(targets).map(|p| p.len()).sum();
         let mut lengths: Vec<usize> = prompts.iter().map(|p| p.len()).collect();
         lengths.sort_unstable();
-        let mut batches = 0;
+        let mut batch_rows = vec![];
         for group in lengths.chunk_by(|a, b| a == b) {
-            batches += group.len().div_ceil(GREEDY_ROWS);
+            let r = rows(group[0]).max(1);
+            batch_rows.extend(group.chunks(r).map(<[usize]>::len));
         }
-        Workload { scored, prefill, steps: batches * new_tokens }
+        Workload { scored, prefill, steps: batch_rows.len() * new_tokens, batch_rows, new_tokens }
     }
 }
 
@@ -101,6 +119,11 @@ impl Passes<'_> {
     /// Time one batched pass of up to 256 positions of `sample` and one decoding step after
     /// it, under the base model: a second or so on a 7B model, and what the estimate printed
     /// before the run is made from.
+    /// Rows per batch of continuations of prompts of `len` tokens.
+    pub(crate) fn rows(&self, len: usize, new_tokens: usize) -> usize {
+        rows_per_batch(self.models.base, len + new_tokens, GREEDY_ROWS)
+    }
+
     pub(crate) fn rates(&self, sample: &[u32]) -> Result<Rates> {
         let n = sample.len().min(256).min(self.opts.context.saturating_sub(1));
         let (per_position, per_step) = time_passes(self.models.base, &sample[..n])?;
@@ -125,7 +148,8 @@ fn generate_all(
         let j = order[i..].iter().position(|&k| prompts[k].len() != len).map_or(order.len(), |p| i + p);
         let batch: Vec<Vec<u32>> = order[i..j].iter().map(|&k| prompts[k].to_vec()).collect();
         let tgt: Vec<Vec<u32>> = order[i..j].iter().map(|&k| targets.get(k).map_or(vec![], |t| t.to_vec())).collect();
-        let res = continue_and_score(m, &batch, &tgt, n, m.cfg.eos_token_id, GREEDY_ROWS, progress)?;
+        let rows = rows_per_batch(m, len + n, GREEDY_ROWS);
+        let res = continue_and_score(m, &batch, &tgt, n, m.cfg.eos_token_id, rows, progress)?;
         for (k, r) in order[i..j].iter().zip(res) {
             out[*k] = r;
         }
@@ -144,14 +168,16 @@ mod tests {
         let prompts: Vec<&[u32]> = vec![&a, &b, &c];
         let t = vec![2u32; 5];
         let targets: Vec<&[u32]> = vec![&t, &t];
-        let w = Workload::new(100, &prompts, &targets, 10);
-        // Two prompt lengths: two batches of continuations, 10 steps each.
-        assert_eq!((w.scored, w.prefill, w.steps), (100, 15 + 10, 20));
+        let w = Workload::new(100, &prompts, &targets, 10, |_| 16);
+        // Two prompt lengths: two batches of continuations (2 rows and 1), 10 steps each.
+        assert_eq!((w.scored, w.prefill, w.steps, w.batch_rows.clone()), (100, 15 + 10, 20, vec![2, 1]));
         // Memory-bound steps (0.5 s, above 16 rows × 0.01 s): 2 × (125 × 0.01 + 20 × 0.5).
         let s = w.seconds(Rates { per_position: 0.01, per_step: 0.5 });
         assert!((s - 22.5).abs() < 1e-9, "{s}");
-        // Arithmetic-bound steps cost their 16 rows' positions: 2 × (125 + 20 × 16) × 0.01.
+        // Arithmetic-bound steps cost their rows' positions: 2 × (125 + 10 × 2 + 10 × 1) × 0.01.
         let s = w.seconds(Rates { per_position: 0.01, per_step: 0.001 });
-        assert!((s - 8.9).abs() < 1e-9, "{s}");
+        assert!((s - 3.1).abs() < 1e-9, "{s}");
+        // One row a batch: three batches.
+        assert_eq!(Workload::new(0, &prompts, &[], 10, |_| 1).batch_rows, vec![1, 1, 1]);
     }
 }
