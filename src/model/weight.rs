@@ -30,6 +30,16 @@ pub enum Weight {
 /// matmul has no bf16 kernel); at or below it, gemv.rs widens each row as it reads it.
 const HALF_FEW_ROWS: usize = gemv::MAX_ROWS;
 
+/// Rows of x above which a quantised weight is decoded to f32, a block of its rows at a time,
+/// for candle's f32 matmul: candle's quantised CPU matmul runs one dot product per (row,
+/// column) pair with no tiling, about 20× slower than the f32 kernel on a batch of hundreds of
+/// positions, where decoding each weight once costs little beside the product. Decoding
+/// (single) rows of tokens, the quantised kernel reads the weights once and is the faster.
+const QUANT_FEW_ROWS: usize = gemv::MAX_ROWS;
+
+/// Most bytes of one decoded block of a quantised weight's rows (f32).
+const DECODED_BLOCK_BYTES: usize = 64 << 20;
+
 impl Weight {
     /// `[out, in]`.
     pub fn dims(&self) -> CResult<(usize, usize)> {
@@ -68,7 +78,13 @@ impl Weight {
                     x.matmul(&w.to_dtype(DType::F32)?.t()?)
                 }
             }
-            Weight::Quant(q) => QMatMul::QTensor(q.clone()).forward(&x.contiguous()?),
+            Weight::Quant(q) => {
+                if x.dim(0)? > QUANT_FEW_ROWS && !x.track_op() {
+                    decoded_product(q, x)
+                } else {
+                    QMatMul::QTensor(q.clone()).forward(&x.contiguous()?)
+                }
+            }
         }
     }
 
@@ -110,6 +126,29 @@ impl Weight {
     }
 }
 
+/// `x·Wᵀ` for a quantised W decoded to f32 in blocks of rows of at most [`DECODED_BLOCK_BYTES`]
+/// (the weights exactly as stored, activations unrounded: what transformers computes on a GGUF
+/// it has dequantised), each block dropped after its product.
+fn decoded_product(q: &QTensor, x: &Tensor) -> CResult<Tensor> {
+    let (out, cols) = q.shape().dims2()?;
+    let x = x.contiguous()?;
+    let block = (DECODED_BLOCK_BYTES / (4 * cols).max(1)).clamp(1, out.max(1));
+    // Rows are whole blocks in any 2-D QTensor; were they not, the matrix is decoded whole.
+    let rb = match row_bytes(q.dtype(), cols) {
+        Some(rb) if block < out => rb,
+        _ => return x.matmul(&q.dequantize(&Device::Cpu)?.t()?),
+    };
+    let data = q.data()?;
+    let mut parts = Vec::with_capacity(out.div_ceil(block));
+    for r0 in (0..out).step_by(block) {
+        let n = block.min(out - r0);
+        let w = qtensor_from_ggml(q.dtype(), &data[r0 * rb..(r0 + n) * rb], vec![n, cols], &Device::Cpu)?
+            .dequantize(&Device::Cpu)?;
+        parts.push(x.matmul(&w.t()?)?);
+    }
+    Tensor::cat(&parts, 1)
+}
+
 /// Bytes of one row of `cols` values in `dtype`, or `None` when the row is not whole blocks.
 pub(crate) fn row_bytes(dtype: GgmlDType, cols: usize) -> Option<usize> {
     cols.is_multiple_of(dtype.block_size()).then(|| cols / dtype.block_size() * dtype.type_size())
@@ -137,6 +176,25 @@ mod tests {
                 assert!(max_diff(&got, &want) < 1e-3, "{dtype:?} rows {rows}");
             }
         }
+    }
+
+    #[test]
+    fn many_rows_multiply_the_decoded_weights_in_blocks() {
+        let dev = Device::Cpu;
+        // 40 000 × 512 f32 is 78 MiB: two decoded blocks of at most 64 MiB.
+        let w = Tensor::randn(0f32, 1.0, (40_000, 512), &dev).unwrap();
+        let q = Arc::new(QTensor::quantize(&w, GgmlDType::Q8_0).unwrap());
+        let x = Tensor::randn(0f32, 1.0, (QUANT_FEW_ROWS + 1, 512), &dev).unwrap();
+        let got = Weight::Quant(q.clone()).matmul_t(&x).unwrap();
+        let want = x.matmul(&q.dequantize(&dev).unwrap().t().unwrap()).unwrap();
+        assert_eq!(got.dims(), want.dims());
+        assert!(max_diff(&got, &want) < 1e-3, "{}", max_diff(&got, &want));
+        // Few rows go through the quantised kernel (activations rounded to Q8): close, not equal.
+        let few = x.narrow(0, 0, 2).unwrap();
+        let k = Weight::Quant(q).matmul_t(&few).unwrap();
+        let d = max_diff(&k, &want.narrow(0, 0, 2).unwrap());
+        let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(d > 0.0 && d < 0.02 * scale, "{d} of {scale}");
     }
 
     #[test]
