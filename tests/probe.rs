@@ -352,6 +352,26 @@ fn suffix_logprobs_from_the_generation_prefill_match_a_plain_pass_over_prompt_an
     }
 }
 
+/// log-softmax of the logits at the last position of `ids`.
+fn last_logprobs(m: &Llama, ids: &[u32]) -> Vec<f32> {
+    let x = candle_core::Tensor::new(ids, &candle_core::Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let h = m.hidden(&x, None, false).unwrap();
+    let last = h.narrow(1, ids.len() - 1, 1).unwrap().squeeze(1).unwrap();
+    let logits = m.logits(&last).unwrap();
+    candle_nn::ops::log_softmax(&logits, 1).unwrap().squeeze(0).unwrap().to_vec1().unwrap()
+}
+
+/// The same from candle-transformers' `quantized_llama`.
+fn candle_last_logprobs(path: &std::path::Path, ids: &[u32]) -> Vec<f32> {
+    use candle_transformers::models::quantized_llama::ModelWeights;
+    let mut f = std::fs::File::open(path).unwrap();
+    let content = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
+    let mut reference = ModelWeights::from_gguf(content, &mut f, &candle_core::Device::Cpu).unwrap();
+    let x = candle_core::Tensor::new(ids, &candle_core::Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let logits = reference.forward(&x, 0).unwrap().squeeze(0).unwrap().unsqueeze(0).unwrap();
+    candle_nn::ops::log_softmax(&logits, 1).unwrap().squeeze(0).unwrap().to_vec1().unwrap()
+}
+
 /// Greedy tokens of candle-transformers' `quantized_llama` (an independent llama on the same
 /// GGUF: its own loading, rotary layout and attention) from `prompt`.
 fn candle_greedy(path: &std::path::Path, prompt: &[u32], n: usize) -> Vec<u32> {
@@ -416,9 +436,22 @@ fn quantised_gguf_bases_run_on_their_blocks_and_agree_with_candle_quantized_llam
         let base = BaseModel::open(&path).unwrap();
         let model = TextModel::load(&base, &candle_core::Device::Cpu).unwrap();
         // Every matrix (embedding, 14 projections, output head) is held in the file's type.
-        let prompt = model.encode_with_bos("a clock ran").unwrap();
+        // A prompt of 3 positions: the prefill, like every decoding step, runs few enough rows
+        // for the quantised kernel, the arithmetic quantized_llama uses.
+        let prompt = model.encode_with_bos("ab").unwrap();
+        assert!(prompt.len() <= 4);
         let ours = greedy(&model.llama, std::slice::from_ref(&prompt), 12, None, 1, &|_| {}).unwrap().remove(0);
         assert_eq!(ours, candle_greedy(&path, &prompt, 12), "{name}: greedy tokens differ from quantized_llama");
+        // A longer prompt is multiplied with the weights decoded to f32 (activations unrounded):
+        // its last position's log-probabilities stay close to quantized_llama's.
+        let long = model.encode_with_bos("a clock ran down the stairs").unwrap();
+        let (ours, theirs) = (last_logprobs(&model.llama, &long), candle_last_logprobs(&path, &long));
+        let d = ours.iter().zip(&theirs).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        // quantized_llama rounds every product's input to 8-bit blocks; on this random model
+        // (log p spread over 15–17 nats) that moves log p by 0.2–0.4 nats for the quantised
+        // types and by 1e-5 for f16/bf16. A wrong layout or block decode moves it by nats.
+        let bound = if matches!(dtype, GgmlDType::F16 | GgmlDType::BF16) { 1e-4 } else { 0.6 };
+        assert!(d < bound, "{name}: log p differs from quantized_llama's by {d} (bound {bound})");
         assert_eq!(
             model.llama.weight_summary().0,
             std::collections::BTreeMap::from([(name.to_string(), 16)]),

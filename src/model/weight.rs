@@ -31,11 +31,11 @@ pub enum Weight {
 const HALF_FEW_ROWS: usize = gemv::MAX_ROWS;
 
 /// Rows of x above which a quantised weight is decoded to f32, a block of its rows at a time,
-/// for candle's f32 matmul: candle's quantised CPU matmul runs one dot product per (row,
-/// column) pair with no tiling, about 20× slower than the f32 kernel on a batch of hundreds of
-/// positions, where decoding each weight once costs little beside the product. Decoding
-/// (single) rows of tokens, the quantised kernel reads the weights once and is the faster.
-const QUANT_FEW_ROWS: usize = gemv::MAX_ROWS;
+/// for candle's f32 matmul. candle's quantised CPU matmul pays per row of x: on the SmolLM2
+/// demo, scoring (hundreds of rows) took 78 s through it and 5 s decoded, and decoding steps of
+/// 13 continuations 84 s and 21 s. At a few rows (a 7B model's continuations, 3 rows a batch)
+/// reading the compact blocks once beats writing them out as f32, and the quantised kernel stays.
+const QUANT_FEW_ROWS: usize = 4;
 
 /// Most bytes of one decoded block of a quantised weight's rows (f32).
 const DECODED_BLOCK_BYTES: usize = 64 << 20;
