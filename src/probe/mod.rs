@@ -317,7 +317,7 @@ fn estimate_line(w: &passes::Workload, r: passes::Rates) -> String {
          positions/s and {step} a step measured on the base, about {took}",
         w.scored,
         w.prefill,
-        w.steps,
+        w.steps(),
         1.0 / r.per_position.max(1e-12),
     )
 }

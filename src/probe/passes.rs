@@ -75,8 +75,6 @@ pub(crate) struct Workload {
     pub scored: usize,
     /// Prompt and target positions of the continuations' prefills.
     pub prefill: usize,
-    /// Decoding steps: new tokens times batches of continuations.
-    pub steps: usize,
     /// Rows of each batch of continuations.
     pub batch_rows: Vec<usize>,
     pub new_tokens: usize,
@@ -111,24 +109,35 @@ impl Workload {
             let r = rows(group[0]).max(1);
             batch_rows.extend(group.chunks(r).map(<[usize]>::len));
         }
-        Workload { scored, prefill, steps: batch_rows.len() * new_tokens, batch_rows, new_tokens }
+        Workload { scored, prefill, batch_rows, new_tokens }
+    }
+
+    /// Decoding steps: new tokens times batches of continuations.
+    pub(crate) fn steps(&self) -> usize {
+        self.batch_rows.len() * self.new_tokens
     }
 }
 
 impl Passes<'_> {
+    /// Rows per batch of continuations of prompts of `len` tokens, as `generate` runs them.
+    pub(crate) fn rows(&self, len: usize, new_tokens: usize) -> usize {
+        batch_rows(self.models.base, len, new_tokens)
+    }
+
     /// Time one batched pass of up to 256 positions of `sample` and one decoding step after
     /// it, under the base model: a second or so on a 7B model, and what the estimate printed
     /// before the run is made from.
-    /// Rows per batch of continuations of prompts of `len` tokens.
-    pub(crate) fn rows(&self, len: usize, new_tokens: usize) -> usize {
-        rows_per_batch(self.models.base, len + new_tokens, GREEDY_ROWS)
-    }
-
     pub(crate) fn rates(&self, sample: &[u32]) -> Result<Rates> {
         let n = sample.len().min(256).min(self.opts.context.saturating_sub(1));
         let (per_position, per_step) = time_passes(self.models.base, &sample[..n])?;
         Ok(Rates { per_position, per_step })
     }
+}
+
+/// Rows per batch of continuations of `len`-token prompts with `new_tokens` each: at most
+/// [`GREEDY_ROWS`], fewer where their KV caches would pass the budget.
+fn batch_rows(m: &Llama, len: usize, new_tokens: usize) -> usize {
+    rows_per_batch(m, len + new_tokens, GREEDY_ROWS)
 }
 
 fn generate_all(
@@ -148,8 +157,7 @@ fn generate_all(
         let j = order[i..].iter().position(|&k| prompts[k].len() != len).map_or(order.len(), |p| i + p);
         let batch: Vec<Vec<u32>> = order[i..j].iter().map(|&k| prompts[k].to_vec()).collect();
         let tgt: Vec<Vec<u32>> = order[i..j].iter().map(|&k| targets.get(k).map_or(vec![], |t| t.to_vec())).collect();
-        let rows = rows_per_batch(m, len + n, GREEDY_ROWS);
-        let res = continue_and_score(m, &batch, &tgt, n, m.cfg.eos_token_id, rows, progress)?;
+        let res = continue_and_score(m, &batch, &tgt, n, m.cfg.eos_token_id, batch_rows(m, len, n), progress)?;
         for (k, r) in order[i..j].iter().zip(res) {
             out[*k] = r;
         }
@@ -170,8 +178,8 @@ mod tests {
         let targets: Vec<&[u32]> = vec![&t, &t];
         let w = Workload::new(100, &prompts, &targets, 10, |_| 16);
         // Two prompt lengths: two batches of continuations (2 rows and 1), 10 steps each.
-        assert_eq!((w.scored, w.prefill, w.steps, w.batch_rows.clone()), (100, 15 + 10, 20, vec![2, 1]));
-        // Memory-bound steps (0.5 s, above 16 rows × 0.01 s): 2 × (125 × 0.01 + 20 × 0.5).
+        assert_eq!((w.scored, w.prefill, w.steps(), w.batch_rows.clone()), (100, 15 + 10, 20, vec![2, 1]));
+        // Memory-bound steps (0.5 s, above 2 rows × 0.01 s): 2 × (125 × 0.01 + 20 × 0.5).
         let s = w.seconds(Rates { per_position: 0.01, per_step: 0.5 });
         assert!((s - 22.5).abs() < 1e-9, "{s}");
         // Arithmetic-bound steps cost their rows' positions: 2 × (125 + 10 × 2 + 10 × 1) × 0.01.
