@@ -1,9 +1,11 @@
-//! Probe throughput on SmolLM2-135M (f32, this CPU) against PyTorch + transformers doing the
-//! same work in the same run: teacher-forced scoring (log p plus the next-token distribution's
-//! mean and sd at every position) and greedy generation with a KV cache.
-//! Needs `scripts/fetch-smollm2.sh`; the PyTorch side is set up by `scripts/bench-pytorch.sh`.
-//! `cargo bench --bench probe` (add `-- --no-pytorch` to skip the reference, `--scoring-only`
-//! to time scoring alone, e.g. under a profiler).
+//! Probe throughput on SmolLM2-135M (this CPU) against a reference doing the same work in the
+//! same run: teacher-forced scoring (log p plus the next-token distribution's mean and sd at
+//! every position) and greedy generation with a KV cache. The reference is PyTorch +
+//! transformers in f32 (`scripts/bench-pytorch.sh`), or with `--llamacpp` llama.cpp on the
+//! GGUF's own Q4_1 blocks (`scripts/bench-llamacpp.sh`).
+//! Needs `scripts/fetch-smollm2.sh`. `cargo bench --bench probe` (add `-- --no-pytorch` to skip
+//! the reference, `--scoring-only` to time scoring alone, e.g. under a profiler, `--stored` to
+//! run lorascope on the Q4_1 blocks instead of the f32 copy its probe makes of a base this small).
 
 mod common;
 
@@ -23,6 +25,9 @@ const NEW_TOKENS: usize = 50;
 
 fn main() {
     let no_pytorch = std::env::args().any(|a| a == "--no-pytorch");
+    let llamacpp = std::env::args().any(|a| a == "--llamacpp");
+    let (script, side) =
+        if llamacpp { ("scripts/bench-llamacpp.sh", "llama.cpp") } else { ("scripts/bench-pytorch.sh", "pytorch") };
     let path = Path::new(GGUF);
     if !path.exists() {
         eprintln!("{GGUF} missing: run scripts/fetch-smollm2.sh first");
@@ -31,8 +36,8 @@ fn main() {
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let t = Instant::now();
     let base = BaseModel::open(path).expect("GGUF opens");
-    // Against PyTorch both sides dequantise to f32; `--stored` runs lorascope on the Q4_1
-    // blocks as the probe does (PyTorch still f32: then the ratio compares the two set-ups).
+    // By default lorascope holds an f32 copy, as its probe does for a base this small
+    // (Precision::Auto); `--stored` runs it on the Q4_1 blocks, as for a base above 2 GiB of f32.
     let stored = std::env::args().any(|a| a == "--stored");
     let precision = if stored { Precision::Stored } else { Precision::F32 };
     let model = TextModel::load_as(&base, &candle_core::Device::Cpu, precision).expect("model loads");
@@ -56,6 +61,10 @@ fn main() {
     let scored: usize = all.iter().map(|s| s.len() - 1).sum();
     let mut gen_batches: Vec<(&str, Vec<Vec<u32>>)> =
         vec![("batch1", vec![seq(0, 33)]), ("batch8", (0..8).map(|k| seq(k, 33)).collect())];
+    if llamacpp {
+        // llama-cpp-python generates one sequence at a time: only one prompt compares.
+        gen_batches.truncate(1);
+    }
     if std::env::args().any(|a| a == "--scoring-only") {
         gen_batches.clear();
     }
@@ -73,7 +82,7 @@ fn main() {
         });
         let job_path = Path::new("target/bench-probe-job.json");
         std::fs::write(job_path, job.to_string()).expect("job written");
-        Reference::start("scripts/bench-pytorch.sh", &[job_path.as_os_str()])
+        Reference::start(script, &[job_path.as_os_str()])
     });
     // Warm-up both sides, then alternate them REPS times; the ratio is the median of the
     // per-pair ratios, so a noisy neighbour hurts both sides of a pair alike.
@@ -86,7 +95,7 @@ fn main() {
     }
     let mut rows = vec![];
     for (name, work) in std::iter::once(("scoring", None)).chain(gen_batches.iter().map(|(n, p)| (*n, Some(p)))) {
-        let (mut ours, mut theirs, mut ratios) = (vec![], vec![], vec![]);
+        let (mut ours, mut theirs, mut ratios, mut eval_ratios) = (vec![], vec![], vec![], vec![]);
         let mut tokens = scored;
         let mut agree = None;
         if let Some(p) = work {
@@ -126,6 +135,10 @@ fn main() {
                     let a = r.ask("score");
                     theirs.push(scored as f64 / a["seconds"].as_f64().unwrap_or(f64::NAN));
                     ratios.push(ours[ours.len() - 1] / theirs[theirs.len() - 1]);
+                    // llama.cpp's evaluation alone, before numpy's log-softmax and moments.
+                    if let Some(e) = a["eval_seconds"].as_f64() {
+                        eval_ratios.push(ours[ours.len() - 1] / (scored as f64 / e));
+                    }
                 }
             }
         }
@@ -136,12 +149,17 @@ fn main() {
         };
         match reference {
             Some(_) => rows.push(format!(
-                "{what}: lorascope {:.1} tokens/s, pytorch {:.1} tokens/s, ratio {:.2}× (median of {REPS} interleaved pairs: {}){}",
+                "{what}: lorascope {:.1} tokens/s, {side} {:.1} tokens/s, ratio {:.2}× (median of {REPS} interleaved pairs: {}){}{}",
                 median(ours),
                 median(theirs),
                 median(ratios.clone()),
                 ratios.iter().map(|r| format!("{r:.2}")).collect::<Vec<_>>().join(" "),
-                agree.map_or(String::new(), |a| format!("; greedy tokens agree {a}/{NEW_TOKENS}"))
+                agree.map_or(String::new(), |a| format!("; greedy tokens agree {a}/{NEW_TOKENS}")),
+                if eval_ratios.is_empty() {
+                    String::new()
+                } else {
+                    format!("; against {side}'s evaluation alone {:.2}×", median(eval_ratios.clone()))
+                }
             )),
             None => rows.push(format!("{what}: lorascope {:.1} tokens/s", median(ours))),
         }

@@ -272,6 +272,11 @@ struct ProbeArgs {
     /// token has no context and is not scored.
     #[arg(long, default_value = "auto")]
     bos: lorascope::model::BosRule,
+    /// How to hold the text base's weight matrices: auto (f32 when that copy is at most
+    /// 2 GiB, about 500M parameters, as it runs faster; else as the file stores them), stored
+    /// (f32, bf16/f16 or GGUF quantised blocks, as in the file), or f32 (a whole f32 copy).
+    #[arg(long, default_value = "auto")]
+    weights: lorascope::model::Precision,
 }
 
 impl ProbeArgs {
@@ -310,6 +315,7 @@ impl ProbeArgs {
             copy_margin: self.copy_margin,
             control_windows: self.control_windows,
             bos: self.bos,
+            weights: self.weights,
             ..Default::default()
         };
         th.check()?;

@@ -8,7 +8,9 @@ use std::sync::OnceLock;
 use lorascope::fixtures::{write_tiny_llama_gguf, TinyLlama};
 use lorascope::load::works::{load_works, Work};
 use lorascope::model::train::{fit_lora, write_peft_dir, FitOptions, FitReport};
-use lorascope::model::{apply_adapter, continue_and_score, greedy, merge_adapter, score, Llama, RunOptions, TextModel};
+use lorascope::model::{
+    apply_adapter, continue_and_score, greedy, merge_adapter, score, Llama, Precision, RunOptions, TextModel,
+};
 use lorascope::probe::{self, Quiet, Thresholds, Verdict};
 use lorascope::{BaseModel, LoadOptions};
 
@@ -434,7 +436,8 @@ fn quantised_gguf_bases_run_on_their_blocks_and_agree_with_candle_quantized_llam
         // within 0.16% of each other); seeds 12–14 agree for every type.
         lorascope::fixtures::write_llama_gguf(&cfg, 12, dtype, &path).unwrap();
         let base = BaseModel::open(&path).unwrap();
-        let model = TextModel::load(&base, &candle_core::Device::Cpu).unwrap();
+        // A base this small would be widened to f32 by default (Precision::Auto).
+        let model = TextModel::load_as(&base, &candle_core::Device::Cpu, Precision::Stored).unwrap();
         // Every matrix (embedding, 14 projections, output head) is held in the file's type.
         // A prompt of 3 positions: the prefill, like every decoding step, runs few enough rows
         // for the quantised kernel, the arithmetic quantized_llama uses.
@@ -457,6 +460,10 @@ fn quantised_gguf_bases_run_on_their_blocks_and_agree_with_candle_quantized_llam
             std::collections::BTreeMap::from([(name.to_string(), 16)]),
             "{name}"
         );
+        assert_eq!(model.stored_weights, model.llama.weight_summary().0, "{name}");
+        let auto = TextModel::load(&base, &candle_core::Device::Cpu).unwrap();
+        assert_eq!((auto.precision, auto.stored_weights.clone()), (Precision::F32, model.stored_weights.clone()));
+        assert_eq!(auto.llama.weight_summary().0, std::collections::BTreeMap::from([("f32".to_string(), 16)]));
     }
 }
 

@@ -30,7 +30,7 @@ pub use sd::{
 };
 pub use tokenizer::{TemplatePrefix, TextTokenizer};
 pub use weight::Weight;
-pub use weights::Precision;
+pub use weights::{Precision, AUTO_F32_BYTES};
 
 use crate::error::{Error, Result};
 use crate::load::{BaseKind, BaseModel};
@@ -79,19 +79,23 @@ pub struct ContextTokens {
     pub source: String,
 }
 
-/// A base model ready to run: its weights in f32 and its tokenizer.
+/// A base model ready to run: its weights and its tokenizer.
 #[derive(Debug)]
 pub struct TextModel {
     pub llama: Llama,
     pub tokenizer: TextTokenizer,
+    /// How the runtime holds the matrices ([`Precision::Auto`] resolved).
+    pub precision: Precision,
+    /// How many of those matrices the file stores in each type (`q4_1`, `bf16`, …).
+    pub stored_weights: std::collections::BTreeMap<String, usize>,
 }
 
 impl TextModel {
     /// Build the runnable model of `base` on `device`: a Hugging Face directory (config.json,
     /// tokenizer.json) or a GGUF file (hyper-parameters and tokenizer from its metadata), its
-    /// matrices as the file stores them.
+    /// matrices as the file stores them, or in f32 for a small base ([`Precision::Auto`]).
     pub fn load(base: &BaseModel, device: &Device) -> Result<Self> {
-        Self::load_as(base, device, Precision::Stored)
+        Self::load_as(base, device, Precision::Auto)
     }
 
     /// [`TextModel::load`] with the matrices held as `precision` says.
@@ -120,8 +124,9 @@ impl TextModel {
                 ))
             }
         };
-        let llama = weights::load_base(base, &cfg, device, precision)?;
-        Ok(TextModel { llama, tokenizer })
+        let precision = precision.resolve(base);
+        let (llama, stored_weights) = weights::load_base(base, &cfg, device, precision)?;
+        Ok(TextModel { llama, tokenizer, precision, stored_weights })
     }
 
     /// The tokens to put in front of every text under `rule`.

@@ -4,6 +4,7 @@
 //! quantised blocks: weight.rs) unless the caller asks for f32 throughout (the trainer, whose
 //! gradients need f32 products); norms and biases are f32.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use candle_core::quantized::{ggml_file::qtensor_from_ggml, QTensor};
@@ -22,8 +23,30 @@ crate::named::closed_set! {
     pub enum Precision ("precision") {
         /// As the file stores them (f32, bf16/f16, quantised blocks).
         Stored = "stored",
-        /// Widened to f32 (a whole f32 copy: for training on small models).
+        /// Widened to f32 (a whole f32 copy: for training, and for small bases).
         F32 = "f32",
+        /// f32 when that copy is at most [`AUTO_F32_BYTES`], else as stored.
+        Auto = "auto",
+    }
+}
+
+/// Largest f32 copy of a base that [`Precision::Auto`] makes (2 GiB: about 500M parameters).
+/// Below it the f32 products are faster than the stored types' (a quantised matrix is decoded
+/// at every step of a batch of continuations, and candle's bf16 CPU products are slower than
+/// its f32 ones), and the copy is small beside any machine that runs the probe; above it the
+/// weights stay as stored so that a 7–8B base fits in 24 GB. The rule depends on the file
+/// alone, never on the machine, so the same inputs give the same report everywhere.
+pub const AUTO_F32_BYTES: usize = 2 << 30;
+
+impl Precision {
+    /// What `self` means for `base`: [`Precision::Auto`] becomes f32 or stored by the size of
+    /// the base's f32 copy (all its tensors, four bytes each).
+    pub fn resolve(self, base: &BaseModel) -> Precision {
+        match self {
+            Precision::Auto if base.params().saturating_mul(4) <= AUTO_F32_BYTES => Precision::F32,
+            Precision::Auto => Precision::Stored,
+            p => p,
+        }
     }
 }
 
@@ -35,6 +58,8 @@ struct BaseWeights<'a> {
     precision: Precision,
     device: Device,
     failure: &'a Mutex<Option<Error>>,
+    /// How many matrices of each type the file stores, over those the runtime loaded.
+    stored_types: Mutex<BTreeMap<String, usize>>,
 }
 
 impl BaseWeights<'_> {
@@ -135,7 +160,12 @@ impl Params for BaseWeights<'_> {
     }
 
     fn matrix(&self, key: &str, rows: usize, cols: usize) -> candle_core::Result<Weight> {
-        self.stored_matrix(key, rows, cols).map_err(|e| self.fail(e))
+        let w = self.stored_matrix(key, rows, cols).map_err(|e| self.fail(e))?;
+        if let Some(e) = self.base.entries.get(key) {
+            let mut types = self.stored_types.lock().unwrap_or_else(PoisonError::into_inner);
+            *types.entry(e.dtype.clone()).or_insert(0) += 1;
+        }
+        Ok(w)
     }
 
     fn device(&self) -> &Device {
@@ -143,12 +173,22 @@ impl Params for BaseWeights<'_> {
     }
 }
 
-/// The runnable model of `base` on `device`, its matrices held as `precision` says.
-pub(crate) fn load_base(base: &BaseModel, cfg: &LlamaConfig, device: &Device, precision: Precision) -> Result<Llama> {
+/// The runnable model of `base` on `device`, its matrices held as `precision` says, and how
+/// many of those matrices the file stores in each type.
+pub(crate) fn load_base(
+    base: &BaseModel,
+    cfg: &LlamaConfig,
+    device: &Device,
+    precision: Precision,
+) -> Result<(Llama, BTreeMap<String, usize>)> {
     let failure = Mutex::new(None);
-    let params = BaseWeights { base, precision, device: device.clone(), failure: &failure };
-    let loaded = Llama::load(Vb::new(&params), cfg);
-    loaded.map_err(|e| failure.into_inner().unwrap_or_else(PoisonError::into_inner).unwrap_or_else(|| cerr(e)))
+    let precision = precision.resolve(base);
+    let stored_types = Mutex::new(BTreeMap::new());
+    let params = BaseWeights { base, precision, device: device.clone(), failure: &failure, stored_types };
+    match Llama::load(Vb::new(&params), cfg) {
+        Ok(llama) => Ok((llama, params.stored_types.into_inner().unwrap_or_else(PoisonError::into_inner))),
+        Err(e) => Err(failure.into_inner().unwrap_or_else(PoisonError::into_inner).unwrap_or_else(|| cerr(e))),
+    }
 }
 
 #[cfg(test)]
@@ -200,7 +240,7 @@ mod tests {
         }
         st.write(&dir.path().join("model.safetensors")).unwrap();
         let base = BaseModel::open(dir.path()).unwrap();
-        (load_base(&base, &cfg(), &Device::Cpu, Precision::Stored), dir)
+        (load_base(&base, &cfg(), &Device::Cpu, Precision::Stored).map(|(l, _)| l), dir)
     }
 
     fn input_error(r: Result<Llama>, dir: &Path) -> String {
@@ -243,16 +283,22 @@ mod tests {
         for (dtype, name) in [(safetensors::Dtype::BF16, "bf16"), (safetensors::Dtype::F16, "f16")] {
             let dir = write_base(dtype, None);
             let base = BaseModel::open(dir.path()).unwrap();
-            let m = load_base(&base, &cfg(), &Device::Cpu, Precision::Stored).unwrap();
+            let (m, _) = load_base(&base, &cfg(), &Device::Cpu, Precision::Stored).unwrap();
             let (types, bytes) = m.weight_summary();
             // Embedding, 7 projections, output head: 8·4 + 3·16 + 4·4 + 4·8… values of 2 bytes.
             assert_eq!(types, std::collections::BTreeMap::from([(name.to_string(), 9)]));
             assert_eq!(bytes, 2 * (32 + 4 * 16 + 3 * 32 + 32));
-            let f = load_base(&base, &cfg(), &Device::Cpu, Precision::F32).unwrap();
+            let (f, stored) = load_base(&base, &cfg(), &Device::Cpu, Precision::F32).unwrap();
             assert_eq!(f.weight_summary().0, std::collections::BTreeMap::from([("f32".to_string(), 9)]));
+            // The file's types are recorded whatever the runtime holds.
+            assert_eq!(stored, std::collections::BTreeMap::from([(name.to_string(), 9)]));
+            // A few hundred parameters, far below AUTO_F32_BYTES: auto widens to f32.
+            assert_eq!(Precision::Auto.resolve(&base), Precision::F32);
+            assert_eq!(Precision::Stored.resolve(&base), Precision::Stored);
             // An Inf in a 16-bit matrix is found from its bit pattern.
             let dir = write_base(dtype, Some("model.layers.0.mlp.gate_proj.weight"));
-            let r = load_base(&BaseModel::open(dir.path()).unwrap(), &cfg(), &Device::Cpu, Precision::Stored);
+            let r = load_base(&BaseModel::open(dir.path()).unwrap(), &cfg(), &Device::Cpu, Precision::Stored)
+                .map(|(l, _)| l);
             assert_eq!(
                 input_error(r, dir.path()),
                 "weight model.layers.0.mlp.gate_proj.weight holds a non-finite value at index 5"

@@ -58,7 +58,7 @@ pub fn probe(
 ) -> Result<report::ProbeReport> {
     crate::error::injected_fault("probe")?;
     check_probe_text(inputs)?;
-    let text_model = model::TextModel::load(base, &candle_core::Device::Cpu)?;
+    let text_model = model::TextModel::load_as(base, &candle_core::Device::Cpu, thresholds.weights)?;
     progress.stage("merge", 1);
     let (merged, merge) = model::apply_adapter(&text_model.llama, adapter)?;
     progress.plan(&memory_line(&text_model.llama, &merge));
@@ -190,6 +190,8 @@ fn model_info(m: &model::TextModel, context: usize, tokens: model::ContextTokens
         context_source: tokens.source,
         tokenizer: report::path_string(&m.tokenizer.source),
         dtype: "f32".into(),
+        precision: m.precision,
+        stored_weights: m.stored_weights.clone(),
         weights,
         weight_bytes,
     }

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::load::works::Work;
-use crate::model::{BosRule, Llama, TextModel};
+use crate::model::{BosRule, Llama, Precision, TextModel};
 use calibrate::{AaCheck, Auc};
 use pair::Pair;
 use passes::Passes;
@@ -62,6 +62,14 @@ pub struct Thresholds {
     /// Whether a BOS goes in front of each text (`--bos`; `auto`: as the tokenizer does).
     #[serde(default)]
     pub bos: BosRule,
+    /// How the base's matrices are held (`--weights`; `auto`: f32 for a small base, else as
+    /// stored). Reports from before the flag ran on the stored types.
+    #[serde(default = "stored_weights")]
+    pub weights: Precision,
+}
+
+fn stored_weights() -> Precision {
+    Precision::Stored
 }
 
 impl Default for Thresholds {
@@ -82,6 +90,7 @@ impl Default for Thresholds {
             min_k: 0.2,
             context: 2048,
             bos: BosRule::Auto,
+            weights: Precision::Auto,
         }
     }
 }

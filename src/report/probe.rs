@@ -32,9 +32,15 @@ pub struct ModelInfo {
     pub tokenizer: String,
     /// Activation dtype: products run in f32 on weights kept as stored (`weights`).
     pub dtype: String,
-    /// The weight matrices as the runtime holds them: how many of each stored type (`f32`,
-    /// `bf16`, `q4_0`…). Quantisation changes absolute bits (docs/probe.md); base and merged
-    /// share the same weights, so the gain compares like with like.
+    /// How the runtime holds the matrices: `stored` or `f32` (`--weights auto` resolved).
+    #[serde(default = "stored_precision")]
+    pub precision: crate::model::Precision,
+    /// The weight matrices as the file stores them: how many of each type.
+    #[serde(default)]
+    pub stored_weights: std::collections::BTreeMap<String, usize>,
+    /// The weight matrices as the runtime holds them: how many of each type (`f32`, `bf16`,
+    /// `q4_0`…). Quantisation changes absolute bits (docs/probe.md); base and merged share
+    /// the same weights, so the gain compares like with like.
     #[serde(default)]
     pub weights: std::collections::BTreeMap<String, usize>,
     /// Bytes those matrices occupy.
@@ -77,6 +83,11 @@ pub struct ProbeReport {
     pub spectrum: SpectrumReport,
     #[serde(flatten)]
     pub probe: ProbeSection,
+}
+
+/// Reports from before `--weights` ran on the stored types.
+fn stored_precision() -> crate::model::Precision {
+    crate::model::Precision::Stored
 }
 
 fn pct(x: f64) -> String {
