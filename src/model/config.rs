@@ -92,9 +92,11 @@ struct HfConfig {
     head_dim: Option<usize>,
     #[serde(default = "default_rms_norm_eps")]
     rms_norm_eps: f64,
-    #[serde(default = "default_rope_theta")]
-    rope_theta: f64,
+    /// Absent from files written by transformers ≥ 5, which keep it in `rope_parameters`.
+    rope_theta: Option<f64>,
     rope_scaling: Option<RopeScalingJson>,
+    /// transformers ≥ 5: `rope_theta` and the scaling together, `rope_type: "default"` for none.
+    rope_parameters: Option<RopeParametersJson>,
     #[serde(default = "default_max_position_embeddings")]
     max_position_embeddings: usize,
     /// Mistral's window; Qwen2 writes one too (with `use_sliding_window: false`), which the
@@ -118,6 +120,35 @@ fn default_rope_theta() -> f64 {
 
 fn default_max_position_embeddings() -> usize {
     2048
+}
+
+/// `rope_parameters` as transformers ≥ 5 writes it: the base frequency beside the fields of
+/// `rope_scaling`.
+#[derive(Debug, Deserialize)]
+struct RopeParametersJson {
+    rope_theta: Option<f64>,
+    #[serde(flatten)]
+    scaling: RopeScalingJson,
+}
+
+impl HfConfig {
+    /// The rotary base: `rope_theta`, else `rope_parameters.rope_theta`, else llama's 10000.
+    fn rope_theta(&self) -> f64 {
+        let nested = self.rope_parameters.as_ref().and_then(|p| p.rope_theta);
+        self.rope_theta.or(nested).unwrap_or_else(default_rope_theta)
+    }
+
+    /// The rotary scaling: `rope_scaling`, else a `rope_parameters` whose type is not "default".
+    fn rope_scaling(
+        self_scaling: Option<RopeScalingJson>,
+        params: Option<RopeParametersJson>,
+    ) -> Option<RopeScalingJson> {
+        self_scaling.or_else(|| {
+            let s = params?.scaling;
+            let kind = s.rope_type.as_deref().or(s.legacy_type.as_deref()).unwrap_or("default");
+            (kind != "default").then_some(s)
+        })
+    }
 }
 
 /// `rope_scaling` as written: transformers ≥ 4.43 names the kind `rope_type`, older files
@@ -214,6 +245,8 @@ impl LlamaConfig {
                 return Err(err(format!("config.json has no positive {k}")));
             }
         }
+        let rope_theta = c.rope_theta();
+        let rope_scaling = HfConfig::rope_scaling(c.rope_scaling, c.rope_parameters);
         let cfg = LlamaConfig {
             vocab_size: c.vocab_size,
             hidden_size: c.hidden_size,
@@ -223,8 +256,8 @@ impl LlamaConfig {
             num_key_value_heads: c.num_key_value_heads.unwrap_or(c.num_attention_heads),
             head_dim: c.head_dim.unwrap_or(c.hidden_size / c.num_attention_heads),
             rms_norm_eps: c.rms_norm_eps,
-            rope_theta: c.rope_theta,
-            rope_scaling: c.rope_scaling.map(RopeScalingJson::resolve).transpose().map_err(err)?,
+            rope_theta,
+            rope_scaling: rope_scaling.map(RopeScalingJson::resolve).transpose().map_err(err)?,
             max_position_embeddings: c.max_position_embeddings,
             sliding_window: c.sliding_window,
             tie_word_embeddings: c.tie_word_embeddings,
@@ -417,6 +450,24 @@ mod tests {
         assert_eq!((c.num_key_value_heads, c.head_dim, c.max_position_embeddings), (4, 16, 2048));
         assert_eq!((c.rms_norm_eps, c.rope_theta, c.sliding_window), (1e-6, 10_000.0, None));
         assert!(!c.tie_word_embeddings && !c.attention_bias && c.rope_scaling.is_none());
+    }
+
+    #[test]
+    fn transformers_5_keeps_the_rotary_base_in_rope_parameters() {
+        // As transformers 5.25 saves SmolLM2: no top-level rope_theta; reading llama's default
+        // 10000 instead of 100000 moved the bits of a text by 2%.
+        let v = serde_json::json!({"rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"}});
+        let c = parse(llama(v)).unwrap();
+        assert_eq!((c.rope_theta, c.rope_scaling.clone()), (100_000.0, None));
+        // Llama 3.1 under transformers 5: base and llama3 scaling in one object.
+        let v = serde_json::json!({"rope_parameters": {"rope_theta": 500000.0, "rope_type": "llama3", "factor": 8.0,
+            "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}});
+        let c = parse(llama(v)).unwrap();
+        assert_eq!(c.rope_theta, 500_000.0);
+        assert!(matches!(c.rope_scaling, Some(RopeScaling::Llama3 { factor, .. }) if factor == 8.0));
+        // A top-level value, where both are written, is the one transformers 4 reads.
+        let v = serde_json::json!({"rope_theta": 20000.0, "rope_parameters": {"rope_theta": 30000.0}});
+        assert_eq!(parse(llama(v)).unwrap().rope_theta, 20_000.0);
     }
 
     #[test]
