@@ -14,6 +14,8 @@ import time
 import numpy as np
 from llama_cpp import Llama, __version__
 
+from reference_protocol import serve
+
 job = json.load(open(sys.argv[1]))
 longest = max(len(s) for b in job["score_batches"] for s in b)
 model = Llama(
@@ -56,11 +58,10 @@ def score_all():
             lp, _, _ = stats(seq, logits)
             if first is None:
                 first = [float(v) for v in lp[:8]]
-    return evals, first
+    return {"eval_seconds": evals, "first_logprobs": first}
 
 
 def generate(prompt, n):
-    model.reset()
     out = []
     for tok in model.generate(prompt, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
         out.append(tok)
@@ -69,20 +70,12 @@ def generate(prompt, n):
     return out
 
 
-# Same protocol as pytorch_reference.py: one line in ("score", "gen NAME" or "quit"), one JSON
-# line out. A batch of several prompts runs one prompt after another (llama-cpp-python's
-# generate has one sequence), so only one-prompt generation compares like with like.
-print(json.dumps({"ready": True, "llama_cpp": __version__}), flush=True)
+def gen(name):
+    # Several prompts run one after another (llama-cpp-python's generate has one sequence), so
+    # only one-prompt generation compares like with like.
+    rows = [generate(p, job["new_tokens"]) for p in job["gen_batches"][name]]
+    return {"tokens": sum(map(len, rows)), "first_row": rows[0]}
+
+
 logits_of(job["score_batches"][0][0][:8])  # warm-up
-for line in sys.stdin:
-    cmd = line.split()
-    if not cmd or cmd[0] == "quit":
-        break
-    t = time.perf_counter()
-    if cmd[0] == "score":
-        evals, first = score_all()
-        out = {"seconds": time.perf_counter() - t, "eval_seconds": evals, "first_logprobs": first}
-    else:
-        rows = [generate(p, job["new_tokens"]) for p in job["gen_batches"][cmd[1]]]
-        out = {"seconds": time.perf_counter() - t, "tokens": sum(map(len, rows)), "first_row": rows[0]}
-    print(json.dumps(out), flush=True)
+serve({"llama_cpp": __version__}, score_all, gen)

@@ -8,10 +8,11 @@ of log p (what Min-K%++ needs) for every position, and greedy generation with a 
 import json
 import os
 import sys
-import time
 
 import torch
 from transformers import AutoModelForCausalLM
+
+from reference_protocol import serve
 
 job = json.load(open(sys.argv[1]))
 torch.set_num_threads(job["threads"])
@@ -48,19 +49,15 @@ def generate(prompts, n):
     return out[:, ids.shape[1]:]
 
 
-# Serve timing requests so the bench can interleave the two sides: one line in ("score",
-# "gen NAME" or "quit"), one JSON line out.
-print(json.dumps({"ready": True, "torch": torch.__version__}), flush=True)
+def score_all():
+    res = [score(b) for b in job["score_batches"]]
+    return {"first_logprobs": [float(x) for x in res[0][0][0, :8]]}
+
+
+def gen(name):
+    g = generate(job["gen_batches"][name], job["new_tokens"])
+    return {"tokens": int(g.numel()), "first_row": g[0].tolist()}
+
+
 score([job["score_batches"][0][0][:8]])  # warm-up
-for line in sys.stdin:
-    cmd = line.split()
-    if not cmd or cmd[0] == "quit":
-        break
-    t = time.perf_counter()
-    if cmd[0] == "score":
-        res = [score(b) for b in job["score_batches"]]
-        out = {"seconds": time.perf_counter() - t, "first_logprobs": [float(x) for x in res[0][0][0, :8]]}
-    else:
-        g = generate(job["gen_batches"][cmd[1]], job["new_tokens"])
-        out = {"seconds": time.perf_counter() - t, "tokens": int(g.numel()), "first_row": g[0].tolist()}
-    print(json.dumps(out), flush=True)
+serve({"torch": torch.__version__}, score_all, gen)

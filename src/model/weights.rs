@@ -48,6 +48,11 @@ impl Precision {
             p => p,
         }
     }
+
+    /// What reports written before `--weights` existed ran on (their serde default).
+    pub(crate) fn before_the_flag() -> Precision {
+        Precision::Stored
+    }
 }
 
 /// The base model's weights. candle's error type cannot carry the crate's typed error (which
@@ -173,16 +178,17 @@ impl Params for BaseWeights<'_> {
     }
 }
 
-/// The runnable model of `base` on `device`, its matrices held as `precision` says, and how
-/// many of those matrices the file stores in each type.
+/// The runnable model of `base` on `device`, its matrices held as `precision` says (already
+/// resolved: `TextModel::load_as` resolves [`Precision::Auto`] once and records the result),
+/// and how many of those matrices the file stores in each type.
 pub(crate) fn load_base(
     base: &BaseModel,
     cfg: &LlamaConfig,
     device: &Device,
     precision: Precision,
 ) -> Result<(Llama, BTreeMap<String, usize>)> {
+    debug_assert_ne!(precision, Precision::Auto, "resolve Precision::Auto before loading");
     let failure = Mutex::new(None);
-    let precision = precision.resolve(base);
     let stored_types = Mutex::new(BTreeMap::new());
     let params = BaseWeights { base, precision, device: device.clone(), failure: &failure, stored_types };
     match Llama::load(Vb::new(&params), cfg) {

@@ -64,12 +64,8 @@ pub struct Thresholds {
     pub bos: BosRule,
     /// How the base's matrices are held (`--weights`; `auto`: f32 for a small base, else as
     /// stored). Reports from before the flag ran on the stored types.
-    #[serde(default = "stored_weights")]
+    #[serde(default = "Precision::before_the_flag")]
     pub weights: Precision,
-}
-
-fn stored_weights() -> Precision {
-    Precision::Stored
 }
 
 impl Default for Thresholds {

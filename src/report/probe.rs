@@ -33,7 +33,7 @@ pub struct ModelInfo {
     /// Activation dtype: products run in f32 on weights kept as stored (`weights`).
     pub dtype: String,
     /// How the runtime holds the matrices: `stored` or `f32` (`--weights auto` resolved).
-    #[serde(default = "stored_precision")]
+    #[serde(default = "crate::model::Precision::before_the_flag")]
     pub precision: crate::model::Precision,
     /// The weight matrices as the file stores them: how many of each type.
     #[serde(default)]
@@ -83,11 +83,6 @@ pub struct ProbeReport {
     pub spectrum: SpectrumReport,
     #[serde(flatten)]
     pub probe: ProbeSection,
-}
-
-/// Reports from before `--weights` ran on the stored types.
-fn stored_precision() -> crate::model::Precision {
-    crate::model::Precision::Stored
 }
 
 fn pct(x: f64) -> String {
