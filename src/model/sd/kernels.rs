@@ -22,6 +22,8 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
+use super::direct;
+
 fn f32s<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
     let CpuStorage::F32(v) = s else { candle_core::bail!("{what}: the SD kernels take f32 tensors") };
     if !l.is_contiguous() {
@@ -79,13 +81,13 @@ unsafe fn matmul(
 
 /// A raw pointer that rayon tasks may share: each task writes a disjoint part of the buffer.
 #[derive(Clone, Copy)]
-struct SharedMut(*mut f32);
+pub(super) struct SharedMut(pub(super) *mut f32);
 unsafe impl Send for SharedMut {}
 unsafe impl Sync for SharedMut {}
 
 impl SharedMut {
     /// The pointer (a method, so closures capture the whole `Sync` wrapper, not its field).
-    fn get(self) -> *mut f32 {
+    pub(super) fn get(self) -> *mut f32 {
         self.0
     }
 }
@@ -95,6 +97,9 @@ impl SharedMut {
 pub(crate) struct Conv {
     pub padding: usize,
     pub stride: usize,
+    /// The direct convolution (direct.rs) where the CPU has AVX-512; false forces the shifted
+    /// `gemm` products (tests compare the two).
+    pub direct: bool,
 }
 
 /// Bytes of output and input columns one task of the convolution keeps in cache while its k²
@@ -138,7 +143,11 @@ impl CustomOp3 for Conv {
             return Ok((CpuStorage::F32(vec![]), Shape::from((b, cout, geo.oh(), geo.ow()))));
         }
         let xp = geo.padded(x, h, wd, p);
-        let out = if st == 1 { geo.shifted_products(&xp, w, bias) } else { geo.gathered_products(&xp, w, bias) };
+        let out = if st == 1 {
+            geo.shifted_products(&xp, w, bias, self.direct && direct::available())
+        } else {
+            geo.gathered_products(&xp, w, bias)
+        };
         Ok((CpuStorage::F32(out), Shape::from((b, cout, geo.oh(), geo.ow()))))
     }
 }
@@ -168,10 +177,11 @@ impl ConvGeometry {
     /// The padded input laid out channel-major, the batch inside each channel
     /// ([C_in, B, H_p, W_p]), so a stride-1 product per tap covers every image: its columns run
     /// over all B planes of a channel (the rows between images are junk, dropped with the
-    /// extra columns). k spare values at the end: the last tap reads up to k − 2 past it.
+    /// extra columns). Spare values at the end: the last tap of the shifted products reads up
+    /// to k − 2 past it, the direct convolution up to two of its tiles further.
     fn padded(&self, x: &[f32], h: usize, wd: usize, p: usize) -> Vec<f32> {
         let (b, plane, wp) = (self.b, self.plane(), self.wp);
-        let mut xp = vec![0f32; self.cin * b * plane + self.k];
+        let mut xp = vec![0f32; self.cin * b * plane + self.k + 2 * direct::TILE_COLUMNS];
         xp[..self.cin * b * plane].par_chunks_mut(plane).enumerate().for_each(|(cb, dst)| {
             let (ci, bi) = (cb / b, cb % b);
             let src = &x[(bi * self.cin + ci) * h * wd..][..h * wd];
@@ -187,10 +197,16 @@ impl ConvGeometry {
     /// the padded width each tap is one product whose right operand is the padded input at
     /// offset i·W_p + j. The columns are split in tiles (one task each, products single-threaded)
     /// so a tile's output stays in cache across its k² accumulations.
-    fn shifted_products(&self, xp: &[f32], w: &[f32], bias: &[f32]) -> Vec<f32> {
+    fn shifted_products(&self, xp: &[f32], w: &[f32], bias: &[f32], direct: bool) -> Vec<f32> {
         let (b, cin, cout, k, wp, plane) = (self.b, self.cin, self.cout, self.k, self.wp, self.plane());
-        let (oh, ow) = (self.oh(), self.ow());
+        let oh = self.oh();
         let n = (b - 1) * plane + oh * wp;
+        if direct {
+            let offsets: Vec<usize> = (0..k * k).map(|tap| (tap / k) * wp + tap % k).collect();
+            let columns = n.next_multiple_of(direct::TILE_COLUMNS);
+            let d = direct::Direct { xp, channel_stride: b * plane, w, bias, cin, cout, offsets: &offsets, columns };
+            return self.unpadded(&d.run(), columns, None);
+        }
         let mut outp = vec![0f32; cout * n];
         // Tiles in parallel with single-threaded products when there are enough of them;
         // otherwise (small feature maps, wide layers) one tile with the product threaded.
@@ -222,10 +238,18 @@ impl ConvGeometry {
                 }
             }
         });
+        self.unpadded(&outp, n, Some(bias))
+    }
+
+    /// `[B, C_out, oh, ow]` from products `[C_out × n]` over padded-width rows (the extra
+    /// columns dropped), adding the bias when the products lack it.
+    fn unpadded(&self, outp: &[f32], n: usize, bias: Option<&[f32]>) -> Vec<f32> {
+        let (b, cout, wp, plane) = (self.b, self.cout, self.wp, self.plane());
+        let (oh, ow) = (self.oh(), self.ow());
         let mut out = vec![0f32; b * cout * oh * ow];
         out.par_chunks_mut(oh * ow).enumerate().for_each(|(bc, dst)| {
             let (bi, co) = (bc / cout, bc % cout);
-            let bv = bias[co];
+            let bv = bias.map_or(0.0, |b| b[co]);
             let src = &outp[co * n + bi * plane..];
             for (drow, srow) in dst.chunks_mut(ow).zip(src.chunks(wp)) {
                 for (d, s) in drow.iter_mut().zip(srow) {
@@ -614,19 +638,26 @@ mod tests {
             (1, 2, 3, 7, 3, 2, 1),
             (1, 4, 4, 640, 3, 1, 1),
             (0, 4, 4, 8, 3, 1, 1),
+            // Direct convolution: more than one task of rows (64) and of columns (192), input
+            // channels in two chunks (64), every register-tile height (8, 4, 2, 1) at the end.
+            (2, 70, 79, 15, 3, 1, 1),
+            (1, 130, 9, 6, 1, 0, 1),
         ];
         for (i, &(b, cin, cout, side, k, p, st)) in cases.iter().enumerate() {
             let x = randn(i as u64, &[b, cin, side, side]);
             let w = randn(100 + i as u64, &[cout, cin, k, k]);
             let bias = randn(200 + i as u64, &[cout]);
-            let ours = x.apply_op3_no_bwd(&w, &bias, &Conv { padding: p, stride: st }).unwrap();
             let want =
                 x.conv2d(&w, p, st, 1, 1).unwrap().broadcast_add(&bias.reshape((1, cout, 1, 1)).unwrap()).unwrap();
-            if b == 0 {
-                assert_eq!(ours.dims(), want.dims(), "an empty batch");
-                continue;
+            // The direct convolution only where this CPU has AVX-512 (else both are the gemm path).
+            for direct in [false, true] {
+                let ours = x.apply_op3_no_bwd(&w, &bias, &Conv { padding: p, stride: st, direct }).unwrap();
+                if b == 0 {
+                    assert_eq!(ours.dims(), want.dims(), "an empty batch");
+                    continue;
+                }
+                assert!(rel(&ours, &want) < 1e-5, "case {i}, direct {direct}: {}", rel(&ours, &want));
             }
-            assert!(rel(&ours, &want) < 1e-5, "case {i}: {}", rel(&ours, &want));
         }
     }
 

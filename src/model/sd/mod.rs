@@ -7,6 +7,7 @@
 
 mod clip;
 pub(crate) mod config;
+mod direct;
 mod kernels;
 mod load;
 mod merge;

@@ -30,7 +30,7 @@ impl Module for Conv2d {
             Some(b) if x.device().is_cpu() && c.dilation == 1 && c.groups == 1 => x.contiguous()?.apply_op3_no_bwd(
                 self.inner.weight(),
                 b,
-                &kernels::Conv { padding: c.padding, stride: c.stride },
+                &kernels::Conv { padding: c.padding, stride: c.stride, direct: true },
             ),
             _ => self.inner.forward(x),
         }
