@@ -230,7 +230,7 @@ impl SdModel {
             )));
         }
         let x = pixels.to_device(&self.device).and_then(|x| x.to_dtype(DType::F32)).map_err(cerr)?;
-        let mean = self.vae.encode_mean(&x).map_err(cerr)?;
+        let mean = kernels::on_workers(|| self.vae.encode_mean(&x)).map_err(cerr)?;
         (mean * self.vae.cfg.scaling_factor).map_err(cerr)
     }
 
@@ -243,7 +243,7 @@ impl SdModel {
         }
         let z = z.to_device(&self.device).and_then(|x| x.to_dtype(DType::F32)).map_err(cerr)?;
         let z = (z / self.vae.cfg.scaling_factor).map_err(cerr)?;
-        self.vae.decode(&z).map_err(cerr)
+        kernels::on_workers(|| self.vae.decode(&z)).map_err(cerr)
     }
 
     /// Token ids of each caption as the SD pipeline lays them out (BOS, tokens, EOS, padding;
@@ -261,7 +261,7 @@ impl SdModel {
         let l = self.tokenizer.max_length;
         let flat: Vec<u32> = ids.into_iter().flatten().collect();
         let ids = Tensor::from_vec(flat, (captions.len(), l), &self.device).map_err(cerr)?;
-        self.text.forward(&ids).map_err(cerr)
+        kernels::on_workers(|| self.text.forward(&ids)).map_err(cerr)
     }
 
     /// The text encoder's last hidden state for token ids `[B, L]` (u32).
@@ -271,7 +271,7 @@ impl SdModel {
             return Err(usage(format!("{l} tokens: the text encoder takes 1 to {}", self.text.cfg.positions)));
         }
         let ids = ids.to_device(&self.device).and_then(|x| x.to_dtype(DType::U32)).map_err(cerr)?;
-        self.text.forward(&ids).map_err(cerr)
+        kernels::on_workers(|| self.text.forward(&ids)).map_err(cerr)
     }
 
     fn check_unet_input(&self, x: &Tensor, context: &Tensor) -> Result<()> {
@@ -311,7 +311,7 @@ impl SdModel {
         let ts: Vec<f64> = t.iter().map(|&t| t as f64).collect();
         let x = x_t.to_device(&self.device).and_then(|x| x.to_dtype(DType::F32)).map_err(cerr)?;
         let ctx = context.to_device(&self.device).and_then(|x| x.to_dtype(DType::F32)).map_err(cerr)?;
-        self.unet.forward(&x, &ts, &ctx).map_err(cerr)
+        kernels::on_workers(|| self.unet.forward(&x, &ts, &ctx)).map_err(cerr)
     }
 
     /// Deterministic DDIM (η = 0) from `noise` `[B, C, h, w]` in `steps` steps under
@@ -342,18 +342,20 @@ impl SdModel {
         let ctx =
             if guided { Tensor::cat(&[&expand(uncond)?, &expand(cond)?], 0).map_err(cerr)? } else { expand(cond)? };
         let mut x = noise.to_device(dev).and_then(|x| x.to_dtype(DType::F32)).map_err(cerr)?;
-        for &t in &timesteps {
-            let out = if guided {
-                let both = Tensor::cat(&[&x, &x], 0).map_err(cerr)?;
-                let o = self.unet.forward(&both, &[t as f64], &ctx).map_err(cerr)?;
-                let (u, c) = (o.narrow(0, 0, b).map_err(cerr)?, o.narrow(0, b, b).map_err(cerr)?);
-                (&u + ((c - &u).map_err(cerr)? * guidance).map_err(cerr)?).map_err(cerr)?
-            } else {
-                self.unet.forward(&x, &[t as f64], &ctx).map_err(cerr)?
-            };
-            x = self.schedule.ddim_step(&x, &out, t, steps)?;
-        }
-        Ok(x)
+        kernels::on_workers(|| {
+            for &t in &timesteps {
+                let out = if guided {
+                    let both = Tensor::cat(&[&x, &x], 0).map_err(cerr)?;
+                    let o = self.unet.forward(&both, &[t as f64], &ctx).map_err(cerr)?;
+                    let (u, c) = (o.narrow(0, 0, b).map_err(cerr)?, o.narrow(0, b, b).map_err(cerr)?);
+                    (&u + ((c - &u).map_err(cerr)? * guidance).map_err(cerr)?).map_err(cerr)?
+                } else {
+                    self.unet.forward(&x, &[t as f64], &ctx).map_err(cerr)?
+                };
+                x = self.schedule.ddim_step(&x, &out, t, steps)?;
+            }
+            Ok(x)
+        })
     }
 }
 
