@@ -29,6 +29,10 @@ use lorascope::BaseModel;
 
 use common::{median, Reference};
 
+/// The command line's allocator (src/main.rs), so the bench times what `lorascope` runs.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const SD15_DIR: &str = "target/bench-sd15";
 
 /// This process's peak resident set (VmHWM) in bytes, and its reset (clear_refs 5).

@@ -20,6 +20,11 @@ use lorascope::shown;
 use lorascope::spectral::SpectrumOptions;
 use lorascope::{Adapter, BaseModel};
 
+/// mimalloc rather than glibc's allocator: it keeps the pages of freed feature maps for the
+/// next layer instead of returning them to the kernel (see Cargo.toml).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "lorascope",

@@ -17,8 +17,10 @@
 //! block the work for cache as direct convolutions do (Zhang, Low & Franchetti, "High
 //! performance zero-memory overhead direct convolutions", ICML 2018): 64 output channels × 192
 //! columns per task, input channels in chunks of 64, so one chunk's weights (147 KiB), input
-//! (≤ 64 × (192 + 2·W_p + 2) floats) and the task's outputs stay in a core's L2 cache while every
-//! register tile of the task reuses them.
+//! (≤ 64 × (192 + 2·W_p + 2) floats) and the task's sums (48 KiB, its own buffer) stay in a
+//! core's L2 cache while every register tile of the task reuses them. A task ends by copying its
+//! output pixels (the columns that are not padding) to their place in `[B, C_out, oh, ow]`, so
+//! the padded-width products never exist as a whole feature map.
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::{__m512, _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_set1_ps, _mm512_storeu_ps};
@@ -47,6 +49,17 @@ pub(super) fn available() -> bool {
     }
 }
 
+/// Where the output columns (pixels in padded-width rows, images `plane` floats apart) land:
+/// column `n` is pixel (y, x) of image `n / plane`, at `(n % plane) / wp`, `n % wp`; only
+/// `y < oh`, `x < ow` of the `images` images are outputs, written to `[images, cout, oh, ow]`.
+pub(super) struct OutputGeometry {
+    pub images: usize,
+    pub plane: usize,
+    pub wp: usize,
+    pub oh: usize,
+    pub ow: usize,
+}
+
 /// What one direct convolution reads and writes.
 pub(super) struct Direct<'a> {
     /// The padded input, `cin` channels `channel_stride` floats apart, with at least
@@ -63,6 +76,7 @@ pub(super) struct Direct<'a> {
     pub offsets: &'a [usize],
     /// Output columns to compute (a multiple of [`TILE_COLUMNS`]).
     pub columns: usize,
+    pub output: OutputGeometry,
 }
 
 impl Direct<'_> {
@@ -71,35 +85,76 @@ impl Direct<'_> {
         offsets.iter().max().copied().unwrap_or(0) + TILE_COLUMNS
     }
 
-    /// `[cout × columns]`, row-major, bias included. The caller checks [`available`] first.
+    /// `[images, cout, oh, ow]`, bias included. The caller checks [`available`] first.
     pub(super) fn run(&self) -> Vec<f32> {
-        let (cout, n) = (self.cout, self.columns);
+        let (cout, n, g) = (self.cout, self.columns, &self.output);
         assert!(available() && n.is_multiple_of(TILE_COLUMNS), "direct convolution: AVX-512 and whole tiles");
         let kk = self.offsets.len();
         assert!(self.w.len() == cout * self.cin * kk && self.bias.len() == cout);
         let last = (self.cin - 1) * self.channel_stride + n + Self::slack(self.offsets);
         assert!(self.xp.len() >= last, "direct convolution: input without its slack");
-        let mut out = vec![0f32; cout * n];
+        assert!(g.ow <= g.wp && g.oh * g.wp <= g.plane && (g.images - 1) * g.plane + g.oh * g.wp <= n);
+        let len = g.images * cout * g.oh * g.ow;
+        let mut out: Vec<f32> = Vec::with_capacity(len);
         let dst = super::kernels::SharedMut(out.as_mut_ptr());
         let (row_tasks, col_tasks) = (cout.div_ceil(TASK_ROWS), n.div_ceil(TASK_COLUMNS));
         (0..row_tasks * col_tasks).into_par_iter().for_each(|t| {
             let (r0, c0) = ((t / col_tasks) * TASK_ROWS, (t % col_tasks) * TASK_COLUMNS);
             let (rows, cols) = (TASK_ROWS.min(cout - r0), TASK_COLUMNS.min(n - c0));
-            // SAFETY: the task writes rows r0..r0+rows × columns c0..c0+cols of `out` (tasks
-            // disjoint); reads stay inside xp (checked above) and w.
+            // The task's sums, accumulated over the input-channel chunks in cache.
+            let mut sums = vec![0f32; TASK_ROWS * TASK_COLUMNS];
+            // SAFETY: the task writes rows 0..rows × columns 0..cols of `sums`; reads stay
+            // inside xp (checked above) and w.
             #[cfg(target_arch = "x86_64")]
             unsafe {
-                self.task(dst.get(), r0, rows, c0, cols)
+                self.task(sums.as_mut_ptr(), r0, rows, c0, cols)
             }
+            // SAFETY: each output element is the one column n = image·plane + y·wp + x < n
+            // (asserted above), which lies in exactly one task's columns: tasks write
+            // disjoint elements of `out`, all inside its capacity.
+            unsafe { self.store(&sums, dst.get(), r0, rows, c0, cols) }
         });
+        // SAFETY: every element below `len` was written by the task owning its column.
+        unsafe { out.set_len(len) };
         out
     }
 
-    /// One task: input channels in chunks, every register tile of the task per chunk.
+    /// Copies the output pixels among a task's columns from its sums to `[images, cout, oh,
+    /// ow]`, in runs of consecutive pixels of one row.
+    unsafe fn store(&self, sums: &[f32], out: *mut f32, r0: usize, rows: usize, c0: usize, cols: usize) {
+        let g = &self.output;
+        let end = c0 + cols;
+        let mut col = c0;
+        while col < end {
+            let (image, rem) = (col / g.plane, col % g.plane);
+            let (y, x) = (rem / g.wp, rem % g.wp);
+            if image >= g.images {
+                break;
+            }
+            if y >= g.oh {
+                col = (image + 1) * g.plane;
+                continue;
+            }
+            if x >= g.ow {
+                col += g.wp - x;
+                continue;
+            }
+            let run = (g.ow - x).min(end - col);
+            for r in 0..rows {
+                let src = &sums[r * TASK_COLUMNS + (col - c0)..][..run];
+                let at = ((image * self.cout + r0 + r) * g.oh + y) * g.ow + x;
+                std::ptr::copy_nonoverlapping(src.as_ptr(), out.add(at), run);
+            }
+            col += run;
+        }
+    }
+
+    /// One task: input channels in chunks, every register tile of the task per chunk, into
+    /// `sums` (`[TASK_ROWS × TASK_COLUMNS]`, the task's first row and column at its start).
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
-    unsafe fn task(&self, out: *mut f32, r0: usize, rows: usize, c0: usize, cols: usize) {
-        let (n, kk) = (self.columns, self.offsets.len());
+    unsafe fn task(&self, sums: *mut f32, r0: usize, rows: usize, c0: usize, cols: usize) {
+        let kk = self.offsets.len();
         for ci0 in (0..self.cin).step_by(CHANNEL_CHUNK) {
             let chunk = CHANNEL_CHUNK.min(self.cin - ci0);
             let first = ci0 == 0;
@@ -123,8 +178,8 @@ impl Direct<'_> {
                         w: self.w.as_ptr().add(co * self.cin * kk + ci0 * kk),
                         w_row: self.cin * kk,
                         channels: chunk,
-                        out: out.add(co * n + col),
-                        out_row: n,
+                        out: sums.add((co - r0) * TASK_COLUMNS + (col - c0)),
+                        out_row: TASK_COLUMNS,
                         bias: first.then(|| self.bias.as_ptr().add(co)),
                     };
                     match m {

@@ -107,9 +107,11 @@ impl SharedMut {
 }
 
 /// Convolution with zero padding, input `[B, C_in, H, W]`, weight `[C_out, C_in, k, k]`, bias
-/// `[C_out]`; output `[B, C_out, (H + 2p − k)/s + 1, (W + 2p − k)/s + 1]`.
+/// `[C_out]`; output `[B, C_out, (H + 2p + e − k)/s + 1, (W + 2p + e − k)/s + 1]` (e: `pad_end`).
 pub(crate) struct Conv {
     pub padding: usize,
+    /// Zero rows and columns after the last, on top of `padding` (an asymmetric pad).
+    pub pad_end: usize,
     pub stride: usize,
     /// The direct convolution (direct.rs) where the CPU has AVX-512; false forces the shifted
     /// `gemm` products (tests compare the two).
@@ -145,10 +147,11 @@ impl CustomOp3 for Conv {
         let (b, cin, h, wd) = xl.shape().dims4()?;
         let (cout, wcin, kh, kw) = wl.shape().dims4()?;
         let (p, st) = (self.padding, self.stride);
-        if wcin != cin || kh != kw || bias.len() != cout || h + 2 * p < kh || wd + 2 * p < kw || st == 0 {
+        let (hp, wp) = (h + 2 * p + self.pad_end, wd + 2 * p + self.pad_end);
+        if wcin != cin || kh != kw || bias.len() != cout || hp < kh || wp < kw || st == 0 {
             candle_core::bail!("sd-conv2d: input {:?}, weight {:?}, bias {}", xl.dims(), wl.dims(), bias.len());
         }
-        let geo = ConvGeometry { b, cin, cout, k: kh, hp: h + 2 * p, wp: wd + 2 * p, stride: st };
+        let geo = ConvGeometry { b, cin, cout, k: kh, hp, wp, stride: st };
         if cin == 0 || kh == 0 || h == 0 || wd == 0 {
             candle_core::bail!("sd-conv2d: zero-size input {:?} or weight {:?}", xl.dims(), wl.dims());
         }
@@ -218,8 +221,19 @@ impl ConvGeometry {
         if direct {
             let offsets: Vec<usize> = (0..k * k).map(|tap| (tap / k) * wp + tap % k).collect();
             let columns = n.next_multiple_of(direct::TILE_COLUMNS);
-            let d = direct::Direct { xp, channel_stride: b * plane, w, bias, cin, cout, offsets: &offsets, columns };
-            return self.unpadded(&d.run(), columns, None);
+            let output = direct::OutputGeometry { images: b, plane, wp, oh, ow: self.ow() };
+            let d = direct::Direct {
+                xp,
+                channel_stride: b * plane,
+                w,
+                bias,
+                cin,
+                cout,
+                offsets: &offsets,
+                columns,
+                output,
+            };
+            return d.run();
         }
         let mut outp = vec![0f32; cout * n];
         // Tiles in parallel with single-threaded products when there are enough of them;
@@ -252,18 +266,18 @@ impl ConvGeometry {
                 }
             }
         });
-        self.unpadded(&outp, n, Some(bias))
+        self.unpadded(&outp, n, bias)
     }
 
     /// `[B, C_out, oh, ow]` from products `[C_out × n]` over padded-width rows (the extra
-    /// columns dropped), adding the bias when the products lack it.
-    fn unpadded(&self, outp: &[f32], n: usize, bias: Option<&[f32]>) -> Vec<f32> {
+    /// columns dropped), adding the bias.
+    fn unpadded(&self, outp: &[f32], n: usize, bias: &[f32]) -> Vec<f32> {
         let (b, cout, wp, plane) = (self.b, self.cout, self.wp, self.plane());
         let (oh, ow) = (self.oh(), self.ow());
         let mut out = vec![0f32; b * cout * oh * ow];
         out.par_chunks_mut(oh * ow).enumerate().for_each(|(bc, dst)| {
             let (bi, co) = (bc / cout, bc % cout);
-            let bv = bias.map_or(0.0, |b| b[co]);
+            let bv = bias[co];
             let src = &outp[co * n + bi * plane..];
             for (drow, srow) in dst.chunks_mut(ow).zip(src.chunks(wp)) {
                 for (d, s) in drow.iter_mut().zip(srow) {
@@ -642,30 +656,38 @@ mod tests {
 
     #[test]
     fn convolutions_match_candles_for_every_stride_padding_and_kernel() {
-        // (batch, c_in, c_out, side, k, padding, stride); the last is large enough for the
-        // tiled path on a 2-core machine (its columns exceed 4 tiles per thread).
+        // (batch, c_in, c_out, side, k, padding, stride, end padding); (1, 4, 4, 640, …) is
+        // large enough for the tiled path on a 2-core machine (its columns exceed 4 tiles per
+        // thread).
         let cases = [
-            (2, 5, 7, 9, 3, 1, 1),
-            (3, 4, 6, 8, 1, 0, 1),
-            (1, 3, 8, 11, 3, 0, 2),
-            (2, 6, 4, 10, 3, 1, 2),
-            (1, 2, 3, 7, 3, 2, 1),
-            (1, 4, 4, 640, 3, 1, 1),
-            (0, 4, 4, 8, 3, 1, 1),
+            (2, 5, 7, 9, 3, 1, 1, 0),
+            (3, 4, 6, 8, 1, 0, 1, 0),
+            (1, 3, 8, 11, 3, 0, 2, 0),
+            (2, 6, 4, 10, 3, 1, 2, 0),
+            (1, 2, 3, 7, 3, 2, 1, 0),
+            (1, 4, 4, 640, 3, 1, 1, 0),
+            (0, 4, 4, 8, 3, 1, 1, 0),
             // Direct convolution: more than one task of rows (64) and of columns (192), input
             // channels in two chunks (64), every register-tile height (8, 4, 2, 1) at the end.
-            (2, 70, 79, 15, 3, 1, 1),
-            (1, 130, 9, 6, 1, 0, 1),
+            (2, 70, 79, 15, 3, 1, 1, 0),
+            (1, 130, 9, 6, 1, 0, 1, 0),
+            // diffusers' (0, 1, 0, 1) pad before a padding-0 stride-2 downsampler, on even
+            // and odd sides; and an end pad on the stride-1 paths.
+            (2, 6, 5, 10, 3, 0, 2, 1),
+            (1, 9, 4, 7, 3, 0, 2, 1),
+            (2, 5, 9, 8, 3, 1, 1, 1),
         ];
-        for (i, &(b, cin, cout, side, k, p, st)) in cases.iter().enumerate() {
+        for (i, &(b, cin, cout, side, k, p, st, e)) in cases.iter().enumerate() {
             let x = randn(i as u64, &[b, cin, side, side]);
             let w = randn(100 + i as u64, &[cout, cin, k, k]);
             let bias = randn(200 + i as u64, &[cout]);
+            let padded = x.pad_with_zeros(3, 0, e).unwrap().pad_with_zeros(2, 0, e).unwrap();
             let want =
-                x.conv2d(&w, p, st, 1, 1).unwrap().broadcast_add(&bias.reshape((1, cout, 1, 1)).unwrap()).unwrap();
+                padded.conv2d(&w, p, st, 1, 1).unwrap().broadcast_add(&bias.reshape((1, cout, 1, 1)).unwrap()).unwrap();
             // The direct convolution only where this CPU has AVX-512 (else both are the gemm path).
             for direct in [false, true] {
-                let ours = x.apply_op3_no_bwd(&w, &bias, &Conv { padding: p, stride: st, direct }).unwrap();
+                let op = Conv { padding: p, pad_end: e, stride: st, direct };
+                let ours = x.apply_op3_no_bwd(&w, &bias, &op).unwrap();
                 if b == 0 {
                     assert_eq!(ours.dims(), want.dims(), "an empty batch");
                     continue;

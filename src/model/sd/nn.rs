@@ -21,6 +21,16 @@ const ATTENTION_SCORE_BYTES: usize = 256 << 20;
 #[derive(Debug)]
 pub(crate) struct Conv2d {
     inner: candle_nn::Conv2d,
+    /// Zero rows and columns added after the input's last (diffusers' `F.pad(x, (0, 1, 0, 1))`
+    /// before its padding-0 downsamplers), on top of the symmetric padding.
+    pad_end: usize,
+}
+
+impl Conv2d {
+    /// The same convolution with `n` more zero rows and columns after the input's last.
+    pub fn with_end_padding(self, n: usize) -> Self {
+        Conv2d { pad_end: n, ..self }
+    }
 }
 
 impl Module for Conv2d {
@@ -30,8 +40,11 @@ impl Module for Conv2d {
             Some(b) if x.device().is_cpu() && c.dilation == 1 && c.groups == 1 => x.contiguous()?.apply_op3_no_bwd(
                 self.inner.weight(),
                 b,
-                &kernels::Conv { padding: c.padding, stride: c.stride, direct: true },
+                &kernels::Conv { padding: c.padding, pad_end: self.pad_end, stride: c.stride, direct: true },
             ),
+            _ if self.pad_end > 0 => {
+                self.inner.forward(&x.pad_with_zeros(3, 0, self.pad_end)?.pad_with_zeros(2, 0, self.pad_end)?)
+            }
             _ => self.inner.forward(x),
         }
     }
@@ -46,7 +59,7 @@ pub(crate) fn conv(
     padding: usize,
 ) -> CResult<Conv2d> {
     let cfg = Conv2dConfig { padding, stride, ..Default::default() };
-    Ok(Conv2d { inner: candle_nn::conv2d(cin, cout, k, cfg, vb)? })
+    Ok(Conv2d { inner: candle_nn::conv2d(cin, cout, k, cfg, vb)?, pad_end: 0 })
 }
 
 /// torch's `GroupNorm` (affine), optionally followed by SiLU in the same pass on the CPU.

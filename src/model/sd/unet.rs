@@ -139,7 +139,6 @@ struct Level {
     /// Downsampler (stride-2 conv, with diffusers' (0,1,0,1) zero pad when its padding is 0)
     /// or upsampler (nearest ×2, then a 3×3 conv).
     sampler: Option<Conv2d>,
-    pad_before: bool,
 }
 
 #[derive(Debug)]
@@ -166,7 +165,7 @@ impl Unet {
         let mut down = vec![];
         for (i, &c) in ch.iter().enumerate() {
             let vbl = vb.pp("down_blocks").pp(i);
-            let mut level = Level { resnets: vec![], attentions: vec![], sampler: None, pad_before: false };
+            let mut level = Level { resnets: vec![], attentions: vec![], sampler: None };
             for j in 0..cfg.layers_per_block {
                 let cin = if j == 0 { ch[i.saturating_sub(1)] } else { c };
                 level.resnets.push(Resnet::load(vbl.pp("resnets").pp(j), cin, c, rc(1.0))?);
@@ -177,8 +176,8 @@ impl Unet {
             }
             if i + 1 < n {
                 let p = cfg.downsample_padding;
-                level.sampler = Some(nn::conv(vbl.pp("downsamplers.0.conv"), c, c, 3, 2, p)?);
-                level.pad_before = p == 0;
+                let conv = nn::conv(vbl.pp("downsamplers.0.conv"), c, c, 3, 2, p)?;
+                level.sampler = Some(conv.with_end_padding(usize::from(p == 0)));
             }
             down.push(level);
         }
@@ -195,7 +194,7 @@ impl Unet {
             let prev = if i == 0 { ch[last] } else { ch[n - i] };
             let input = ch[level_of.saturating_sub(1)];
             let vbl = vb.pp("up_blocks").pp(i);
-            let mut level = Level { resnets: vec![], attentions: vec![], sampler: None, pad_before: false };
+            let mut level = Level { resnets: vec![], attentions: vec![], sampler: None };
             for j in 0..=cfg.layers_per_block {
                 let skip = if j == cfg.layers_per_block { input } else { out };
                 let cin = if j == 0 { prev } else { out };
@@ -283,9 +282,6 @@ impl Unet {
                 skips.push(h.clone());
             }
             if let Some(s) = &level.sampler {
-                if level.pad_before {
-                    h = h.pad_with_zeros(3, 0, 1)?.pad_with_zeros(2, 0, 1)?;
-                }
                 h = s.forward(&h)?;
                 skips.push(h.clone());
             }

@@ -106,7 +106,9 @@ impl Vae {
                 .map(|j| Resnet::load(vbl.pp("resnets").pp(j), if j == 0 { ch[i.saturating_sub(1)] } else { c }, c, rc))
                 .collect::<CResult<_>>()?;
             // Downsample2D(padding=0): zero pad right and bottom by one, then a stride-2 conv.
-            let sampler = (i + 1 < n).then(|| nn::conv(vbl.pp("downsamplers.0.conv"), c, c, 3, 2, 0)).transpose()?;
+            let sampler = (i + 1 < n)
+                .then(|| nn::conv(vbl.pp("downsamplers.0.conv"), c, c, 3, 2, 0).map(|s| s.with_end_padding(1)))
+                .transpose()?;
             enc_blocks.push(Block { resnets, sampler });
         }
         let dec = vb.pp("decoder");
@@ -150,7 +152,7 @@ impl Vae {
                 h = r.forward(&h, None)?;
             }
             if let Some(s) = &b.sampler {
-                h = s.forward(&h.pad_with_zeros(3, 0, 1)?.pad_with_zeros(2, 0, 1)?)?;
+                h = s.forward(&h)?;
             }
         }
         h = self.enc_mid.forward(&h)?;
