@@ -5,10 +5,10 @@
 //! weights are read under these names too (the caller maps them, penultimate layer last).
 
 use candle_core::{Device, Module, Tensor};
-use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
+use candle_nn::{Embedding, LayerNorm, VarBuilder};
 
 use super::config::{Act, ClipConfig};
-use super::nn;
+use super::nn::{self, Linear};
 use crate::model::CResult;
 
 #[derive(Debug)]
@@ -82,13 +82,13 @@ impl ClipText {
             let h = l.ln1.forward(&x)?;
             let a =
                 nn::attention(&l.q.forward(&h)?, &l.k.forward(&h)?, &l.v.forward(&h)?, self.cfg.heads, Some(&mask))?;
-            x = (l.out.forward(&a)? + x)?;
+            x = nn::add(&l.out.forward(&a)?, &x)?;
             let h = l.fc1.forward(&l.ln2.forward(&x)?)?;
             let h = match self.cfg.act {
                 Act::QuickGelu => nn::quick_gelu(&h)?,
                 Act::Gelu => nn::gelu(&h)?,
             };
-            x = (l.fc2.forward(&h)? + x)?;
+            x = nn::add(&l.fc2.forward(&h)?, &x)?;
         }
         self.final_norm.forward(&x)
     }

@@ -18,7 +18,7 @@
 //! Each is a candle `CustomOp` on CPU f32 storage; the matrix products are the `gemm` crate's,
 //! which candle itself uses. Callers use candle's own operations on other devices (nn.rs).
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -547,6 +547,99 @@ impl CustomOp1 for Geglu {
     }
 }
 
+/// How [`Add`]'s second operand spreads over the first.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) enum Spread {
+    /// The same shape: element by element.
+    Same,
+    /// A row `[N]` added to every row of `[…, N]` (a linear layer's bias).
+    Rows,
+    /// One value per plane of `[B, C, H, W]`, `[B·C]` or `[C]` (the projected time embedding
+    /// added to a resnet's feature map).
+    Planes,
+}
+
+/// (a + b) / divisor with `b` spread over `a` as [`Spread`] says (divided, as diffusers divides
+/// by `output_scale_factor`, so the results are torch's to the bit). candle's own binary operations
+/// run on a second thread pool of candle's beside rayon's, whose idle thread keeps polling
+/// after each operation: on two cores, a third of the micro VAE's time went to it and to
+/// waiting on it. Chunks of [`ADD_CHUNK`] values are the parallel tasks, so small tensors are
+/// added on the calling thread alone.
+pub(crate) struct Add {
+    pub spread: Spread,
+    pub divisor: f32,
+}
+
+const ADD_CHUNK: usize = 1 << 18;
+
+impl CustomOp2 for Add {
+    fn name(&self) -> &'static str {
+        "sd-add"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (a, b) = (f32s(s1, l1, "sum's first operand")?, f32s(s2, l2, "sum's second operand")?);
+        let dims = l1.dims();
+        // Values of `a` that share one value of `b` (Planes), or b's period (Rows).
+        let group = match self.spread {
+            Spread::Same if b.len() == a.len() => 1,
+            Spread::Rows if dims.last().is_some_and(|&n| n == b.len()) => b.len(),
+            Spread::Planes if dims.len() == 4 && !b.is_empty() && (dims[0] * dims[1]).is_multiple_of(b.len()) => {
+                dims[2] * dims[3]
+            }
+            _ => candle_core::bail!("sd-add: {:?} and {:?} do not spread as {:?}", dims, l2.dims(), self.spread),
+        };
+        let mut out: Vec<f32> = Vec::with_capacity(a.len());
+        let chunk = if group == 0 { ADD_CHUNK } else { ADD_CHUNK.next_multiple_of(group) };
+        let (spread, div) = (self.spread, self.divisor);
+        out.spare_capacity_mut().par_chunks_mut(chunk).zip(a.par_chunks(chunk)).enumerate().for_each(
+            |(i, (dst, a))| {
+                let start = i * chunk;
+                match spread {
+                    Spread::Same => add_into(dst, a, &b[start..start + a.len()], div),
+                    Spread::Rows => {
+                        for (d, a) in dst.chunks_mut(group).zip(a.chunks(group)) {
+                            add_into(d, a, b, div);
+                        }
+                    }
+                    Spread::Planes => {
+                        for (p, (d, a)) in dst.chunks_mut(group).zip(a.chunks(group)).enumerate() {
+                            add_value(d, a, b[(start / group + p) % b.len()], div);
+                        }
+                    }
+                }
+            },
+        );
+        // SAFETY: the chunks cover all a.len() values of the capacity and each wrote its own.
+        unsafe { out.set_len(a.len()) };
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+multiversion! {
+/// dst = (a + b) / div.
+fn add_into(dst: &mut [std::mem::MaybeUninit<f32>], a: &[f32], b: &[f32], div: f32) {
+    let pairs = dst.iter_mut().zip(a).zip(b);
+    if div == 1.0 {
+        pairs.for_each(|((d, &a), &b)| _ = d.write(a + b));
+    } else {
+        pairs.for_each(|((d, &a), &b)| _ = d.write((a + b) / div));
+    }
+}
+}
+
+multiversion! {
+/// dst = (a + v) / div.
+fn add_value(dst: &mut [std::mem::MaybeUninit<f32>], a: &[f32], v: f32, div: f32) {
+    let pairs = dst.iter_mut().zip(a);
+    if div == 1.0 {
+        pairs.for_each(|(d, &a)| _ = d.write(a + v));
+    } else {
+        pairs.for_each(|(d, &a)| _ = d.write((a + v) / div));
+    }
+}
+}
+
 /// Query rows per block of scores: 128 rows × 4096 keys (SD 1.5's largest self-attention) is
 /// 2 MiB of f32, about a core's L2 cache; fewer rows make the products slower per value.
 const QUERY_BLOCK: usize = 128;
@@ -676,6 +769,8 @@ mod tests {
             (2, 6, 5, 10, 3, 0, 2, 1),
             (1, 9, 4, 7, 3, 0, 2, 1),
             (2, 5, 9, 8, 3, 1, 1, 1),
+            // Stride 2 with more than 64 channels each way, odd sides.
+            (2, 70, 66, 13, 3, 1, 2, 0),
         ];
         for (i, &(b, cin, cout, side, k, p, st, e)) in cases.iter().enumerate() {
             let x = randn(i as u64, &[b, cin, side, side]);
@@ -695,6 +790,42 @@ mod tests {
                 assert!(rel(&ours, &want) < 1e-5, "case {i}, direct {direct}: {}", rel(&ours, &want));
             }
         }
+    }
+
+    #[test]
+    fn sums_equal_candles_broadcast_additions_to_the_bit() {
+        // Shapes below ADD_CHUNK (one task) and above it (two).
+        for (i, dims) in [[2usize, 6, 5, 7], [3, 40, 64, 48]].iter().enumerate() {
+            let (n, c, w) = (dims[0], dims[1], dims[3]);
+            let a = randn(10 + i as u64, dims);
+            let same = randn(20 + i as u64, dims);
+            let add =
+                |b: &Tensor, spread: Spread, divisor: f32| a.apply_op2_no_bwd(b, &Add { spread, divisor }).unwrap();
+            let exact = |x: &Tensor, y: &Tensor| {
+                x.flatten_all().unwrap().to_vec1::<f32>().unwrap() == y.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            };
+            assert!(exact(&add(&same, Spread::Same, 1.0), &(&a + &same).unwrap()));
+            // A true division, as diffusers divides by output_scale_factor (candle's `/ 3.0`
+            // multiplies by the reciprocal, which differs in the last bit).
+            let (av, sv) = (
+                a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                same.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            );
+            let divided: Vec<f32> = av.iter().zip(&sv).map(|(x, y)| (x + y) / 3.0).collect();
+            let got = add(&same, Spread::Same, 3.0).flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(got, divided);
+            let row = randn(30 + i as u64, &[w]);
+            assert!(exact(&add(&row, Spread::Rows, 1.0), &a.broadcast_add(&row).unwrap()));
+            let per_image = randn(40 + i as u64, &[n, c]);
+            let want = a.broadcast_add(&per_image.reshape((n, c, 1, 1)).unwrap()).unwrap();
+            assert!(exact(&add(&per_image, Spread::Planes, 1.0), &want));
+            let shared = randn(50 + i as u64, &[1, c]);
+            let want = a.broadcast_add(&shared.reshape((1, c, 1, 1)).unwrap()).unwrap();
+            assert!(exact(&add(&shared, Spread::Planes, 1.0), &want));
+        }
+        let a = randn(1, &[2, 3]);
+        assert!(a.apply_op2_no_bwd(&randn(2, &[4]), &Add { spread: Spread::Rows, divisor: 1.0 }).is_err());
+        assert!(a.apply_op2_no_bwd(&randn(2, &[2, 2]), &Add { spread: Spread::Same, divisor: 1.0 }).is_err());
     }
 
     #[test]

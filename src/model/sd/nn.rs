@@ -6,7 +6,7 @@
 //! slices of heads so the score matrices stay within a fixed budget), on candle's operations.
 
 use candle_core::{Module, Tensor, D};
-use candle_nn::{Conv2dConfig, Linear, VarBuilder};
+use candle_nn::{Conv2dConfig, VarBuilder};
 
 use super::kernels;
 use crate::model::CResult;
@@ -106,12 +106,58 @@ pub(crate) fn group_norm(vb: VarBuilder, groups: usize, channels: usize, eps: f6
     Ok(GroupNorm { weight: vb.get(channels, "weight")?, bias: vb.get(channels, "bias")?, groups, eps })
 }
 
-pub(crate) fn linear(vb: VarBuilder, cin: usize, cout: usize, bias: bool) -> CResult<Linear> {
-    if bias {
-        candle_nn::linear(cin, cout, vb)
-    } else {
-        candle_nn::linear_no_bias(cin, cout, vb)
+/// A linear layer `x·Wᵀ + b`: candle's product, the bias added by kernels.rs on the CPU.
+#[derive(Debug)]
+pub(crate) struct Linear {
+    product: candle_nn::Linear,
+    bias: Option<Tensor>,
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> CResult<Tensor> {
+        let y = self.product.forward(x)?;
+        match &self.bias {
+            Some(b) => add_spread(&y, b, kernels::Spread::Rows),
+            None => Ok(y),
+        }
     }
+}
+
+pub(crate) fn linear(vb: VarBuilder, cin: usize, cout: usize, bias: bool) -> CResult<Linear> {
+    let weight = vb.get((cout, cin), "weight")?;
+    let bias = bias.then(|| vb.get(cout, "bias")).transpose()?;
+    Ok(Linear { product: candle_nn::Linear::new(weight, None), bias })
+}
+
+/// a + b, tensors of one shape.
+pub(crate) fn add(a: &Tensor, b: &Tensor) -> CResult<Tensor> {
+    add_spread(a, b, kernels::Spread::Same)
+}
+
+/// a + b with `b` spread over `a` (kernels::Spread), divided by `divisor`; kernels.rs on the
+/// CPU, candle's broadcasting operations elsewhere.
+fn add_divided(a: &Tensor, b: &Tensor, spread: kernels::Spread, divisor: f64) -> CResult<Tensor> {
+    if a.device().is_cpu() {
+        let op = kernels::Add { spread, divisor: divisor as f32 };
+        return a.contiguous()?.apply_op2_no_bwd(&b.contiguous()?, &op);
+    }
+    let b = match spread {
+        kernels::Spread::Planes => {
+            let c = a.dim(1)?;
+            b.reshape((b.elem_count() / c, c, 1, 1))?
+        }
+        _ => b.clone(),
+    };
+    let sum = a.broadcast_add(&b)?;
+    if divisor == 1.0 {
+        Ok(sum)
+    } else {
+        sum / divisor
+    }
+}
+
+fn add_spread(a: &Tensor, b: &Tensor, spread: kernels::Spread) -> CResult<Tensor> {
+    add_divided(a, b, spread, 1.0)
 }
 
 pub(crate) fn layer_norm(vb: VarBuilder, dim: usize, eps: f64) -> CResult<candle_nn::LayerNorm> {
@@ -159,19 +205,14 @@ impl Resnet {
         let mut h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
         if let (Some(p), Some(t)) = (&self.time_emb_proj, temb) {
             let t = p.forward(&candle_nn::ops::silu(t)?)?;
-            h = h.broadcast_add(&t.unsqueeze(2)?.unsqueeze(3)?)?;
+            h = add_spread(&h, &t, kernels::Spread::Planes)?;
         }
         let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
         let skip = match &self.shortcut {
             Some(s) => s.forward(x)?,
             None => x.clone(),
         };
-        let out = (skip + h)?;
-        if self.scale == 1.0 {
-            Ok(out)
-        } else {
-            out / self.scale
-        }
+        add_divided(&skip, &h, kernels::Spread::Same, self.scale)
     }
 }
 

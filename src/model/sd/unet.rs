@@ -7,10 +7,10 @@
 //! read under diffusers' names; the caller's `VarBuilder` maps them to the base's keys.
 
 use candle_core::{Device, Module, Tensor};
-use candle_nn::{LayerNorm, Linear, VarBuilder};
+use candle_nn::{LayerNorm, VarBuilder};
 
 use super::config::UnetConfig;
-use super::nn::{self, Conv2d, GroupNorm, Resnet, ResnetCfg};
+use super::nn::{self, Conv2d, GroupNorm, Linear, Resnet, ResnetCfg};
 use crate::model::CResult;
 
 #[derive(Debug)]
@@ -69,9 +69,9 @@ impl TransformerBlock {
 
     fn forward(&self, x: &Tensor, context: &Tensor) -> CResult<Tensor> {
         let n1 = self.norm1.forward(x)?;
-        let x = (self.attn1.forward(&n1, &n1)? + x)?;
-        let x = (self.attn2.forward(&self.norm2.forward(&x)?, context)? + x)?;
-        self.ff_out.forward(&nn::geglu(&self.ff_in.forward(&self.norm3.forward(&x)?)?)?)? + x
+        let x = nn::add(&self.attn1.forward(&n1, &n1)?, x)?;
+        let x = nn::add(&self.attn2.forward(&self.norm2.forward(&x)?, context)?, &x)?;
+        nn::add(&self.ff_out.forward(&nn::geglu(&self.ff_in.forward(&self.norm3.forward(&x)?)?)?)?, &x)
     }
 }
 
@@ -126,7 +126,7 @@ impl SpatialTransformer {
             Proj::Conv(p) => p.forward(&nn::from_tokens(&t, h, w)?)?,
             Proj::Linear(p) => nn::from_tokens(&p.forward(&t)?, h, w)?,
         };
-        out + x
+        nn::add(&out, x)
     }
 }
 

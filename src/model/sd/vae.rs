@@ -4,10 +4,10 @@
 //! `quant_conv`'s output, as `DiagonalGaussianDistribution.mean`); nothing is sampled.
 
 use candle_core::{Module, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 use super::config::VaeConfig;
-use super::nn::{self, Conv2d, GroupNorm, Resnet, ResnetCfg};
+use super::nn::{self, Conv2d, GroupNorm, Linear, Resnet, ResnetCfg};
 use crate::model::CResult;
 
 /// diffusers' resnets, attention and output norm in the VAE all use eps 1e-6.
@@ -39,7 +39,7 @@ impl MidAttention {
         let (_, _, h, w) = x.dims4()?;
         let t = nn::to_tokens(&self.norm.forward(x)?)?;
         let a = nn::attention(&self.q.forward(&t)?, &self.k.forward(&t)?, &self.v.forward(&t)?, 1, None)?;
-        nn::from_tokens(&self.out.forward(&a)?, h, w)? + x
+        nn::add(&nn::from_tokens(&self.out.forward(&a)?, h, w)?, x)
     }
 }
 
