@@ -31,17 +31,28 @@ impl Conv2d {
     pub fn with_end_padding(self, n: usize) -> Self {
         Conv2d { pad_end: n, ..self }
     }
+
+    /// kernels.rs's convolution where it applies (CPU, a bias, no dilation or groups).
+    fn kernel(&self, x: &Tensor) -> Option<(kernels::Conv, &Tensor)> {
+        let c = self.inner.config();
+        let b = self.inner.bias().filter(|_| x.device().is_cpu() && c.dilation == 1 && c.groups == 1)?;
+        Some((kernels::Conv { padding: c.padding, pad_end: self.pad_end, stride: c.stride, direct: true }, b))
+    }
+
+    /// The convolution of an input no one else needs: on the CPU its memory is released once
+    /// its padded copy exists (kernels::Conv::run_owned), one feature map less at the peak.
+    pub fn forward_owned(&self, x: Tensor) -> CResult<Tensor> {
+        match self.kernel(&x) {
+            Some((op, b)) => op.run_owned(x, self.inner.weight(), b),
+            None => self.forward(&x),
+        }
+    }
 }
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> CResult<Tensor> {
-        let c = self.inner.config();
-        match self.inner.bias() {
-            Some(b) if x.device().is_cpu() && c.dilation == 1 && c.groups == 1 => x.contiguous()?.apply_op3_no_bwd(
-                self.inner.weight(),
-                b,
-                &kernels::Conv { padding: c.padding, pad_end: self.pad_end, stride: c.stride, direct: true },
-            ),
+        match self.kernel(x) {
+            Some((op, b)) => x.contiguous()?.apply_op3_no_bwd(self.inner.weight(), b, &op),
             _ if self.pad_end > 0 => {
                 self.inner.forward(&x.pad_with_zeros(3, 0, self.pad_end)?.pad_with_zeros(2, 0, self.pad_end)?)
             }
@@ -202,12 +213,12 @@ impl Resnet {
     }
 
     pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> CResult<Tensor> {
-        let mut h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
+        let mut h = self.conv1.forward_owned(self.norm1.forward_silu(x)?)?;
         if let (Some(p), Some(t)) = (&self.time_emb_proj, temb) {
             let t = p.forward(&candle_nn::ops::silu(t)?)?;
             h = add_spread(&h, &t, kernels::Spread::Planes)?;
         }
-        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
+        let h = self.conv2.forward_owned(self.norm2.forward_silu(&h)?)?;
         let skip = match &self.shortcut {
             Some(s) => s.forward(x)?,
             None => x.clone(),

@@ -305,7 +305,7 @@ impl Unet {
                     Some(n) => (n.dim(2)?, n.dim(3)?),
                     None => (h.dim(2)? * 2, h.dim(3)? * 2),
                 };
-                h = s.forward(&h.upsample_nearest2d(th, tw)?)?;
+                h = s.forward_owned(h.upsample_nearest2d(th, tw)?)?;
             }
         }
         let h = self.norm_out.forward_silu(&h)?;

@@ -156,7 +156,7 @@ impl Vae {
             }
         }
         h = self.enc_mid.forward(&h)?;
-        h = self.enc_out.forward(&self.enc_norm.forward_silu(&h)?)?;
+        h = self.enc_out.forward_owned(self.enc_norm.forward_silu(&h)?)?;
         if let Some(q) = &self.quant {
             h = q.forward(&h)?;
         }
@@ -177,9 +177,9 @@ impl Vae {
             }
             if let Some(s) = &b.sampler {
                 let (hh, ww) = (h.dim(2)?, h.dim(3)?);
-                h = s.forward(&h.upsample_nearest2d(2 * hh, 2 * ww)?)?;
+                h = s.forward_owned(h.upsample_nearest2d(2 * hh, 2 * ww)?)?;
             }
         }
-        self.dec_out.forward(&self.dec_norm.forward_silu(&h)?)
+        self.dec_out.forward_owned(self.dec_norm.forward_silu(&h)?)
     }
 }
