@@ -825,10 +825,15 @@ mod tests {
             for direct in [false, true] {
                 let op = Conv { padding: p, pad_end: e, stride: st, direct };
                 let ours = x.apply_op3_no_bwd(&w, &bias, &op).unwrap();
+                // The consuming form (Conv2d::forward_owned) computes the same values.
+                let owned = op.run_owned(x.clone(), &w, &bias).unwrap();
+                assert_eq!(owned.dims(), ours.dims());
                 if b == 0 {
                     assert_eq!(ours.dims(), want.dims(), "an empty batch");
                     continue;
                 }
+                let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                assert_eq!(flat(&owned), flat(&ours), "case {i}: run_owned");
                 assert!(rel(&ours, &want) < 1e-5, "case {i}, direct {direct}: {}", rel(&ours, &want));
             }
         }
