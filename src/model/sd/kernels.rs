@@ -145,6 +145,15 @@ impl Conv {
         Ok(ConvGeometry { b, cin, cout, k: kh, hp, wp, stride: st })
     }
 
+    /// The geometry of this convolution of `x` (dims `xd`) by a weight of dims `wd` with `nb`
+    /// biases, and the padded input (None when there is nothing to compute: no image or no
+    /// output channel, which the layouts of the products do not allow).
+    fn prepare(&self, x: &[f32], xd: &[usize], wd: &[usize], nb: usize) -> Result<(ConvGeometry, Option<Vec<f32>>)> {
+        let geo = self.geometry(xd, wd, nb)?;
+        let xp = (geo.b > 0 && geo.cout > 0).then(|| geo.padded(x, xd[2], xd[3], self.padding));
+        Ok((geo, xp))
+    }
+
     /// The products over the padded input.
     fn products(&self, geo: &ConvGeometry, xp: &[f32], w: &[f32], bias: &[f32]) -> Vec<f32> {
         if geo.stride == 1 {
@@ -163,16 +172,11 @@ impl Conv {
         let (geo, xp) = {
             let (xs, xl) = x.storage_and_layout();
             let Storage::Cpu(xs) = &*xs else { candle_core::bail!("sd-conv2d: run_owned takes a CPU tensor") };
-            let geo = self.geometry(xl.dims(), weight.dims(), bias.elem_count())?;
-            if geo.b == 0 || geo.cout == 0 {
-                return Tensor::zeros((geo.b, geo.cout, geo.oh(), geo.ow()), DType::F32, x.device());
-            }
-            let (h, wd) = (xl.dims()[2], xl.dims()[3]);
-            let xp = geo.padded(f32s(xs, xl, "conv input")?, h, wd, self.padding);
-            (geo, xp)
+            self.prepare(f32s(xs, xl, "conv input")?, xl.dims(), weight.dims(), bias.elem_count())?
         };
         let device = x.device().clone();
         drop(x);
+        let Some(xp) = xp else { return Tensor::zeros(geo.out_dims(), DType::F32, &device) };
         let (weight, bias) = (weight.contiguous()?, bias.contiguous()?);
         let (ws, wl) = weight.storage_and_layout();
         let (bs, bl) = bias.storage_and_layout();
@@ -181,7 +185,7 @@ impl Conv {
         };
         let out = self.products(&geo, &xp, f32s(ws, wl, "conv weight")?, f32s(bs, bl, "conv bias")?);
         drop(xp);
-        Tensor::from_vec(out, (geo.b, geo.cout, geo.oh(), geo.ow()), &device)
+        Tensor::from_vec(out, geo.out_dims(), &device)
     }
 }
 
@@ -200,13 +204,9 @@ impl CustomOp3 for Conv {
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (x, w, bias) = (f32s(xs, xl, "conv input")?, f32s(ws, wl, "conv weight")?, f32s(bs, bl, "conv bias")?);
-        let geo = self.geometry(xl.dims(), wl.dims(), bias.len())?;
-        let shape = Shape::from((geo.b, geo.cout, geo.oh(), geo.ow()));
-        if geo.b == 0 || geo.cout == 0 {
-            // Nothing to compute (and the layouts below assume at least one of each).
-            return Ok((CpuStorage::F32(vec![]), shape));
-        }
-        let xp = geo.padded(x, xl.dims()[2], xl.dims()[3], self.padding);
+        let (geo, xp) = self.prepare(x, xl.dims(), wl.dims(), bias.len())?;
+        let shape = Shape::from(geo.out_dims());
+        let Some(xp) = xp else { return Ok((CpuStorage::F32(vec![]), shape)) };
         Ok((CpuStorage::F32(self.products(&geo, &xp, w, bias)), shape))
     }
 }
@@ -223,6 +223,10 @@ struct ConvGeometry {
 }
 
 impl ConvGeometry {
+    /// `[B, C_out, oh, ow]`.
+    fn out_dims(&self) -> (usize, usize, usize, usize) {
+        (self.b, self.cout, self.oh(), self.ow())
+    }
     fn oh(&self) -> usize {
         (self.hp - self.k) / self.stride + 1
     }
